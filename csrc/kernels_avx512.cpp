@@ -1,0 +1,16 @@
+// The kernels compiled for AVX-512 (F, BW, VL, DQ) + F16C; run only where the CPU has them.
+#include <cstdint>
+#include <cstring>
+
+#include "lsce_api.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace lsce {
+namespace avx512 {
+#include "lsce_kernels.h"
+}  // namespace avx512
+}  // namespace lsce
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,11 @@
+// The kernels for any CPU of the target architecture (x86-64: SSE2).
+#include <cstdint>
+#include <cstring>
+
+#include "lsce_api.h"
+
+namespace lsce {
+namespace generic {
+#include "lsce_kernels.h"
+}  // namespace generic
+}  // namespace lsce

@@ -1,0 +1,54 @@
+// lsce C++ core: the interface between the dispatcher and the per-ISA kernels.
+// No torch, no Python: raw pointers, sizes, strides and a dtype code.
+#pragma once
+#include <cstdint>
+
+namespace lsce {
+
+enum Dtype : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+
+// One call of the forward or the backward kernel. "acc" below means double for
+// fp64 logits and float otherwise; every per-row array is in acc.
+struct Args {
+  int dtype;                 // Dtype of the logits (and of the gradient)
+  const void* logits;        // (N, K), element (i, k) at logits[i * row_stride + k]
+  int64_t N, K, row_stride;  // in elements
+  const int64_t* target;     // (N,), class ids; ignore_index marks ignored rows
+  int64_t ignore_index;
+  const void* weight;        // (K,) acc, or null: w_y of the true class
+  const void* c;             // (K,) acc, or null: c_k = prior_k * w_k (null: uniform 1/K, no weight)
+  double C;                  // sum of c (1 when c is null)
+  double eps, z_loss, softcap;  // softcap 0: off
+  int nthreads;
+  // forward outputs, (N,) acc; backward reads lse
+  void* loss;
+  void* lse;
+  // backward only
+  const void* grad_loss;     // (N,) acc at grad_loss[i * grad_loss_stride] (stride 0: a scalar)
+  int64_t grad_loss_stride;
+  const void* grad_lse;      // (N,) acc or null
+  int64_t grad_lse_stride;
+  void* grad;                // (N, K) contiguous, in the logits' dtype
+};
+
+// One pair of entry points per instruction set; the same source compiled for
+// each (kernels_*.cpp), chosen at run time by dispatch.cpp.
+#define LSCE_DECLARE_ISA(ns) \
+  namespace ns {             \
+  void forward(const Args&); \
+  void backward(const Args&); \
+  }
+LSCE_DECLARE_ISA(generic)
+LSCE_DECLARE_ISA(avx2)
+LSCE_DECLARE_ISA(avx512)
+#undef LSCE_DECLARE_ISA
+
+// Runs the kernel of the best instruction set this CPU has (or the one forced
+// by set_isa). Returns the name of the instruction set used.
+const char* forward(const Args& a);
+const char* backward(const Args& a);
+// "auto", "avx512", "avx2" or "generic"; returns false if this CPU or build lacks it.
+bool set_isa(const char* name);
+const char* active_isa();
+
+}  // namespace lsce

@@ -1,0 +1,334 @@
+// lsce C++ core: the forward and backward kernels, templated on the storage type.
+//
+// Included by kernels_{generic,avx2,avx512}.cpp inside `namespace lsce::<isa>`,
+// after `#pragma GCC target(...)`, so the same plain loops are vectorised once
+// per instruction set. Everything here is a local template or static inline
+// function with no library calls but libm builtins: a std:: template
+// instantiated under a wider target could be folded by the linker into the
+// generic build and crash an older CPU.
+//
+// Data flow per row i (design.md §2):
+//   forward : one read of z[i, :]       -> loss[i], lse[i]      (acc)
+//   backward: one read of z[i, :], one write of grad[i, :]      (logits' dtype)
+// with the row split across threads into vocabulary blocks when N is small.
+//
+// Requires lsce_api.h, <cstdint> and <cstring> included before.
+
+// ---------------------------------------------------------------------------
+// Storage types: load to the accumulation type, store from it.
+struct bf16 { uint16_t bits; };
+
+template <typename T> struct Io;
+template <> struct Io<float> {
+  using acc = float;
+  static inline float load(float x) { return x; }
+  static inline float store(float a) { return a; }
+};
+template <> struct Io<double> {
+  using acc = double;
+  static inline double load(double x) { return x; }
+  static inline double store(double a) { return a; }
+};
+template <> struct Io<bf16> {
+  using acc = float;
+  // bf16 is the top half of an fp32.
+  static inline float load(bf16 x) {
+    uint32_t u = uint32_t(x.bits) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+  }
+  // Round to nearest even, as PyTorch's conversion does; NaN stays NaN.
+  static inline bf16 store(float a) {
+    uint32_t u;
+    __builtin_memcpy(&u, &a, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bf16 out;
+    out.bits = uint16_t(a != a ? 0x7FC0u : r);
+    return out;
+  }
+};
+template <> struct Io<_Float16> {
+  using acc = float;
+  // Compiles to vcvtph2ps/vcvtps2ph where F16C is enabled, a libgcc call otherwise.
+  static inline float load(_Float16 x) { return float(x); }
+  static inline _Float16 store(float a) { return _Float16(a); }
+};
+
+// ---------------------------------------------------------------------------
+// Math. exp_acc(float) is a branch-free Cephes-style polynomial (about 1 ulp on
+// the range it is used on, x <= 0) that the compiler vectorises; libm's expf
+// is a call per element. exp_acc(double) is libm's: fp64 is for gradcheck.
+
+static inline float exp_acc(float x) {
+  const float hi = 88.0f, lo = -87.3365447f;  // exp(lo) = FLT_MIN
+  float xc = x > hi ? hi : x;                  // NaN passes both clamps
+  xc = xc < lo ? lo : xc;
+  const float magic = 12582912.0f;             // 1.5 * 2^23: adding it rounds to an integer
+  float r = xc * 1.44269504088896341f + magic;
+  float n = r - magic;
+  uint32_t rb;
+  __builtin_memcpy(&rb, &r, 4);
+  uint32_t eb = (rb - 0x4B400000u + 127u) << 23;  // 2^n as float bits
+  float scale;
+  __builtin_memcpy(&scale, &eb, 4);
+  float f = xc - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * f * f + f + 1.0f;
+  float res = y * scale;
+  res = x < lo ? 0.0f : res;                   // -inf and underflow give 0
+  return x > hi ? __builtin_inff() : res;
+}
+static inline double exp_acc(double x) { return __builtin_exp(x); }
+
+static inline float log_acc(float x) { return __builtin_logf(x); }
+static inline double log_acc(double x) { return __builtin_log(x); }
+
+// tanh from exp (libm's tanhf does not vectorise): an odd polynomial near 0,
+// where 1 - 2/(e^2x + 1) would cancel, and the exp form elsewhere (it
+// saturates to ±1 without overflow trouble: 2/inf = 0).
+static inline float tanh_acc(float x) {
+  float z = x * x;
+  float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                  1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  float big = 1.0f - 2.0f / (exp_acc(2.0f * x) + 1.0f);
+  float ax = x < 0 ? -x : x;
+  return ax < 0.625f ? small : big;
+}
+static inline double tanh_acc(double x) { return __builtin_tanh(x); }
+
+template <typename A> static inline A neg_inf() { return -__builtin_inf(); }
+
+// The logit as the loss sees it: softcap * tanh(z / softcap), or z itself.
+template <bool CAP, typename A>
+static inline A capped(A v, A cap, A inv_cap) {
+  return CAP ? cap * tanh_acc(v * inv_cap) : v;
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+// Running statistics of part of a row: max, Σ exp(zc - max), Σ c·zc (Σ zc
+// without coefficients).
+template <typename A> struct Part {
+  A m, s, dot;
+};
+
+// Folds a (max, sum) pair into a running one. The -inf guards keep a block of
+// -inf logits from contributing exp(-inf - (-inf)) = NaN (flash-attention 1930).
+template <typename A>
+static inline void merge(Part<A>& p, A m, A s, A dot) {
+  p.dot += dot;
+  if (s == A(0) && m == neg_inf<A>()) return;
+  if (m > p.m) {
+    p.s = (p.m == neg_inf<A>() ? A(0) : p.s * exp_acc(p.m - m)) + s;
+    p.m = m;
+  } else {
+    p.s += s * exp_acc(m - p.m);
+  }
+}
+
+// Elements per pass over the stack buffer: small enough for L1.
+constexpr int64_t kBlock = 2048;
+
+// Statistics of z[k0:k1] of one row (z points at the row's start).
+template <typename T, bool CAP, bool COEF>
+static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
+                                             typename Io<T>::acc cap,
+                                             const typename Io<T>::acc* c) {
+  using A = typename Io<T>::acc;
+  const A inv_cap = CAP ? A(1) / cap : A(0);
+  Part<A> p{neg_inf<A>(), A(0), A(0)};
+  alignas(64) A buf[kBlock];
+  for (int64_t b = k0; b < k1; b += kBlock) {
+    const int64_t n = (k1 - b < kBlock) ? k1 - b : kBlock;
+    const T* zb = z + b;
+    A m = neg_inf<A>(), dot = A(0);
+#pragma omp simd reduction(max : m) reduction(+ : dot)
+    for (int64_t j = 0; j < n; ++j) {
+      A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
+      buf[j] = v;
+      m = v > m ? v : m;
+      dot += COEF ? c[b + j] * v : v;
+    }
+    A s = A(0);
+    if (m != neg_inf<A>()) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < n; ++j) s += exp_acc(buf[j] - m);
+    }
+    merge(p, m, s, dot);
+  }
+  return p;
+}
+
+template <typename T, bool CAP, bool COEF>
+static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64_t k0, int64_t k1) {
+  using A = typename Io<T>::acc;
+  const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
+  return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c));
+}
+
+// Turns a row's statistics into its loss and lse (design.md §1).
+template <typename T, bool CAP, bool COEF>
+static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T>::acc>& p) {
+  using A = typename Io<T>::acc;
+  const A lse = p.m + log_acc(p.s);  // all -inf: -inf; any NaN or +inf: NaN
+  static_cast<A*>(a.lse)[i] = lse;
+  A loss = A(0);
+  const int64_t y = a.target[i];
+  if (y != a.ignore_index) {
+    const A cap = A(a.softcap), eps = A(a.eps);
+    const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
+    const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
+    const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+    loss = (A(1) - eps) * wy * (lse - zy);
+    if (a.eps > 0) {
+      const A dot = COEF ? p.dot : p.dot / A(a.K);
+      loss += eps * (A(a.C) * lse - dot);
+    }
+    if (a.z_loss > 0) loss += A(a.z_loss) * lse * lse;
+  }
+  static_cast<A*>(a.loss)[i] = loss;
+}
+
+// How many vocabulary blocks each row is split into: 1 when there are enough
+// rows to keep every thread busy, more for small N and large K (N = 8,
+// K = 256000 on 16 threads runs 16 blocks of 16000).
+static inline int64_t blocks_per_row(const Args& a) {
+  const int64_t min_width = 8192;
+  const int64_t want_tasks = 4 * int64_t(a.nthreads);
+  if (a.nthreads <= 1 || a.N >= want_tasks || a.K < 2 * min_width) return 1;
+  int64_t nb = (want_tasks + a.N - 1) / a.N;
+  const int64_t most = a.K / min_width;
+  return nb < most ? nb : most;
+}
+
+static inline int64_t block_width(const Args& a, int64_t nb) {
+  int64_t w = (a.K + nb - 1) / nb;
+  return (w + 63) / 64 * 64;  // whole cache lines per block
+}
+
+// Enough work to be worth waking the other threads for.
+static inline bool parallel_worth(const Args& a) { return a.N * a.K >= (int64_t(1) << 15); }
+
+template <typename T, bool CAP, bool COEF>
+static void forward_impl(const Args& a) {
+  using A = typename Io<T>::acc;
+  const int64_t N = a.N, K = a.K;
+  const int64_t nb = blocks_per_row(a);
+  if (nb == 1) {
+#pragma omp parallel for num_threads(a.nthreads) schedule(static) if (parallel_worth(a))
+    for (int64_t i = 0; i < N; ++i) finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K));
+    return;
+  }
+  // Split rows: per-block statistics first, then one merge per row.
+  const int64_t bw = block_width(a, nb);
+  Part<A>* parts = new Part<A>[N * nb];
+#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  for (int64_t t = 0; t < N * nb; ++t) {
+    const int64_t i = t / nb, k0 = (t % nb) * bw;
+    const int64_t k1 = k0 + bw < K ? k0 + bw : K;
+    parts[t] = k0 < K ? stats_of<T, CAP, COEF>(a, i, k0, k1) : Part<A>{neg_inf<A>(), A(0), A(0)};
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    Part<A> p{neg_inf<A>(), A(0), A(0)};
+    for (int64_t b = 0; b < nb; ++b) merge(p, parts[i * nb + b].m, parts[i * nb + b].s, parts[i * nb + b].dot);
+    finish_row<T, CAP, COEF>(a, i, p);
+  }
+  delete[] parts;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k) · dcap_k, then the
+// true-class term −g_i · (1 − ε) · w_y at k = y (see lsce/reference.py).
+
+template <typename T, bool CAP, bool COEF>
+static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
+  using A = typename Io<T>::acc;
+  const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
+  T* out = static_cast<T*>(a.grad) + i * a.K;
+  const A* c = static_cast<const A*>(a.c);
+  const A cap = A(a.softcap), inv_cap = CAP ? A(1) / cap : A(0);
+  const A eps = A(a.eps);
+  const int64_t y = a.target[i];
+  const bool valid = y != a.ignore_index;
+  const A lse = static_cast<const A*>(a.lse)[i];
+  const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
+  const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
+  const A wy = valid && a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+  A coef_p = h;  // coefficient of p_k
+  if (valid) coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * lse);
+  const A coef_c = g * eps;                  // times c_k (COEF)
+  const A uniform = g * eps / A(a.K);        // otherwise
+  if (coef_p == A(0) && g == A(0)) {         // an ignored row nobody asks the lse of
+    const T zero = Io<T>::store(A(0));
+    for (int64_t k = k0; k < k1; ++k) out[k] = zero;
+    return;
+  }
+#pragma omp simd
+  for (int64_t k = k0; k < k1; ++k) {
+    const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
+    A d = coef_p * exp_acc(v - lse) - (COEF ? coef_c * c[k] : uniform);
+    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+    out[k] = Io<T>::store(d);
+  }
+  if (valid && y >= k0 && y < k1) {
+    // Recomputed in acc and stored once: p_y − 1 must not be rounded to bf16
+    // before the subtraction (Liger-Kernel issue 1329).
+    const A v = capped<CAP>(Io<T>::load(z[y]), cap, inv_cap);
+    A d = coef_p * exp_acc(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
+    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+    out[y] = Io<T>::store(d);
+  }
+}
+
+template <typename T, bool CAP, bool COEF>
+static void backward_impl(const Args& a) {
+  const int64_t N = a.N, K = a.K;
+  const int64_t nb = blocks_per_row(a);
+  const int64_t bw = block_width(a, nb);
+#pragma omp parallel for num_threads(a.nthreads) schedule(static) if (parallel_worth(a))
+  for (int64_t t = 0; t < N * nb; ++t) {
+    const int64_t i = t / nb, k0 = (t % nb) * bw;
+    const int64_t k1 = k0 + bw < K ? k0 + bw : K;
+    if (k0 < K) backward_range<T, CAP, COEF>(a, i, k0, k1);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points: pick the instantiation for (dtype, softcap?, coefficients?).
+
+template <template <typename, bool, bool> class F, typename T>
+static void by_options(const Args& a) {
+  const bool cap = a.softcap != 0.0, coef = a.c != nullptr;
+  if (cap && coef) F<T, true, true>::run(a);
+  else if (cap) F<T, true, false>::run(a);
+  else if (coef) F<T, false, true>::run(a);
+  else F<T, false, false>::run(a);
+}
+
+template <template <typename, bool, bool> class F>
+static void by_dtype(const Args& a) {
+  switch (a.dtype) {
+    case kF32: by_options<F, float>(a); break;
+    case kF64: by_options<F, double>(a); break;
+    case kBF16: by_options<F, bf16>(a); break;
+    case kF16: by_options<F, _Float16>(a); break;
+  }
+}
+
+template <typename T, bool CAP, bool COEF> struct Forward {
+  static void run(const Args& a) { forward_impl<T, CAP, COEF>(a); }
+};
+template <typename T, bool CAP, bool COEF> struct Backward {
+  static void run(const Args& a) { backward_impl<T, CAP, COEF>(a); }
+};
+
+void forward(const Args& a) { by_dtype<Forward>(a); }
+void backward(const Args& a) { by_dtype<Backward>(a); }

@@ -1,0 +1,155 @@
+"""``lsce.cross_entropy``: a drop-in for ``torch.nn.functional.cross_entropy``.
+
+This layer checks the arguments (before any kernel runs; nothing the caller
+passed is modified), flattens the input to 2-D rows, calls the registered op
+(lsce/ops.py) and reduces the per-row values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.lsce.*)
+from .reference import acc_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "cpu", "triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_class_vector(name: str, v: Optional[Tensor], K: int, device: torch.device) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"lsce: {name} must be a Tensor or None, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != K:
+        raise ValueError(f"lsce: {name} must have shape ({K},) (one value per class), got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
+
+
+def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend):
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("lsce: input and target must be Tensors")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lsce: input must be float32, float64, bfloat16 or float16 logits, got {input.dtype}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
+            "class-probability targets are not supported"
+        )
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}")
+    if input.dim() == 0:
+        raise ValueError("lsce: input must have at least 1 dimension (the classes), got a scalar")
+    expected = () if input.dim() == 1 else input.shape[:1] + input.shape[2:]
+    if tuple(target.shape) != tuple(expected):
+        raise ValueError(
+            f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected {tuple(expected)} (input's shape without the class dimension {0 if input.dim() == 1 else 1})"
+        )
+    K = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if K < 1:
+        raise ValueError(f"lsce: input has {K} classes; at least 1 is needed")
+    if target.device != input.device:
+        raise ValueError(f"lsce: target is on {target.device} but input is on {input.device}")
+    _check_class_vector("weight", weight, K, input.device)
+    _check_class_vector("smoothing_prior", smoothing_prior, K, input.device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"lsce: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"lsce: z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"lsce: softcap must be None or a finite number > 0, got {softcap!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu" and input.device.type != "cpu":
+        raise ValueError(f"lsce: backend='cpu' runs the C++ kernel on CPU tensors; input is on {input.device}")
+    return K
+
+
+def _as_rows(input: Tensor, target: Tensor, K: int):
+    """(rows of logits with unit column stride, int64 targets, the per-row output shape)."""
+    if input.dim() == 1:
+        z, out_shape = input.unsqueeze(0), ()
+    elif input.dim() == 2:
+        z, out_shape = input, target.shape
+    else:  # (N, K, d1, ...): classes to the last dimension; a copy of the logits
+        z, out_shape = input.movedim(1, -1).reshape(-1, K), target.shape
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    return z, target.reshape(-1).to(torch.int64), out_shape
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    smoothing_prior: Optional[Tensor] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Label-smoothed cross-entropy, fused; same arguments and results as ``F.cross_entropy``.
+
+    Args (beyond ``torch.nn.functional.cross_entropy``'s, which keep their meaning):
+        z_loss: adds ``z_loss · logsumexp(row)²`` per non-ignored row (PaLM);
+            under ``mean`` that term is divided by the count of non-ignored rows.
+        softcap: logits pass through ``softcap · tanh(z / softcap)`` first (Gemma 2).
+        smoothing_prior: a length-K probability vector π replacing the uniform
+            ``1/K``, so that the smoothed target is ``(1 − ε)·onehot + ε·π``.
+        return_lse: also return the per-row logsumexp (fp32; fp64 for fp64
+            input) in the target's shape; it is differentiable.
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"``
+            or ``"torch"`` (the pure-PyTorch reference).
+
+    Class-probability (soft) targets are not supported; ``size_average`` and
+    ``reduce`` (deprecated in PyTorch) raise.
+    """
+    if size_average is not None or reduce is not None:
+        raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+    K = _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend)
+    ignore_index = int(ignore_index)
+    eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    acc = acc_dtype(input.dtype)
+    z, y, out_shape = _as_rows(input, target, K)
+    w = None if weight is None else weight.to(acc).contiguous()
+    prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
+
+    loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
+
+    if reduction == "none":
+        out = loss.reshape(out_shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        valid = y != ignore_index
+        count = valid.sum().to(acc)
+        if w is None:
+            out = loss.sum() / count
+        else:
+            total_weight = torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
+            if z_loss:
+                # The z-loss term is averaged over rows, the cross-entropy over weight.
+                zl = torch.where(valid, z_loss * lse * lse, 0)
+                out = (loss - zl).sum() / total_weight + zl.sum() / count
+            else:
+                out = loss.sum() / total_weight
+    out = out.to(input.dtype)
+    return (out, lse.reshape(out_shape)) if return_lse else out

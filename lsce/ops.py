@@ -1,0 +1,162 @@
+"""The registered ops: ``torch.ops.lsce.cross_entropy_forward`` and ``..._backward``.
+
+Both work on 2-D rows (N, K) with unit column stride and return per-row values
+(forward) or the gradient (backward); checks, shapes and reductions live in
+``lsce/functional.py``. Registered with ``torch.library.custom_op`` plus
+``register_fake`` and ``register_autograd`` so that ``torch.compile(fullgraph=True)``
+sees one opaque node and ``torch.export`` keeps it.
+
+Dispatch (``backend``): ``"auto"`` runs the C++ kernel on CPU tensors, the
+Triton kernel on CUDA tensors and the reference elsewhere; ``"cpu"``,
+``"triton"`` and ``"torch"`` force one. The Triton kernel runs on CPU tensors
+only under ``TRITON_INTERPRET=1`` (how its tests run without a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _acc_empty(n: int, logits: Tensor) -> Tensor:
+    return torch.empty(n, dtype=reference.acc_dtype(logits.dtype), device=logits.device)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class _Cpp:
+    """The C++/OpenMP kernels (lsce._C): raw pointers, sizes and strides."""
+
+    @staticmethod
+    def _common(logits, target, weight, prior, ignore_index, eps, z_loss, softcap):
+        N, K = logits.shape
+        return dict(
+            dtype=_DTYPE_CODE[logits.dtype], logits=_ptr(logits), N=N, K=K,
+            row_stride=logits.stride(0), target=_ptr(target), ignore_index=ignore_index,
+            weight=_ptr(weight), prior=_ptr(prior), eps=eps, z_loss=z_loss, softcap=softcap,
+            nthreads=torch.get_num_threads(),
+        )
+
+    @staticmethod
+    def forward(logits, target, weight, prior, ignore_index, eps, z_loss, softcap):
+        from . import _C
+
+        loss, lse = _acc_empty(logits.shape[0], logits), _acc_empty(logits.shape[0], logits)
+        _C.forward(**_Cpp._common(logits, target, weight, prior, ignore_index, eps, z_loss, softcap),
+                   loss=_ptr(loss), lse=_ptr(lse))
+        return loss, lse
+
+    @staticmethod
+    def backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, eps, z_loss, softcap):
+        from . import _C
+
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _C.backward(**_Cpp._common(logits, target, weight, prior, ignore_index, eps, z_loss, softcap),
+                    lse=_ptr(lse), grad_loss=_ptr(grad_loss), grad_loss_stride=grad_loss.stride(0),
+                    grad_lse=_ptr(grad_lse), grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0),
+                    grad=_ptr(grad))
+        return grad
+
+
+class _Reference:
+    forward = staticmethod(reference.rows_forward)
+    backward = staticmethod(reference.rows_backward)
+
+
+def _triton():
+    try:
+        from .triton_kernels import cross_entropy
+    except ImportError as e:  # triton is an optional dependency
+        raise RuntimeError("lsce: backend='triton' needs the triton package (pip install 'lsce[triton]')") from e
+    return cross_entropy
+
+
+def _kernels(backend: str, device: torch.device):
+    if backend == "torch":
+        return _Reference
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        return _triton()
+    if device.type == "cpu":
+        return _Cpp
+    return _Reference
+
+
+def _check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: int) -> None:
+    """Checks that read tensor values: a host sync on CPU, an async device assert on CUDA."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= K))
+    bad_prior = None
+    if prior is not None:
+        bad_prior = (prior < 0).any() | ((prior.sum() - 1).abs() > 1e-4) | ~torch.isfinite(prior).all()
+    if target.device.type == "cuda":
+        torch._assert_async(~bad.any(), "lsce: target holds a class id out of [0, K) that is not ignore_index")
+        if bad_prior is not None:
+            torch._assert_async(~bad_prior, "lsce: smoothing_prior must be non-negative and sum to 1")
+        return
+    if bad.any():
+        first = target[bad][0].item()
+        raise IndexError(f"lsce: target {first} is out of bounds for {K} classes (and is not ignore_index={ignore_index})")
+    if bad_prior is not None and bad_prior.item():
+        raise ValueError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")
+
+
+@torch.library.custom_op("lsce::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Per-row (loss, lse) of 2-D logits; see lsce/reference.py for the formulas."""
+    _check_values(target, prior, logits.shape[1], ignore_index)
+    kernels = _kernels(backend, logits.device)
+    return kernels.forward(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_forward.register_fake
+def _(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = logits.shape[0]
+    return _acc_empty(n, logits), _acc_empty(n, logits)
+
+
+@torch.library.custom_op("lsce::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
+) -> Tensor:
+    """Gradient of Σ grad_loss·loss + Σ grad_lse·lse with respect to the logits, in one pass."""
+    kernels = _kernels(backend, logits.device)
+    return kernels.backward(grad_loss, grad_lse, logits, target, weight, prior, lse,
+                            ignore_index, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_backward.register_fake
+def _(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, prior, *options = inputs
+    ctx.save_for_backward(logits, target, weight, prior, output[1])
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    logits, target, weight, prior, lse = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, softcap, backend = ctx.options
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    grad = torch.ops.lsce.cross_entropy_backward(
+        grad_loss, grad_lse, logits, target, weight, prior, lse,
+        ignore_index, label_smoothing, z_loss, softcap, backend,
+    )
+    return grad, None, None, None, None, None, None, None, None
+
+
+cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
