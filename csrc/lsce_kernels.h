@@ -199,13 +199,13 @@ static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T
 
 // How many vocabulary blocks each row is split into: 1 when there are enough
 // rows to keep every thread busy, more for small N and large K (N = 8,
-// K = 256000 on 16 threads runs 16 blocks of 16000).
+// K = 256000 runs 8 blocks of 32000 per row). It depends on N and K only, not
+// on the thread count, so that results are bitwise the same on any number of
+// threads.
 static inline int64_t blocks_per_row(const Args& a) {
-  const int64_t min_width = 8192;
-  const int64_t want_tasks = 4 * int64_t(a.nthreads);
-  if (a.nthreads <= 1 || a.N >= want_tasks || a.K < 2 * min_width) return 1;
-  int64_t nb = (want_tasks + a.N - 1) / a.N;
-  const int64_t most = a.K / min_width;
+  const int64_t min_width = 8192, want_tasks = 64;
+  if (a.N >= want_tasks || a.K < 2 * min_width) return 1;
+  const int64_t nb = (want_tasks + a.N - 1) / a.N, most = a.K / min_width;
   return nb < most ? nb : most;
 }
 

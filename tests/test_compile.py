@@ -1,0 +1,78 @@
+"""The registered op under torch.library.opcheck, torch.compile(fullgraph=True)
+and torch.export (on the C++ CPU kernel; design.md §3)."""
+
+import pytest
+import torch
+
+import lsce
+from _util import make_options, make_problem
+
+OPTION_SETS = [(), ("weight",), ("z_loss", "softcap"), ("weight", "z_loss", "softcap", "prior")]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(options, dtype):
+    logits, target = make_problem((6, 11), dtype, ignore_frac=0.3)
+    opts = make_options(11, options)
+    acc = torch.float32
+    w = opts.get("weight")
+    prior = opts.get("smoothing_prior")
+    w = None if w is None else w.to(acc)
+    prior = None if prior is None else prior.to(acc)
+    args = (logits, target, w, prior, -100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto")
+    torch.library.opcheck(torch.ops.lsce.cross_entropy_forward, args)
+    loss, lse = torch.ops.lsce.cross_entropy_forward(*args)
+    g = torch.rand_like(loss)
+    bargs = (g, torch.rand_like(lse), logits, target, w, prior, lse, -100, 0.1,
+             opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto")
+    torch.library.opcheck(torch.ops.lsce.cross_entropy_backward, bargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
+def test_compile_fullgraph_matches_eager(reduction, options):
+    torch._dynamo.reset()
+    logits, target = make_problem((3, 4, 9), torch.float32, ignore_frac=0.3)
+    opts = make_options(4, options)
+
+    def step(z, t):
+        loss = lsce.cross_entropy(z, t, reduction=reduction, label_smoothing=0.1, **opts)
+        return loss.sum() * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    results = []
+    for fn in (step, compiled):
+        x = logits.clone().requires_grad_(True)
+        out = fn(x, target)
+        out.backward()
+        results.append((out.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_compile_no_graph_break_with_module():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(8, 16)
+    crit = lsce.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100)
+    x = torch.randn(5, 8)
+    t = torch.tensor([1, 2, -100, 15, 0])
+
+    def step(x, t):
+        return crit(model(x), t)
+
+    explanation = torch._dynamo.explain(step)(x, t)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x, t), step(x, t))
+
+
+def test_export_keeps_one_node():
+    class Loss(torch.nn.Module):
+        def forward(self, z, t):
+            return lsce.cross_entropy(z, t, label_smoothing=0.1, z_loss=1e-3)
+
+    logits, target = make_problem((6, 10), torch.float32)
+    program = torch.export.export(Loss(), (logits, target))
+    ours = [n for n in program.graph.nodes if n.op == "call_function" and "lsce" in str(n.target)]
+    assert [str(n.target) for n in ours] == ["lsce.cross_entropy_forward.default"]
+    torch.testing.assert_close(program.module()(logits, target), Loss()(logits, target))
