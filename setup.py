@@ -28,10 +28,14 @@ ext = Pybind11Extension(
     "lsce._C",
     sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
     include_dirs=["csrc"],
+    depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h")),
     cxx_std=17,
     # Portable baseline; wider instruction sets are compiled per file with
     # `#pragma GCC target` and chosen at run time (csrc/dispatch.cpp).
-    extra_compile_args=["-O3", "-fno-math-errno", *omp],
+    # -fno-trapping-math: without it gcc will not turn the kernels' float
+    # selects (clamps, NaN checks) into blends for SSE2/AVX2 and leaves those
+    # loops scalar ("control flow in loop"); the kernels never read FP flags.
+    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", *omp],
     extra_link_args=omp,
 )
 

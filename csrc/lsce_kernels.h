@@ -56,49 +56,54 @@ template <> struct Io<_Float16> {
 };
 
 // ---------------------------------------------------------------------------
-// Math. exp_acc(float) is a branch-free Cephes-style polynomial (about 1 ulp on
-// the range it is used on, x <= 0) that the compiler vectorises; libm's expf
-// is a call per element. exp_acc(double) is libm's: fp64 is for gradcheck.
-
+// Math. exp_acc(float) is a branch-free Cephes-style exp (1.2 ulp at most on
+// [-87, 0]) that the compiler vectorises; libm's expf is a call per element.
+// Its domain is x <= 0 (callers pass z - max or z - lse) and NaN, which it
+// propagates. Below -87 it returns exp(-87) ~ 1.6e-38, harmless inside a sum;
+// ZERO_BELOW makes it exactly 0 there, as the gradient of a -inf logit must be.
+// exp_acc(double) is libm's: fp64 is for gradcheck.
+template <bool ZERO_BELOW = false>
 static inline float exp_acc(float x) {
-  const float hi = 88.0f, lo = -87.3365447f;  // exp(lo) = FLT_MIN
-  float xc = x > hi ? hi : x;                  // NaN passes both clamps
-  xc = xc < lo ? lo : xc;
+  const float lo = -87.0f;
+  const float xc = x < lo ? lo : x;            // NaN passes
   const float magic = 12582912.0f;             // 1.5 * 2^23: adding it rounds to an integer
-  float r = xc * 1.44269504088896341f + magic;
-  float n = r - magic;
+  const float r = xc * 1.44269504088896341f + magic;
+  const float n = r - magic;                   // n = round(x / ln 2)
   uint32_t rb;
   __builtin_memcpy(&rb, &r, 4);
-  uint32_t eb = (rb - 0x4B400000u + 127u) << 23;  // 2^n as float bits
+  const uint32_t eb = (rb + (127u - 0x4B400000u)) << 23;  // bits of 2^n
   float scale;
   __builtin_memcpy(&scale, &eb, 4);
-  float f = xc - n * 0.693359375f;
+  float f = xc - n * 0.693359375f;             // f = x - n ln 2 in two steps (Cody-Waite)
   f = f - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+  float y = 1.9875691500e-4f;                  // e^f, |f| <= ln 2 / 2, Horner
   y = y * f + 1.3981999507e-3f;
   y = y * f + 8.3334519073e-3f;
   y = y * f + 4.1665795894e-2f;
   y = y * f + 1.6666665459e-1f;
   y = y * f + 5.0000001201e-1f;
-  y = y * f * f + f + 1.0f;
-  float res = y * scale;
-  res = x < lo ? 0.0f : res;                   // -inf and underflow give 0
-  return x > hi ? __builtin_inff() : res;
+  y = y * f + 1.0f;
+  y = y * f + 1.0f;
+  const float res = y * scale;                 // a multiply, not an exponent add, keeps NaN NaN
+  return ZERO_BELOW ? (x < lo ? 0.0f : res) : res;
 }
+template <bool ZERO_BELOW = false>
 static inline double exp_acc(double x) { return __builtin_exp(x); }
 
 static inline float log_acc(float x) { return __builtin_logf(x); }
 static inline double log_acc(double x) { return __builtin_log(x); }
 
 // tanh from exp (libm's tanhf does not vectorise): an odd polynomial near 0,
-// where 1 - 2/(e^2x + 1) would cancel, and the exp form elsewhere (it
-// saturates to ±1 without overflow trouble: 2/inf = 0).
+// where the exp form would cancel, and the exp form of |x| elsewhere (it
+// saturates to ±1: e^-2|x| underflows to ~0).
 static inline float tanh_acc(float x) {
   float z = x * x;
   float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
                   1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
-  float big = 1.0f - 2.0f / (exp_acc(2.0f * x) + 1.0f);
   float ax = x < 0 ? -x : x;
+  const float e = exp_acc(-2.0f * ax);  // tanh|x| = (1 - e^-2|x|) / (1 + e^-2|x|); exp's domain is <= 0
+  float big = (1.0f - e) / (1.0f + e);
+  big = x < 0 ? -big : big;
   return ax < 0.625f ? small : big;
 }
 static inline double tanh_acc(double x) { return __builtin_tanh(x); }
@@ -134,8 +139,8 @@ static inline void merge(Part<A>& p, A m, A s, A dot) {
   }
 }
 
-// Elements per pass over the stack buffer: small enough for L1.
-constexpr int64_t kBlock = 2048;
+// Elements per block of a row: its two passes (max, then exp) run in L1.
+constexpr int64_t kBlock = 4096;
 
 // Statistics of z[k0:k1] of one row (z points at the row's start).
 template <typename T, bool CAP, bool COEF>
@@ -153,14 +158,16 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
 #pragma omp simd reduction(max : m) reduction(+ : dot)
     for (int64_t j = 0; j < n; ++j) {
       A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
-      buf[j] = v;
+      if (CAP) buf[j] = v;
       m = v > m ? v : m;
       dot += COEF ? c[b + j] * v : v;
     }
     A s = A(0);
     if (m != neg_inf<A>()) {
+      // Capped values come from the buffer (tanh once); plain ones are re-read
+      // from L1, which is cheaper than the buffer's store and load.
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) s += exp_acc(buf[j] - m);
+      for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
     }
     merge(p, m, s, dot);
   }
@@ -274,7 +281,7 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
 #pragma omp simd
   for (int64_t k = k0; k < k1; ++k) {
     const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
-    A d = coef_p * exp_acc(v - lse) - (COEF ? coef_c * c[k] : uniform);
+    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[k] : uniform);
     if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
     out[k] = Io<T>::store(d);
   }
@@ -282,7 +289,7 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     // Recomputed in acc and stored once: p_y − 1 must not be rounded to bf16
     // before the subtraction (Liger-Kernel issue 1329).
     const A v = capped<CAP>(Io<T>::load(z[y]), cap, inv_cap);
-    A d = coef_p * exp_acc(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
+    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
     if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
     out[y] = Io<T>::store(d);
   }

@@ -1,0 +1,391 @@
+"""Fused label-smoothed cross-entropy: Triton forward and backward kernels.
+
+Per row ``z`` of the 2-D logits (N, K) with target ``y``, these compute what
+``lsce.reference.rows_forward`` / ``rows_backward`` compute (their docstring
+has the formulas): the forward gives each row's loss and ``lse`` in fp32
+(fp64 for fp64 logits) from one read of the row; the backward gives the
+gradient, in the logits' dtype, from one read and one write per element. Any
+reduction over rows happens in the caller (``lsce/functional.py``).
+
+Layout of the work: program ``(row, split)`` handles the columns
+``[split * cols_per_split, (split + 1) * cols_per_split)`` of one row in
+chunks of ``BLOCK``. With many rows there is one split per row; with few rows
+and a long vocabulary the row is cut into several splits so that the GPU has
+enough programs to run, and the forward's partial (max, Σexp, Σc·z) of each
+split are merged by ``_combine_kernel`` (see ``_launch_config``).
+
+Options are compile-time switches (``HAS_*``), so the plain path carries no
+code for weight, prior, z-loss, softcap or an upstream ``lse`` gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["forward", "backward"]
+
+_ACC_DTYPE = {
+    torch.float32: (torch.float32, tl.float32),
+    torch.bfloat16: (torch.float32, tl.float32),
+    torch.float16: (torch.float32, tl.float32),
+    torch.float64: (torch.float64, tl.float64),
+}
+
+# Bytes of logits that one program loads per loop iteration: 16 KiB is 4096
+# fp32 or 8192 bf16 values, enough in flight to stream at full bandwidth
+# without spilling registers.
+_BLOCK_BYTES = 16 * 1024
+# Smallest block: tl.arange needs a power of two and tiny blocks only waste
+# launch overhead.
+_MIN_BLOCK = 16
+# Programs wanted in flight when the GPU is unknown (the interpreter).
+_DEFAULT_PROGRAMS = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep every SM of ``device`` busy (a few per SM hide load latency)."""
+    if device.type == "cuda" and not _interpreting():
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_PROGRAMS
+
+
+def _launch_config(N: int, K: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK, num_warps, n_splits, cols_per_split) for an (N, K) problem.
+
+    A row is split only when N rows alone give fewer programs than the GPU
+    wants; then into as many pieces as make up the difference, each a whole
+    number of blocks. Many rows never split: in the forward a split costs a
+    second (tiny) kernel and three partials per piece.
+    """
+    elem = dtype.itemsize
+    block = max(_MIN_BLOCK, min(triton.next_power_of_2(max(K, 1)), _BLOCK_BYTES // elem))
+    # About 2 KiB of the block per warp: 16 bytes per thread per vector load, a few loads each.
+    num_warps = min(16, max(4, block * elem // 2048))
+    n_blocks = max(1, triton.cdiv(K, block))
+    wanted = _target_programs(device)
+    n_splits = 1 if N >= wanted else min(n_blocks, triton.cdiv(wanted, max(N, 1)))
+    blocks_per_split = triton.cdiv(n_blocks, n_splits)
+    n_splits = triton.cdiv(n_blocks, blocks_per_split)
+    return block, num_warps, n_splits, blocks_per_split * block
+
+
+@triton.jit
+def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(softcap·tanh(z/softcap), tanh(z/softcap)); (z, z) without softcap.
+
+    tanh is written from exp(−2|x|), which lies in [0, 1]: the interpreter
+    has no libdevice tanh, and exp(2x) would overflow to inf/inf = NaN for
+    large |x|.
+    """
+    if HAS_SOFTCAP:
+        x = z / softcap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        return softcap * t, t
+    else:
+        return z, z
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """The shift to subtract before exp: a running max of ±inf would make exp(inf − inf) = NaN
+    (flash-attention issue 1930), so such a max is replaced by 0 — exp(−inf) is then 0 and exp(inf) inf."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def _store_row(
+    row, m, sumexp, dot, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
+    K, ignore_index, eps, z_loss, softcap,
+    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Turns a row's (max, Σexp, Σc·zc) into its loss and lse and stores them."""
+    lse = _finite_or_zero(m) + tl.log(sumexp)
+    y = tl.load(target_ptr + row)
+    valid = y != ignore_index
+    # Targets are range-checked by the op before launch; this only keeps the
+    # loads below inside the row whatever the target holds.
+    y_safe = tl.where(valid & (y >= 0) & (y < K), y, 0)
+    zc_y, _ = _capped(tl.load(row_ptr + y_safe).to(ACC), softcap, HAS_SOFTCAP)
+    loss = lse - zc_y
+    if HAS_WEIGHT:
+        loss = loss * tl.load(weight_ptr + y_safe).to(ACC)
+    loss = loss * (1.0 - eps)
+    if HAS_SMOOTHING:
+        if HAS_COEF:
+            loss += eps * (tl.load(coef_sum_ptr).to(ACC) * lse - dot)
+        else:
+            loss += eps * (lse - dot / K)
+    if HAS_ZLOSS:
+        loss += z_loss * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+# Forward, per element of the logits: reads b bytes (the logit; plus 4 bytes of
+# the class coefficients c, an L2-resident (K,) vector, when smoothing with a
+# weight or prior) and writes nothing. Per row: reads the target (8 B), z_y
+# (b) and w_y (4 B), writes loss and lse (2 × 4 B; 8 B each for fp64) — or
+# 3 partials of 4 B per split, which _combine_kernel reads back.
+@triton.jit
+def _forward_kernel(
+    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, loss_ptr, lse_ptr, partial_ptr,
+    N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
+    cols_per_split, n_splits,
+    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The float options arrive as fp64 so that fp64 logits get them unrounded;
+    # everything else computes in ACC.
+    eps = tl.full((), eps_arg, ACC)
+    z_loss = tl.full((), z_loss_arg, ACC)
+    softcap = tl.full((), softcap_arg, ACC)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * row_stride passes 2**31 on large N·K
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row * row_stride
+    col0 = split * cols_per_split
+
+    # Online softmax: running max m and Σexp(zc − m), rescaled when m grows.
+    m = tl.full((), float("-inf"), ACC)
+    sumexp = tl.full((), 0.0, ACC)
+    dot = tl.zeros([BLOCK], ACC)  # per-lane Σ c·zc (Σ zc for the uniform prior)
+    for start in range(0, cols_per_split, BLOCK):
+        cols = col0 + start + tl.arange(0, BLOCK)
+        mask = cols < K
+        # Upcast right after the load: the interpreter's tl.sum on raw bf16 is wrong.
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
+        zc, _ = _capped(z, softcap, HAS_SOFTCAP)
+        if HAS_SOFTCAP:
+            zc = tl.where(mask, zc, float("-inf"))  # the cap maps the −inf padding to −softcap
+        m_new = tl.maximum(m, tl.max(zc, 0))
+        shift = _finite_or_zero(m_new)
+        sumexp = sumexp * tl.exp(m - shift) + tl.sum(tl.exp(zc - shift), 0)
+        m = m_new
+        if HAS_SMOOTHING:
+            # Zero the padding before multiplying: c · (−inf) is NaN even where c = 0.
+            zc_or_zero = tl.where(mask, zc, 0.0)
+            if HAS_COEF:
+                dot += tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC) * zc_or_zero
+            else:
+                dot += zc_or_zero
+    dot_sum = tl.sum(dot, 0)
+
+    if SPLIT:
+        # Planes of (N, n_splits): max, Σexp, Σc·zc.
+        idx = row * n_splits + split
+        plane = N * n_splits
+        tl.store(partial_ptr + idx, m)
+        tl.store(partial_ptr + plane + idx, sumexp)
+        tl.store(partial_ptr + 2 * plane + idx, dot_sum)
+    else:
+        _store_row(row, m, sumexp, dot_sum, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
+                   K, ignore_index, eps, z_loss, softcap,
+                   ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
+
+
+# Combine, per row: reads n_splits × 3 partials (4 B each; 8 B for fp64), the
+# target, z_y and w_y; writes loss and lse. Nothing per element.
+@triton.jit
+def _combine_kernel(
+    partial_ptr, logits_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
+    N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
+    n_splits,
+    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+):
+    eps = tl.full((), eps_arg, ACC)
+    z_loss = tl.full((), z_loss_arg, ACC)
+    softcap = tl.full((), softcap_arg, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, SPLITS_BLOCK)
+    mask = idx < n_splits
+    ptrs = partial_ptr + row * n_splits + idx
+    plane = N * n_splits
+    m_part = tl.load(ptrs, mask=mask, other=float("-inf"))
+    sumexp_part = tl.load(ptrs + plane, mask=mask, other=0.0)
+    dot_part = tl.load(ptrs + 2 * plane, mask=mask, other=0.0)
+    m = tl.max(m_part, 0)
+    # A split whose max is −inf has Σexp = 0: exp(−inf − shift) = 0 keeps it at 0.
+    sumexp = tl.sum(sumexp_part * tl.exp(m_part - _finite_or_zero(m)), 0)
+    _store_row(row, m, sumexp, tl.sum(dot_part, 0), logits_ptr + row * row_stride, target_ptr, weight_ptr,
+               coef_sum_ptr, loss_ptr, lse_ptr, K, ignore_index, eps, z_loss, softcap,
+               ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
+
+
+# Backward, per element: reads the logit (b bytes; plus 4 B of c from L2 when
+# smoothing with a weight or prior) and writes its gradient (b bytes). Per
+# row: reads target, lse, grad_loss, grad_lse and w_y.
+@triton.jit
+def _backward_kernel(
+    grad_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride,
+    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, lse_ptr,
+    K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
+    cols_per_split,
+    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    eps = tl.full((), eps_arg, ACC)
+    z_loss = tl.full((), z_loss_arg, ACC)
+    softcap = tl.full((), softcap_arg, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row * row_stride
+    grad_row_ptr = grad_ptr + row * K  # the gradient is a new contiguous buffer
+    col0 = split * cols_per_split
+
+    y = tl.load(target_ptr + row)
+    valid = y != ignore_index
+    y_safe = tl.where(valid & (y >= 0) & (y < K), y, 0)
+    # g and h may be a scalar expanded to (N,): stride 0 reads the one value.
+    g = tl.where(valid, tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC), 0.0)
+    lse = tl.load(lse_ptr + row).to(ACC)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe).to(ACC)
+    else:
+        w_y = tl.full((), 1.0, ACC)
+    true_coef = g * (1.0 - eps) * w_y  # subtracted at k = y
+    p_coef = (1.0 - eps) * w_y  # A = g·((1 − ε)·w_y + ε·C + 2λ·lse) + h multiplies p
+    if HAS_SMOOTHING:
+        if HAS_COEF:
+            p_coef += eps * tl.load(coef_sum_ptr).to(ACC)
+            smooth_coef = g * eps
+        else:
+            p_coef += eps
+            smooth_coef = g * eps / K
+    if HAS_ZLOSS:
+        p_coef += 2.0 * z_loss * lse
+    p_coef = g * p_coef
+    if HAS_GRAD_LSE:
+        p_coef += tl.load(grad_lse_ptr + row * grad_lse_stride).to(ACC)
+
+    for start in range(0, cols_per_split, BLOCK):
+        cols = col0 + start + tl.arange(0, BLOCK)
+        mask = cols < K
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC)
+        zc, t = _capped(z, softcap, HAS_SOFTCAP)
+        d = p_coef * tl.exp(zc - lse)
+        if HAS_SMOOTHING:
+            if HAS_COEF:
+                d -= smooth_coef * tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                d -= smooth_coef
+        # The true-class term is subtracted in ACC before the store: rounding
+        # p_y to bf16 first and then subtracting 1 loses everything at p_y ≈ 1
+        # (Liger-Kernel issue 1329).
+        d = tl.where(cols == y_safe, d - true_coef, d)
+        if HAS_SOFTCAP:
+            d *= 1.0 - t * t
+        tl.store(grad_row_ptr + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
+    if logits.dtype not in _ACC_DTYPE:
+        raise TypeError(f"lsce triton kernels: logits dtype {logits.dtype} is not one of fp32, bf16, fp16, fp64")
+    if logits.dim() != 2 or logits.stride(1) != 1 or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]):
+        raise ValueError("lsce triton kernels: logits must be 2-D rows with unit column stride")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"lsce triton kernels: target shape {tuple(target.shape)} != ({logits.shape[0]},)")
+    if logits.shape[1] == 0 and logits.shape[0] > 0:
+        raise ValueError("lsce triton kernels: logits have rows but no classes (K = 0)")
+    return _ACC_DTYPE[logits.dtype]
+
+
+def _class_coefficients(K: int, weight: Optional[Tensor], prior: Optional[Tensor], acc: torch.dtype, device):
+    """``c = π ⊙ w`` (π = 1/K without prior) as a contiguous (K,) tensor and ``C = Σ c`` as a
+    0-d tensor, both on the device: computed once per launch instead of once per row, and kept
+    off the host (no sync). None, None for the uniform unweighted prior (the kernel's constant path)."""
+    if weight is None and prior is None:
+        return None, None
+    c = torch.full((K,), 1.0 / K, dtype=acc, device=device) if prior is None else prior.to(acc)
+    if weight is not None:
+        c = c * weight.to(acc)
+    c = c.contiguous()
+    return c, c.sum()
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(loss, lse)`` of 2-D ``logits``, as ``lsce.reference.rows_forward``.
+
+    ``logits`` (N, K) with unit column stride and any row stride; ``target``
+    (N,) int64; ``weight`` / ``prior`` None or (K,); ``softcap`` 0 for none.
+    Both outputs are (N,) fp32 (fp64 for fp64 logits).
+    """
+    acc, tl_acc = _check(logits, target)
+    N, K = logits.shape
+    loss = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    if N == 0:
+        return loss, lse
+    eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    coef, coef_sum = _class_coefficients(K, weight, prior, acc, logits.device) if eps else (None, None)
+    block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
+    flags = dict(
+        ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_COEF=coef is not None, HAS_SMOOTHING=eps != 0.0,
+        HAS_ZLOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0,
+    )
+    partials = torch.empty((3, N, n_splits), dtype=acc, device=logits.device) if n_splits > 1 else None
+    with _device_guard(logits):
+        _forward_kernel[(N, n_splits)](
+            logits, target, weight, coef, coef_sum, loss, lse, partials,
+            N, K, logits.stride(0), ignore_index, eps, z_loss, softcap, cols_per_split, n_splits,
+            SPLIT=n_splits > 1, BLOCK=block, num_warps=num_warps, **flags,
+        )
+        if n_splits > 1:
+            _combine_kernel[(N,)](
+                partials, logits, target, weight, coef_sum, loss, lse,
+                N, K, logits.stride(0), ignore_index, eps, z_loss, softcap, n_splits,
+                SPLITS_BLOCK=max(2, triton.next_power_of_2(n_splits)), num_warps=1, **flags,
+            )
+    return loss, lse
+
+
+def backward(
+    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+) -> Tensor:
+    """Gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` with respect to ``logits``,
+    as ``lsce.reference.rows_backward``.
+
+    ``grad_loss`` / ``grad_lse`` (N,) or None for ``grad_lse``, any stride
+    (an expanded scalar has stride 0); ``lse`` from :func:`forward`. Returns
+    a new contiguous (N, K) tensor in the logits' dtype.
+    """
+    acc, tl_acc = _check(logits, target)
+    N, K = logits.shape
+    grad = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    if N == 0:
+        return grad
+    eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    coef, coef_sum = _class_coefficients(K, weight, prior, acc, logits.device) if eps else (None, None)
+    block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
+    with _device_guard(logits):
+        _backward_kernel[(N, n_splits)](
+            grad, grad_loss, grad_loss.stride(0), grad_lse, 0 if grad_lse is None else grad_lse.stride(0),
+            logits, target, weight, coef, coef_sum, lse,
+            K, logits.stride(0), ignore_index, eps, z_loss, softcap, cols_per_split,
+            ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_COEF=coef is not None, HAS_SMOOTHING=eps != 0.0,
+            HAS_ZLOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0, HAS_GRAD_LSE=grad_lse is not None,
+            BLOCK=block, num_warps=num_warps,
+        )
+    return grad
