@@ -8,6 +8,7 @@ passed is modified), flattens the input to 2-D rows, calls the registered op
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -74,6 +75,11 @@ def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, 
         raise ValueError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu" and input.device.type != "cpu":
         raise ValueError(f"lsce: backend='cpu' runs the C++ kernel on CPU tensors; input is on {input.device}")
+    if backend == "triton" and input.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"lsce: backend='triton' needs CUDA tensors (input is on {input.device}), "
+            "or TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter"
+        )
     return K
 
 

@@ -82,8 +82,13 @@ def _triton():
 def _kernels(backend: str, device: torch.device):
     if backend == "torch":
         return _Reference
-    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+    if backend == "triton":
         return _triton()
+    if device.type == "cuda":
+        try:
+            return _triton()
+        except RuntimeError:  # "auto" on a GPU without triton: still correct, just slower
+            return _Reference
     if device.type == "cpu":
         return _Cpp
     return _Reference

@@ -346,3 +346,20 @@ def test_more_than_2_to_the_31_elements():
     grad = tk.backward(g, None, x, y, None, None, lse, -100, 0.1, 0.0, 0.0)
     ref = reference.rows_backward(g[-8:].double(), None, x[-8:].double(), y[-8:], None, None, ref_lse, -100, 0.1, 0.0, 0.0)
     assert_grad_close(grad[-8:], ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [(), ("weight", "z_loss", "softcap", "prior")], ids="+".join)
+def test_public_api_on_triton_backend(reduction, options):
+    """lsce.cross_entropy(backend="triton") end to end (checks, op, autograd, reduction)."""
+    import lsce
+    from _util import loss_and_grad, make_options, make_problem
+
+    logits, target = make_problem((3, 20, 2), torch.float32, ignore_frac=0.2, device=DEVICE)
+    opts = make_options(20, options, device=DEVICE)
+    up = torch.randn(target.shape if reduction == "none" else (), device=DEVICE)
+    kw = dict(reduction=reduction, label_smoothing=0.1, **opts)
+    loss, grad = loss_and_grad(lsce.cross_entropy, logits, target, up, backend="triton", **kw)
+    ref_loss, ref_grad = loss_and_grad(lsce.cross_entropy, logits, target, up, backend="torch", **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
