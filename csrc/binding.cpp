@@ -69,7 +69,9 @@ lsce::Args make_args(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
   a.softcap = softcap;
   a.nthreads = nthreads > 0 ? nthreads : 1;
   a.C = 1.0;
-  if (weight || prior) {
+  // The coefficients only enter the smoothing term: without smoothing the
+  // plain path runs (w_y still comes from `weight`).
+  if ((weight || prior) && eps > 0) {
     const void* p = reinterpret_cast<const void*>(prior);
     if (dtype == lsce::kF64) {
       a.C = coefficients(cd, K, a.weight, p);

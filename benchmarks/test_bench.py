@@ -1,0 +1,78 @@
+"""pytest-benchmark suite: forward + backward of every provider on the cases of bench.py.
+
+Not part of the normal test run (pyproject.toml's testpaths is ["tests"]); run it explicitly:
+
+    PYTHONPATH=. pytest benchmarks/test_bench.py                    # small shapes (bench.py --quick's)
+    LSCE_BENCH_FULL=1 PYTHONPATH=. pytest benchmarks/test_bench.py  # the full default cases of bench.py
+    PYTHONPATH=. pytest benchmarks/test_bench.py -k "lsce or clone" --benchmark-columns=median,iqr,rounds
+
+Each case is its own benchmark group, holding the providers and the logits.clone() floor.
+The device is CUDA when available, else CPU. Providers, cases and inputs come from bench.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+import bench
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL = os.environ.get("LSCE_BENCH_FULL", "0") not in ("", "0")
+SHAPES = bench.DEFAULT_CASES[DEVICE.type] if FULL else bench.QUICK_CASES
+CASES = [bench.Case(n, k, dtype) for n, k in SHAPES for dtype in bench.DEFAULT_DTYPES[DEVICE.type]]
+CASES += [bench.Case(*SHAPES[0], "fp32", option) for option in bench.OPTIONS]
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _case_id(case):
+    return f"{case.shape}-{case.dtype}" + (f"-{case.option}" if case.option else "")
+
+
+def _setup(benchmark, case):
+    benchmark.group = _case_id(case)
+    benchmark.extra_info.update(N=case.N, K=case.K, dtype=case.dtype, option=case.option,
+                                logits_bytes=case.logits_bytes)
+    return bench.make_inputs(case, DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("provider", list(bench.PROVIDERS))
+def test_fwd_bwd(benchmark, provider, case):
+    p = bench.PROVIDERS[provider]
+    if why := p.unavailable(DEVICE):
+        pytest.skip(why)
+    if case.option and not p.extensions:
+        pytest.skip(f"{provider} has no {case.option}; the options group is lsce only")
+    z, y, kw = _setup(benchmark, case)
+    if p.writes_logits:
+        z = z.detach().clone().requires_grad_()
+    fn = p.make(kw)
+
+    def step():
+        loss = fn(z, y)
+        (grad,) = torch.autograd.grad(loss, z)
+        _sync()
+        return loss, grad
+
+    loss, grad = step()  # compiles (torch.compile) and warms up outside the timing
+    assert torch.isfinite(loss) and grad.shape == z.shape
+    benchmark(step)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.option], ids=_case_id)
+def test_floor_clone(benchmark, case):
+    """logits.clone(): one read and one write of the logits, the floor for a training step (≈ 2/3 of it)."""
+    z, _, _ = _setup(benchmark, case)
+    flat = z.detach()
+
+    def copy():
+        out = flat.clone()
+        _sync()
+        return out
+
+    benchmark(copy)
