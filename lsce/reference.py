@@ -101,7 +101,10 @@ def cross_entropy(
     nll = -w_y * logp.gather(1, y_safe[:, None]).squeeze(1)
     c, _ = class_coefficients(K, weight, smoothing_prior, acc, z.device)
     smooth = -(logp.sum(1) / K if c is None else (logp * c).sum(1))
-    ce = torch.where(valid, (1 - eps) * nll + eps * smooth, torch.zeros_like(nll))
+    # Without smoothing PyTorch computes the NLL alone: 0·smooth would turn a
+    # -inf logit's infinite smoothing term into NaN.
+    ce = nll if eps == 0 else (1 - eps) * nll + eps * smooth
+    ce = torch.where(valid, ce, torch.zeros_like(nll))
     zl = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
 
     if reduction == "none":
