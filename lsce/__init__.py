@@ -7,6 +7,8 @@
 
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from . import distributed  # noqa: E402  (lsce.distributed.vocab_parallel_*)
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
 __version__ = "0.1.0"

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""The LM head plus loss, forward+backward: lsce.linear_cross_entropy against the
+same loss on materialised logits.
+
+    python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
+    python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
+    python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
+
+Providers (reduction="mean"; label_smoothing=0.1 except where noted):
+    lsce_linear         lsce.linear_cross_entropy (chunked, no N×K logits)
+    lsce_materialised   F.linear + lsce.cross_entropy
+    torch               F.linear + F.cross_entropy
+    torch_linear        F.linear_cross_entropy (PyTorch's reference path), if torch has it
+    torch_chunked_eps0  F.linear_cross_entropy(options=LinearCrossEntropyOptions()) with
+                        label_smoothing=0: PyTorch's chunked path has no label smoothing
+                        (with it, it falls back to the reference path), so this is a
+                        different loss, shown for its time and memory only
+
+Each (case, dtype, provider) runs in a fresh subprocess, so one provider's
+allocations cannot hide or inflate another's. Peak memory is that of the
+first step above the memory held once the inputs exist: on CUDA
+``max_memory_allocated``; on CPU the peak resident set (VmHWM of
+/proc/self/status, reset through /proc/self/clear_refs after the inputs are
+made), which counts only pages actually touched. Every worker first measures a
+calibration buffer of known size, so the table shows whether the method sees
+the bytes it should. Time: the median and the fastest of ``--reps`` further
+steps; the ratios use the fastest, the least disturbed on a shared machine.
+
+Writes a table to the terminal and one CSV row per measurement to
+benchmarks/out/linear.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import lsce
+except ImportError:  # a checkout without PYTHONPATH: use the repository's package
+    sys.path.insert(0, str(ROOT))
+    import lsce
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS = 0.1
+FULL_CASES = [(4096, 1024, 32000), (2048, 2048, 128256)]
+QUICK_CASES = [(512, 128, 4000), (256, 256, 16000)]
+CALIBRATION_BYTES = 256 << 20
+# The issue's targets: peak memory vs the PyTorch path, time vs the materialised lsce path.
+MEMORY_TARGET, TIME_TARGET = 0.15, 1.1
+
+
+def providers():
+    names = ["lsce_linear", "lsce_materialised", "torch"]
+    if hasattr(F, "linear_cross_entropy"):
+        names.append("torch_linear")
+        if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            names.append("torch_chunked_eps0")
+    return names
+
+
+def loss_fn(name: str):
+    if name == "lsce_linear":
+        return lambda x, W, y: lsce.linear_cross_entropy(x, W, y, label_smoothing=EPS)
+    if name == "lsce_materialised":
+        return lambda x, W, y: lsce.cross_entropy(F.linear(x, W), y, label_smoothing=EPS)
+    if name == "torch":
+        return lambda x, W, y: F.cross_entropy(F.linear(x, W), y, label_smoothing=EPS)
+    if name == "torch_linear":
+        return lambda x, W, y: F.linear_cross_entropy(x, W, y, label_smoothing=EPS)
+    if name == "torch_chunked_eps0":
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, W, y: F.linear_cross_entropy(x, W, y, options=options)
+    raise ValueError(name)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class PeakMemory:
+    """Peak bytes above the current level: CUDA allocator stats, or the peak
+    resident set of this process on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no {field} in /proc/self/status")
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+                f.write("5")
+            self.base = self._status_kb("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status_kb("VmHWM") * 1024 - self.base
+
+
+def run_worker(spec: dict) -> dict:
+    N, H, K, dtype, name = spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]], spec["provider"]
+    device = torch.device(spec["device"])
+    meter = PeakMemory(device)
+
+    meter.start()
+    calibration = torch.ones(CALIBRATION_BYTES // 4, device=device)
+    seen = meter.peak()
+    del calibration
+
+    fn = loss_fn(name)
+
+    def inputs(N, H, K):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(N, H, generator=g, device=device, dtype=dtype).requires_grad_(True)
+        W = (torch.randn(K, H, generator=g, device=device, dtype=dtype) * H**-0.5).requires_grad_(True)
+        return x, W, torch.randint(0, K, (N,), generator=g, device=device)
+
+    def step():
+        x.grad = W.grad = None
+        loss = fn(x, W, y)
+        loss.backward()
+        return loss
+
+    # One tiny step first: lazy imports, kernel libraries and thread pools are
+    # loaded then, not counted in the peak of the measured step.
+    x, W, y = inputs(8, 16, 32)
+    step()
+    x, W, y = inputs(N, H, K)
+    meter.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = step()
+    peak = meter.peak()
+    times = []
+    for _ in range(spec["reps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    grad_bytes = (x.numel() + W.numel()) * x.element_size()
+    return dict(spec, loss=float(loss), peak_mb=peak / 2**20, grads_mb=grad_bytes / 2**20,
+                time_ms=1e3 * statistics.median(times), time_min_ms=1e3 * min(times),
+                calibration_mb=CALIBRATION_BYTES / 2**20, calibration_seen_mb=seen / 2**20,
+                threads=torch.get_num_threads(), note=str(caught[0].message)[:160] if caught else "")
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def measure(spec: dict) -> dict:
+    """One provider in a fresh interpreter."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return dict(spec, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_case(text: str):
+    N, H, K = (int(v) for v in text.lower().split("x"))
+    return N, H, K
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    ap.add_argument("--cases", help="comma-separated NxHxK")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--providers", help=f"comma-separated subset of {','.join(providers())}")
+    ap.add_argument("--reps", type=int, help="timed steps per provider (after one untimed step)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "linear.csv"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
+    reps = args.reps or (2 if args.quick else 3)
+    names = args.providers.split(",") if args.providers else providers()
+    rows = []
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps}")
+    header = (f"{'N':>5} {'H':>5} {'K':>6} {'dtype':>5} {'provider':>18} {'median ms':>9} {'min ms':>8} {'×mat':>6} "
+              f"{'peak MB':>8} {'×torch':>7} {'peak-grads':>10} {'×torch':>7} {'loss':>9}")
+    print(header)
+    for N, H, K in cases:
+        for dtype in args.dtypes.split(","):
+            group = []
+            for name in names:
+                spec = dict(N=N, H=H, K=K, dtype=dtype, provider=name, device=args.device, reps=reps)
+                group.append(measure(spec))
+            ok = {r["provider"]: r for r in group if "error" not in r}
+            mat, ref = ok.get("lsce_materialised"), ok.get("torch")
+            for r in group:
+                if "error" in r:
+                    print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18}  failed: {r['error']}")
+                    rows.append(r)
+                    continue
+                r["time_vs_materialised"] = r["time_min_ms"] / mat["time_min_ms"] if mat else float("nan")
+                r["peak_vs_torch"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
+                r["transient_vs_torch"] = ((r["peak_mb"] - r["grads_mb"]) / (ref["peak_mb"] - ref["grads_mb"])
+                                           if ref else float("nan"))
+                rows.append(r)
+                print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18} {r['time_ms']:>9.1f} {r['time_min_ms']:>8.1f} "
+                      f"{r['time_vs_materialised']:>6.2f} {r['peak_mb']:>8.1f} {r['peak_vs_torch']:>7.3f} "
+                      f"{r['peak_mb'] - r['grads_mb']:>10.1f} {r['transient_vs_torch']:>7.3f} {r['loss']:>9.5f}")
+            seen = [r["calibration_seen_mb"] for r in ok.values()]
+            if seen:
+                print(f"      calibration: a {CALIBRATION_BYTES >> 20} MB buffer measured as "
+                      f"{min(seen):.1f}-{max(seen):.1f} MB")
+            for r in ok.values():
+                if r.get("note"):
+                    print(f"      note ({r['provider']}): {r['note']}")
+            lin = ok.get("lsce_linear")
+            if lin and mat and ref:
+                print(f"      targets: lsce_linear peak {lin['peak_vs_torch']:.3f}× torch (≤ {MEMORY_TARGET}), "
+                      f"time {lin['time_vs_materialised']:.2f}× materialised (≤ {TIME_TARGET})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
+              "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",
+              "calibration_mb", "calibration_seen_mb", "note", "error"]
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""``lsce.linear_cross_entropy``: the LM head's matmul fused with the loss.
+
+``linear_cross_entropy(h, W, y, ...)`` equals ``lsce.cross_entropy(h @ W.T + b, y, ...)``
+but never materialises the N×K logits: rows are processed in chunks, and per
+chunk the logits (one matmul), the per-row forward and the logit gradient (the
+registered ops ``torch.ops.lsce.cross_entropy_forward/backward``, the same
+kernels as ``lsce.cross_entropy``) and that chunk's share of the input and
+weight gradients (two matmuls) are computed, then the chunk is dropped.
+
+Two strategies, registered as ops of their own so that
+``torch.compile(fullgraph=True)`` sees one opaque node per call:
+
+* ``mean``/``sum`` (``lsce::linear_cross_entropy_reduced``): the upstream
+  gradient is one scalar, so the gradients for a unit upstream are computed in
+  the forward chunks (3 matmuls in all) and backward only scales them, an
+  O(N·H + K·H) pass.
+* ``none`` (``lsce::linear_cross_entropy_rows`` + ``..._rows_backward``): the
+  per-row upstream gradient is only known in backward, which recomputes each
+  chunk's logits (4 matmuls in all) and folds the upstream into the kernel's
+  single pass over the chunk.
+
+The weight (and bias) gradient is summed over chunks in fp32 (fp64 for fp64
+input) whatever the input dtype, then rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
+from .functional import _FLOAT_DTYPES, _check_arguments
+from .ops import _check_values
+from .reference import acc_dtype
+
+# Each chunk's three matmuls stream all of W (and the K×H weight-gradient sum)
+# once, so fewer rows per chunk means more passes over them. Measured on a
+# 2-core AVX-512 CPU, fp32, forward+backward: 256 rows per chunk cost 1.35×
+# the materialised path at K=128256, H=2048, 512 rows 1.04× (1024 rows: no gain).
+MIN_CHUNK_ROWS = 512
+# Classes per block of a low-precision chunk's weight-gradient product: bounds the
+# fp32 temporary that product makes before it is added to the fp32 sum.
+_CLASS_BLOCK = 8192
+_BACKEND = "auto"
+
+
+def default_chunk_size(N: int, H: int, K: int) -> int:
+    """Rows per chunk when ``chunk_size`` is None.
+
+    A chunk holds two row-blocks of K values (its logits and their gradient),
+    so ``ceil(N·H / 2K)`` rows keep that transient memory at about the size of
+    ``input`` (N·H values). LM heads have K ≫ H, where that is only a few rows,
+    so the chunk is never smaller than ``MIN_CHUNK_ROWS`` (512), below which
+    the passes over W per chunk slow the matmuls down. At most N; then evened
+    out so that the last chunk is not a sliver (same number of chunks, smaller
+    buffer).
+    """
+    if N <= 0:
+        return 1
+    rows = max(MIN_CHUNK_ROWS, -(-N * H // (2 * max(K, 1))))
+    if rows >= N:
+        return N
+    chunks = -(-N // rows)
+    return -(-N // chunks)
+
+
+def _row_chunks(N: int, chunk_size: int):
+    for start in range(0, N, chunk_size):
+        yield start, min(start + chunk_size, N)
+
+
+def _chunk_logits(buffer: Tensor, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``x @ W.T + b`` written into the front rows of a reused private buffer."""
+    out = buffer[: x.shape[0]]
+    if b is None:
+        return torch.mm(x, W.t(), out=out)
+    return torch.addmm(b, x, W.t(), out=out)
+
+
+class _GradSums:
+    """Where each chunk's logit gradient ``d`` goes: its rows of grad_input, and
+    running sums (fp32; fp64 for fp64) of the weight and bias gradients."""
+
+    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], grad_mask: List[bool]):
+        acc = acc_dtype(x.dtype)
+        self.input = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_mask[0] else None
+        self.weight = torch.zeros(W.shape, dtype=acc, device=W.device) if grad_mask[1] else None
+        self.bias = (torch.zeros(W.shape[0], dtype=acc, device=W.device)
+                     if grad_mask[2] and b is not None else None)
+        self.wanted = any(t is not None for t in (self.input, self.weight, self.bias))
+
+    def add(self, d: Tensor, x: Tensor, W: Tensor, start: int, end: int) -> None:
+        if self.input is not None:
+            torch.mm(d, W, out=self.input[start:end])
+        if self.weight is not None:
+            _add_product(self.weight, d, x)
+        if self.bias is not None:
+            self.bias.add_(d.sum(0, dtype=self.bias.dtype))
+
+    def tensors(self, x: Tensor, W: Tensor, b: Optional[Tensor], final: bool):
+        """(grad_input, grad_weight, grad_bias); an empty tensor for each one not
+        asked for. ``final`` rounds the sums to the parameters' dtypes."""
+        gw, gb = self.weight, self.bias
+        if final:
+            gw = None if gw is None else gw.to(W.dtype)
+            gb = None if gb is None else gb.to(b.dtype)
+        # A fresh empty tensor for each: an op's outputs must not alias one another.
+        return tuple(x.new_empty(0) if t is None else t for t in (self.input, gw, gb))
+
+
+def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
+    """``acc += d.T @ x`` with ``acc`` in fp32 (fp64 for fp64): the weight
+    gradient's sum over chunks, for bf16/fp16 chunks too.
+
+    CUDA's matmul writes bf16/fp16 products in fp32. CPU has no such matmul:
+    for bf16 each block's product is a bf16 matmul (fp32 inside, rounded once
+    per chunk) added in fp32, which made the whole step 1.8× faster on an AMX
+    CPU than an fp32 matmul of upcast operands; fp16, whose range a chunk's
+    product may exceed, is upcast.
+    """
+    if d.dtype == acc.dtype:
+        acc.addmm_(d.t(), x)
+        return
+    upcast = d.dtype == torch.float16 and not d.is_cuda
+    if upcast:
+        x = x.to(acc.dtype)
+    for k in range(0, d.shape[1], _CLASS_BLOCK):
+        rows, block = acc[k : k + _CLASS_BLOCK], d[:, k : k + _CLASS_BLOCK].t()
+        if upcast:
+            rows.addmm_(block.to(acc.dtype), x)
+        elif d.is_cuda:
+            rows.add_(torch.mm(block, x, out_dtype=acc.dtype))
+        else:
+            rows.add_(torch.mm(block, x))
+
+
+def _mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: torch.dtype):
+    """(non-ignored mask, their count, Σ w[y] over them): mean divides the
+    cross-entropy by the weight sum and the z-loss by the count."""
+    valid = y != ignore_index
+    count = valid.sum().to(acc)
+    if w is None:
+        return valid, count, count
+    return valid, count, torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
+
+
+def _reduce(loss, lse, valid, count, total_weight, weighted: bool, z_loss: float, mean: bool) -> Tensor:
+    """``sum`` or ``mean`` of per-row losses, as lsce.functional.cross_entropy reduces."""
+    if not mean:
+        return loss.sum()
+    if weighted and z_loss:
+        zl = torch.where(valid, z_loss * lse * lse, 0)
+        return (loss - zl).sum() / total_weight + zl.sum() / count
+    return loss.sum() / total_weight
+
+
+def _reduced_impl(
+    x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+    mean: bool, grad_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The reduced loss, and the gradients of the loss for a unit upstream
+    gradient, up to the factor ``grad_scale``: (loss, grad_scale, grad_input,
+    grad_weight, grad_bias); the last two are sums in the accumulation dtype."""
+    N, K = x.shape[0], W.shape[0]
+    acc = acc_dtype(x.dtype)
+    _check_values(y, prior, K, ignore_index)
+    valid, count, total_weight = _mean_denominators(y, weight, ignore_index, acc)
+    options = (ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    loss = torch.empty(N, dtype=acc, device=x.device)
+    lse = torch.empty(N, dtype=acc, device=x.device)
+    grads = _GradSums(x, W, b, grad_mask)
+    one = torch.ones((), dtype=acc, device=x.device)
+    # The chunks get upstream 1 per row; mean's 1/Σw is applied in backward
+    # (keeps fp16 chunk gradients clear of underflow). With class weights the
+    # z-loss is averaged over the count, not Σw: the lse gradient makes up
+    # the difference, (Σw/count − 1)·2λ·lse.
+    lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
+    buffer = x.new_empty((min(chunk_size, N), K))
+    for s, e in _row_chunks(N, chunk_size):
+        z = _chunk_logits(buffer, x[s:e], W, b)
+        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(z, y[s:e], weight, prior, *options)
+        if grads.wanted:
+            grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * lse[s:e], 0)
+            # Passed straight on, so that this chunk's gradient is freed before the next one's exists.
+            grads.add(torch.ops.lsce.cross_entropy_backward(
+                one.expand(e - s), grad_lse, z, y[s:e], weight, prior, lse[s:e], *options), x[s:e], W, s, e)
+    out = _reduce(loss, lse, valid, count, total_weight, weight is not None, z_loss, mean)
+    grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
+    return (out, grad_scale, *grads.tensors(x, W, b, final=False))
+
+
+def _rows_impl(
+    x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+) -> Tuple[Tensor, Tensor]:
+    """Per-row (loss, lse) of the logits ``x @ W.T + b``, chunk by chunk."""
+    N, K = x.shape[0], W.shape[0]
+    acc = acc_dtype(x.dtype)
+    _check_values(y, prior, K, ignore_index)
+    loss = torch.empty(N, dtype=acc, device=x.device)
+    lse = torch.empty(N, dtype=acc, device=x.device)
+    buffer = x.new_empty((min(chunk_size, N), K))
+    for s, e in _row_chunks(N, chunk_size):
+        z = _chunk_logits(buffer, x[s:e], W, b)
+        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(
+            z, y[s:e], weight, prior, ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    return loss, lse
+
+
+def _rows_backward_impl(
+    grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor,
+    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+    grad_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
+    bias), recomputing each chunk's logits; empty where grad_mask is False."""
+    N, K = x.shape[0], W.shape[0]
+    grads = _GradSums(x, W, b, grad_mask)
+    buffer = x.new_empty((min(chunk_size, N), K))
+    for s, e in _row_chunks(N, chunk_size):
+        z = _chunk_logits(buffer, x[s:e], W, b)
+        grads.add(torch.ops.lsce.cross_entropy_backward(
+            grad_loss[s:e], None if grad_lse is None else grad_lse[s:e], z, y[s:e], weight, prior, lse[s:e],
+            ignore_index, label_smoothing, z_loss, softcap, _BACKEND), x[s:e], W, s, e)
+    return grads.tensors(x, W, b, final=True)
+
+
+_reduced_op = torch.library.custom_op("lsce::linear_cross_entropy_reduced", _reduced_impl, mutates_args=())
+_rows_op = torch.library.custom_op("lsce::linear_cross_entropy_rows", _rows_impl, mutates_args=())
+_rows_backward_op = torch.library.custom_op(
+    "lsce::linear_cross_entropy_rows_backward", _rows_backward_impl, mutates_args=())
+
+
+def _fake_grads(x, W, b, grad_mask, acc: Optional[torch.dtype]):
+    """Shapes of (grad_input, grad_weight, grad_bias): sums in ``acc``, or the
+    parameters' dtypes when acc is None."""
+    gi = x.new_empty(x.shape) if grad_mask[0] else x.new_empty(0)
+    gw = W.new_empty(W.shape, dtype=acc or W.dtype) if grad_mask[1] else x.new_empty(0)
+    gb = W.new_empty(W.shape[:1], dtype=acc or b.dtype) if grad_mask[2] and b is not None else x.new_empty(0)
+    return gi, gw, gb
+
+
+@_reduced_op.register_fake
+def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size, mean, grad_mask):
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), *_fake_grads(x, W, b, grad_mask, acc))
+
+
+@_rows_op.register_fake
+def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[:1], dtype=acc), x.new_empty(x.shape[:1], dtype=acc)
+
+
+@_rows_backward_op.register_fake
+def _(grad_loss, grad_lse, x, W, b, y, weight, prior, lse, ignore_index, label_smoothing, z_loss, softcap,
+      chunk_size, grad_mask):
+    return _fake_grads(x, W, b, grad_mask, None)
+
+
+def _graph_is_freed_after_backward(t: Tensor) -> bool:
+    """True in an eager backward without retain_graph/create_graph: the saved
+    pre-gradients are then used once only and may be scaled in place."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or type(t) is not Tensor or torch.compiler.is_compiling():
+        return False  # tracing (torch.compile), or a torch without the query
+    return not keep_graph()
+
+
+def _scaled(t: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t · scale`` rounded once to ``dtype``. When the graph is freed after
+    this backward, in place on the private pre-gradient (then rounded), so the
+    peak never holds a second full-precision copy of the weight gradient."""
+    if _graph_is_freed_after_backward(t):
+        return t.mul_(scale).to(dtype)
+    return (t * scale).to(dtype)
+
+
+def _reduced_setup_context(ctx, inputs, output):
+    x, W, b, *_, grad_mask = inputs
+    _, grad_scale, gi, gw, gb = output
+    ctx.mark_non_differentiable(grad_scale, gi, gw, gb)
+    ctx.set_materialize_grads(False)  # no K×H zeros for the unused gradient outputs
+    ctx.save_for_backward(grad_scale, gi, gw, gb)
+    ctx.dtypes = (x.dtype, W.dtype, None if b is None else b.dtype)
+    ctx.grad_mask = grad_mask
+
+
+def _reduced_backward(ctx, grad_out, *_):
+    grad_scale, gi, gw, gb = ctx.saved_tensors
+    grads = [None, None, None]
+    if grad_out is not None:
+        scale = grad_out * grad_scale
+        for i, (t, dtype) in enumerate(zip((gi, gw, gb), ctx.dtypes)):
+            if ctx.grad_mask[i] and dtype is not None:
+                grads[i] = _scaled(t, scale, dtype)
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+
+
+def _rows_setup_context(ctx, inputs, output):
+    x, W, b, y, weight, prior, *options = inputs
+    ctx.save_for_backward(x, W, b, y, weight, prior, output[1])
+    ctx.options = options
+
+
+def _rows_backward(ctx, grad_loss, grad_lse):
+    x, W, b, y, weight, prior, lse = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    gi, gw, gb = torch.ops.lsce.linear_cross_entropy_rows_backward(
+        grad_loss, grad_lse, x, W, b, y, weight, prior, lse, *ctx.options, mask)
+    grads = [g if m else None for g, m in zip((gi, gw, gb), mask)]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
+def _check_linear_arguments(input, linear_weight, target, linear_bias, chunk_size) -> Tuple[int, int]:
+    """The checks lsce.functional does not cover: the hidden states, the
+    linear layer and the chunk size. Returns (K, H)."""
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lsce: input must be float32, float64, bfloat16 or float16 hidden states, got {input.dtype}")
+    if input.dim() < 1:
+        raise ValueError("lsce: input must have at least 1 dimension (the features), got a scalar")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"lsce: linear_weight must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)}")
+    K, H = linear_weight.shape
+    if K < 1:
+        raise ValueError("lsce: linear_weight has 0 rows (classes); at least 1 is needed")
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"lsce: input has {input.shape[-1]} features (its last dimension) but linear_weight "
+            f"{tuple(linear_weight.shape)} expects {H}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"lsce: linear_weight is {linear_weight.dtype} but input is {input.dtype}; they must match")
+    if linear_weight.device != input.device:
+        raise ValueError(f"lsce: linear_weight is on {linear_weight.device} but input is on {input.device}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor):
+            raise TypeError(f"lsce: linear_bias must be a Tensor or None, got {type(linear_bias).__name__}")
+        if tuple(linear_bias.shape) != (K,):
+            raise ValueError(f"lsce: linear_bias must have shape ({K},) (one value per class), "
+                             f"got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"lsce: linear_bias is {linear_bias.dtype} but input is {input.dtype}; they must match")
+        if linear_bias.device != input.device:
+            raise ValueError(f"lsce: linear_bias is on {linear_bias.device} but input is on {input.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected {tuple(input.shape[:-1])} (input's shape without the feature dimension)")
+    return K, H
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    smoothing_prior: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``lsce.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
+    without the N×K logits; argument names as ``torch.nn.functional.linear_cross_entropy``.
+
+    Args:
+        input: hidden states ``(N, H)``, ``(B, T, H)`` (any leading shape) or ``(H,)``.
+        linear_weight: ``(K, H)``, as ``nn.Linear.weight``; same dtype and device as input.
+        target: class indices of shape ``input.shape[:-1]``.
+        linear_bias: optional ``(K,)``.
+        weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+            smoothing_prior: as in :func:`lsce.cross_entropy` (``ignore_index=None``
+            means -100, as in PyTorch's linear_cross_entropy).
+        chunk_size: rows per chunk. The default, ``max(256, ceil(N·H / 2K))``
+            rows capped at N and evened out (:func:`default_chunk_size`), keeps
+            the transient chunk buffers (logits and their gradient) near the
+            size of ``input`` while the matmuls stay compute-bound.
+
+    Memory beyond the gradients themselves is O(chunk_size·K + N); with
+    ``reduction`` mean or sum the gradients are computed during the forward
+    (3 matmuls) and held, scaled in backward; with ``none`` backward recomputes
+    the logits chunk by chunk (4 matmuls). The weight gradient is accumulated in
+    fp32 (fp64) and rounded once. Gradients flow to input, linear_weight and
+    linear_bias; class ``weight`` and ``smoothing_prior`` are constants.
+    """
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    K, H = _check_linear_arguments(input, linear_weight, target, linear_bias, chunk_size)
+    N = target.numel()
+    # The logits-side checks of lsce.cross_entropy, on a zero-cost (N, K) stand-in.
+    logits_stand_in = torch.empty((), dtype=input.dtype, device=input.device).expand(N, K)
+    _check_arguments(logits_stand_in, target.reshape(-1), weight, reduction, label_smoothing, z_loss, softcap,
+                     smoothing_prior, _BACKEND)
+    acc = acc_dtype(input.dtype)
+    x = input.reshape(-1, H)
+    y = target.reshape(-1).to(torch.int64)
+    w = None if weight is None else weight.to(acc).contiguous()
+    prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
+    chunk = default_chunk_size(N, H, K) if chunk_size is None else chunk_size
+    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk)
+
+    if reduction == "none":
+        loss, _ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior, *options)
+        return loss.reshape(target.shape).to(input.dtype)
+    grad_on = torch.is_grad_enabled()
+    grad_mask = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]
+    loss, *_ = torch.ops.lsce.linear_cross_entropy_reduced(
+        x, linear_weight, linear_bias, y, w, prior, *options, reduction == "mean", grad_mask)
+    return loss.to(input.dtype)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """An LM head and its loss: mirrors ``torch.nn.LinearCrossEntropyLoss``
+    (it owns ``self.linear``, an ``nn.Linear(in_features, num_classes)``) and
+    computes :func:`linear_cross_entropy` with lsce's options.
+
+    ``weight`` and ``smoothing_prior`` are buffers. PyTorch's ``out_features``
+    (K-dimensional loss) and ``options`` are not supported; ``chunk_size``
+    replaces the latter. To tie the head to an embedding, assign
+    ``loss.linear.weight = embedding.weight``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        smoothing_prior: Optional[Tensor] = None,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.register_buffer("smoothing_prior", smoothing_prior)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, smoothing_prior=self.smoothing_prior,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+                f"ignore_index={self.ignore_index}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}")

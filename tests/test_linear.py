@@ -1,0 +1,396 @@
+"""lsce.linear_cross_entropy and lsce.LinearCrossEntropyLoss against the same loss
+on materialised logits: F.linear + lsce.cross_entropy, F.linear + F.cross_entropy,
+F.linear_cross_entropy where torch has it, and the fp64 reference; gradcheck,
+torch.compile, chunking edge cases and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lsce
+from lsce import linear, reference
+from _util import (
+    ULP, assert_close_to_truth, assert_no_worse_than_torch, make_options, make_problem, torch_cross_entropy,
+    torch_supports,
+)
+
+N, H, K = 37, 12, 29
+CHUNK = 8  # does not divide N
+OPTIONS = [(), ("weight",), ("z_loss",), ("softcap",), ("prior",), ("weight", "z_loss", "softcap", "prior")]
+REDUCTIONS = ["mean", "sum", "none"]
+HAS_TORCH_LINEAR_CE = hasattr(F, "linear_cross_entropy")
+
+
+def make_head(lead, H, K, dtype, *, bias=True, ignore_frac=0.25, seed=0):
+    """Hidden states of shape (*lead, H), a (K, H) linear weight, a bias or None,
+    and targets of shape lead; logits come out with a spread of about 3."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype)
+    W = (torch.randn(K, H, generator=g, dtype=torch.float64) * 3 / H**0.5).to(dtype)
+    b = torch.randn(K, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    n = 1
+    for d in lead:
+        n *= d
+    _, target = make_problem((n, K), torch.float32, ignore_frac=ignore_frac, seed=seed)
+    return x, W, b, target.reshape(lead)
+
+
+def upstream_for(target, reduction, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(target.shape if reduction == "none" else (), generator=g, dtype=torch.float64)
+
+
+def loss_and_grads(fn, x, W, b, target, upstream, **kwargs):
+    """fn(x, W, target, linear_bias=b, ...) and the gradients of Σ upstream·loss
+    for x, W (and b), from fresh leaves (the given tensors are not touched)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W, b) if t is not None]
+    bias = leaves[2] if b is not None else None
+    loss = fn(leaves[0], leaves[1], target, linear_bias=bias, **kwargs)
+    grads = torch.autograd.grad((loss.to(upstream.dtype) * upstream).sum(), leaves)
+    return loss.detach(), grads
+
+
+def on_logits(cross_entropy):
+    """The materialised path: F.linear, then a cross-entropy on (rows, K) logits."""
+
+    def fn(x, W, target, linear_bias=None, reduction="mean", **kwargs):
+        logits = F.linear(x, W, linear_bias)
+        loss = cross_entropy(logits.reshape(-1, W.shape[0]), target.reshape(-1), reduction=reduction, **kwargs)
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    return fn
+
+
+materialised_lsce = on_logits(lsce.cross_entropy)
+materialised_torch = on_logits(torch_cross_entropy)
+
+
+def truth(x, W, b, target, upstream, **kwargs):
+    """The fp64 reference loss and gradients from the same (rounded) inputs."""
+    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    return loss_and_grads(on_logits(reference.cross_entropy), x.double(), W.double(),
+                          None if b is None else b.double(), target, upstream.double(), **kw)
+
+
+def assert_matches(ours, theirs, what, rtol=1e-5):
+    """fp32 agreement up to matmul blocking: relative to each tensor's largest value."""
+    (loss, grads), (t_loss, t_grads) = ours, theirs
+    for name, a, e in [("loss", loss, t_loss)] + [(f"grad {i}", g, t) for i, (g, t) in enumerate(zip(grads, t_grads))]:
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what} {name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        finite = e[e.isfinite()]
+        scale = finite.abs().max().item() if finite.numel() else 1.0
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * max(scale, 1e-3), equal_nan=True,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("options", OPTIONS, ids="+".join)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fp32_matches_materialised_logits(reduction, options, bias):
+    x, W, b, target = make_head((N,), H, K, torch.float32, bias=bias)
+    up = upstream_for(target, reduction)
+    kw = dict(reduction=reduction, label_smoothing=0.1, **make_options(K, options))
+    ours = loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, up, chunk_size=CHUNK, **kw)
+    assert_matches(ours, loss_and_grads(materialised_lsce, x, W, b, target, up, **kw), "vs lsce.cross_entropy")
+    if torch_supports(kw):
+        assert_matches(ours, loss_and_grads(materialised_torch, x, W, b, target, up, **kw), "vs F.cross_entropy")
+        if HAS_TORCH_LINEAR_CE:
+            torch_kw = dict(kw, weight=kw["weight"].float()) if "weight" in kw else kw
+            theirs = loss_and_grads(F.linear_cross_entropy, x, W, b, target, up, **torch_kw)
+            assert_matches(ours, theirs, "vs F.linear_cross_entropy")
+    t_loss, t_grads = truth(x, W, b, target, up, **kw)
+    assert_close_to_truth(ours[0], t_loss, torch.float32, what="loss")
+    for i, (g, t) in enumerate(zip(ours[1], t_grads)):
+        assert_close_to_truth(g, t, torch.float32, what=f"grad {i}", atol_frac=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_smoothing_extremes_and_ignore_index_inside_the_classes(eps, ignore_index):
+    x, W, b, target = make_head((N,), H, K, torch.float32, ignore_frac=0.0)
+    target[::4] = ignore_index
+    for reduction in REDUCTIONS:
+        up = upstream_for(target, reduction)
+        kw = dict(reduction=reduction, label_smoothing=eps, ignore_index=ignore_index, **make_options(K, ("weight",)))
+        ours = loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, up, chunk_size=CHUNK, **kw)
+        assert_matches(ours, loss_and_grads(materialised_torch, x, W, b, target, up, **kw), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_fp64(reduction):
+    x, W, b, target = make_head((7,), 3, 5, torch.float64, ignore_frac=0.3)
+    opts = make_options(5, ("weight", "z_loss", "softcap", "prior"))
+    leaves = tuple(t.clone().requires_grad_(True) for t in (x, W, b))
+
+    def f(x, W, b):
+        return lsce.linear_cross_entropy(x, W, target, linear_bias=b, reduction=reduction,
+                                         label_smoothing=0.15, chunk_size=3, **opts)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def assert_gradient_no_worse_than_torch(actual, torch_value, expected, dtype, *, what):
+    """design.md §1's low-precision rule for a gradient that is a matmul output:
+    no further from the fp64 truth than PyTorch, plus one ulp at the tensor's
+    scale. Each element sums K (or N) products of rounded values, so its error
+    follows the largest values, not the element itself (which may have cancelled)."""
+    actual, torch_value, expected = actual.double(), torch_value.double(), expected.double()
+    slack = ULP[dtype] * expected.abs().max().item()
+    excess = (actual - expected).abs() - (torch_value - expected).abs()
+    assert excess.max().item() <= slack, f"{what}: {excess.max().item()} beyond PyTorch's error, slack {slack}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", [(), ("weight",)], ids="+".join)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_low_precision_no_worse_than_torch(reduction, options, dtype, monkeypatch):
+    """design.md §1: no further from the fp64 truth than PyTorch at the same
+    dtype, plus one ulp of that dtype; the loss, and every gradient."""
+    monkeypatch.setattr(linear, "_CLASS_BLOCK", 16)  # several class blocks, the last one partial
+    x, W, b, target = make_head((64,), 32, 100, dtype)
+    up = upstream_for(target, reduction).float()
+    kw = dict(reduction=reduction, label_smoothing=0.1, **make_options(100, options))
+    loss, grads = loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, up, chunk_size=24, **kw)
+    p_loss, p_grads = loss_and_grads(materialised_torch, x, W, b, target, up, **kw)
+    t_loss, t_grads = truth(x, W, b, target, up, **kw)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_no_worse_than_torch(loss, p_loss, t_loss, dtype, what="loss")
+    for name, g, p, t in zip(["input", "weight", "bias"], grads, p_grads, t_grads):
+        assert_gradient_no_worse_than_torch(g, p, t, dtype, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("lead,chunk_size", [
+    ((4, 9), 5),       # (B, T, H) input, (B, T) target
+    ((N,), 1000),      # fewer rows than one chunk
+    ((N,), 1),
+    ((N,), N),
+    ((N,), None),      # the default rule
+    ((), None),        # a single (H,) row, target ()
+])
+def test_shapes_and_chunk_sizes(reduction, lead, chunk_size):
+    x, W, b, target = make_head(lead, H, K, torch.float32, ignore_frac=0.2 if lead else 0.0)
+    up = upstream_for(target, reduction)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    ours = loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, up, chunk_size=chunk_size, **kw)
+    assert ours[0].shape == (target.shape if reduction == "none" else ())
+    assert_matches(ours, loss_and_grads(materialised_lsce, x, W, b, target, up, **kw), f"{lead} chunk {chunk_size}")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_rows_ignored_and_empty_batch(weighted):
+    opts = make_options(K, ("weight", "z_loss") if weighted else ())
+    for rows in (N, 0):
+        x, W, b, target = make_head((rows,), H, K, torch.float32)
+        target = torch.full_like(target, -100)
+        for reduction in REDUCTIONS:
+            up = upstream_for(target, reduction)
+            kw = dict(reduction=reduction, label_smoothing=0.1, **opts)
+            ours = loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, up, chunk_size=CHUNK, **kw)
+            assert_matches(ours, loss_and_grads(materialised_lsce, x, W, b, target, up, **kw), f"{rows} rows")
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in ours[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_matches_eager(reduction):
+    torch._dynamo.reset()
+    x, W, b, target = make_head((3, 10), H, K, torch.float32)
+    opts = make_options(K, ("weight", "z_loss", "softcap"))
+
+    def step(x, W, b, target):
+        loss = lsce.linear_cross_entropy(x, W, target, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                         chunk_size=CHUNK, **opts)
+        return loss.sum() * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
+        out = fn(*leaves, target)
+        out.backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_opcheck():
+    x, W, b, target = make_head((9,), 4, 7, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    w = make_options(7, ("weight",))["weight"].float()
+    options = (-100, 0.1, 1e-2, 3.0, 4)
+    rows = torch.ops.lsce.linear_cross_entropy_rows
+    torch.library.opcheck(rows, (*leaves, target, w, None, *options))
+    loss, lse = rows(x, W, b, target, w, None, *options)
+    torch.library.opcheck(torch.ops.lsce.linear_cross_entropy_rows_backward,
+                          (torch.rand_like(loss), torch.rand_like(lse), x, W, b, target, w, None, lse, *options,
+                           [True, True, False]))
+    reduced = torch.ops.lsce.linear_cross_entropy_reduced
+    for mean in (True, False):
+        torch.library.opcheck(reduced, (x, W, b, target, w, None, *options, mean, [True, True, True]))
+        # With inputs that require grad, eager backward scales the op's private
+        # gradient outputs in place (they are never handed to the caller), which
+        # opcheck's eager-vs-AOT output comparison would see; compile is covered
+        # by test_compile_fullgraph_matches_eager.
+        torch.library.opcheck(reduced, (*leaves, target, w, None, *options, mean, [True, True, True]),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_rows_times_classes():
+    """Inside the ops, nothing as large as the N×K logits is ever made: the
+    largest tensors are the gradients themselves and one chunk of logits."""
+    rows, width, classes, chunk = 64, 8, 50, 8
+    x, W, b, target = make_head((rows,), width, classes, torch.float32)
+    y, options = target, (-100, 0.1, 1e-3, 0.0, chunk)
+    with _LargestTensor() as mode:
+        _, _, gi, gw, gb = linear._reduced_impl(x, W, b, y, None, None, *options, True, [True, True, True])
+        loss, lse = linear._rows_impl(x, W, b, y, None, None, *options)
+        linear._rows_backward_impl(torch.rand_like(loss), None, x, W, b, y, None, None, lse, *options,
+                                   [True, True, True])
+    assert mode.largest == max(rows * width, classes * width, chunk * classes) < rows * classes
+    assert torch.isfinite(gi).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
+
+
+def test_default_chunk_size_rule():
+    rule = linear.default_chunk_size
+    # Small batches: one chunk.
+    assert rule(1, 1024, 32000) == 1 and rule(linear.MIN_CHUNK_ROWS, 4096, 128256) == linear.MIN_CHUNK_ROWS
+    # LM heads (K ≫ H): the matmul floor.
+    assert rule(4096, 1024, 32000) == linear.MIN_CHUNK_ROWS
+    # Wide inputs: two chunk buffers of K values ≈ the input's N·H values, in equal chunks.
+    n, h, k = 100_000, 4096, 32_000
+    chunk = rule(n, h, k)
+    chunks = -(-n // chunk)
+    assert chunks == -(-n // -(-n * h // (2 * k))) and chunk * chunks - n < chunks
+    assert 2 * k * chunk <= n * h * 1.01
+    # Never more rows than N; a last chunk is never a sliver.
+    for n in (257, 300, 1000, 4097):
+        chunk = rule(n, 64, 32000)
+        assert chunk <= n and n - (-(-n // chunk) - 1) * chunk > chunk // 2
+
+
+def test_frozen_head_and_no_grad():
+    x, W, b, target = make_head((N,), H, K, torch.float32)
+    xx = x.clone().requires_grad_(True)
+    loss = lsce.linear_cross_entropy(xx, W, target, linear_bias=b, label_smoothing=0.1, chunk_size=CHUNK)
+    loss.backward()
+    up = torch.ones((), dtype=torch.float64)
+    _, (expected, _, _) = loss_and_grads(materialised_lsce, x, W, b, target, up, label_smoothing=0.1)
+    torch.testing.assert_close(xx.grad, expected)
+    assert W.grad is None and b.grad is None
+    with torch.no_grad():
+        torch.testing.assert_close(lsce.linear_cross_entropy(x, W, target, linear_bias=b, label_smoothing=0.1),
+                                   materialised_lsce(x, W, target, linear_bias=b, label_smoothing=0.1))
+
+
+def test_repeated_backward_with_retained_graph():
+    x, W, b, target = make_head((N,), H, K, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    loss = lsce.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], chunk_size=CHUNK)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss * 3.0, leaves, retain_graph=True)
+    last = torch.autograd.grad(loss, leaves)
+    for a, b3, c in zip(first, second, last):
+        assert torch.equal(a, c)
+        torch.testing.assert_close(b3, 3.0 * a)
+    assert all(a is not c for a, c in zip(first, last))
+
+
+def test_valid_call_changes_nothing():
+    x, W, b, target = make_head((N,), H, K, torch.float32)
+    opts = make_options(K, ("weight", "prior"))
+    tensors = dict(x=x, W=W, b=b, target=target, **opts)
+    before = {k: v.clone() for k, v in tensors.items()}
+    leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
+    for reduction in REDUCTIONS:
+        loss = lsce.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction,
+                                         label_smoothing=0.1, chunk_size=CHUNK, **opts)
+        loss.sum().backward()
+    for k, v in before.items():
+        assert torch.equal(tensors[k], v), f"{k} was modified"
+    assert torch.equal(leaves[0].detach(), x) and torch.equal(leaves[1].detach(), W)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_target_dtypes(tdtype):
+    x, W, b, target = make_head((N,), H, K, torch.float32, ignore_frac=0.0)
+    torch.testing.assert_close(lsce.linear_cross_entropy(x, W, target.to(tdtype), linear_bias=b),
+                               lsce.linear_cross_entropy(x, W, target, linear_bias=b))
+
+
+def test_module_matches_functional_and_torch_module():
+    x, _, _, target = make_head((2, 9), H, K, torch.float32)
+    w = make_options(K, ("weight",))["weight"].float()
+    crit = lsce.LinearCrossEntropyLoss(H, K, bias=True, weight=w, reduction="sum", label_smoothing=0.2,
+                                       z_loss=1e-3, chunk_size=CHUNK)
+    assert {"weight"} <= set(dict(crit.named_buffers())) and {"linear.weight", "linear.bias"} == set(
+        dict(crit.named_parameters()))
+    loss = crit(x, target)
+    expected = lsce.linear_cross_entropy(x, crit.linear.weight, target, linear_bias=crit.linear.bias, weight=w,
+                                         reduction="sum", label_smoothing=0.2, z_loss=1e-3)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert crit.linear.weight.grad is not None and crit.linear.bias.grad is not None
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        theirs = torch.nn.LinearCrossEntropyLoss(H, K, bias=True, weight=w, reduction="sum", label_smoothing=0.2)
+        theirs.load_state_dict(crit.state_dict(), strict=False)
+        crit.z_loss = 0.0
+        rows, flat_target = x.reshape(-1, H), target.reshape(-1)  # PyTorch's module takes (N, H) only
+        torch.testing.assert_close(crit(rows, flat_target), theirs(rows, flat_target))
+
+
+def _bad(**changes):
+    x, W, b, target = make_head((4,), 3, 5, torch.float32)
+    kw = dict(input=x, linear_weight=W, target=target, linear_bias=b, weight=torch.rand(5), label_smoothing=0.1)
+    kw.update(changes)
+    return kw
+
+
+BAD_CALLS = [
+    # (id, keyword arguments, exception, text the message must contain)
+    ("integer input", _bad(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "input"),
+    ("scalar input", _bad(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError, "at least 1 dimension"),
+    ("list input", _bad(input=[[1.0, 2.0, 3.0]]), TypeError, "input must be a Tensor"),
+    ("1-D linear_weight", _bad(linear_weight=torch.randn(15)), ValueError, "linear_weight must be 2-D"),
+    ("feature mismatch", _bad(linear_weight=torch.randn(5, 4)), ValueError, "features"),
+    ("no classes", _bad(linear_weight=torch.randn(0, 3), linear_bias=None, weight=None), ValueError, "0 rows"),
+    ("weight dtype", _bad(linear_weight=torch.randn(5, 3, dtype=torch.float64)), TypeError, "linear_weight is"),
+    ("weight device", _bad(linear_weight=torch.randn(5, 3, device="meta")), ValueError, "linear_weight is on"),
+    ("bias shape", _bad(linear_bias=torch.randn(6)), ValueError, "linear_bias must have shape"),
+    ("bias dtype", _bad(linear_bias=torch.randn(5, dtype=torch.float64)), TypeError, "linear_bias is"),
+    ("bias type", _bad(linear_bias=3.0), TypeError, "linear_bias"),
+    ("target shape", _bad(target=torch.tensor([0, 1, 2])), ValueError, "target shape"),
+    ("float target", _bad(target=torch.rand(4)), TypeError, "class indices"),
+    ("target out of range", _bad(target=torch.tensor([0, 1, 5, 2])), IndexError, "target 5"),
+    ("class weight length", _bad(weight=torch.rand(6)), ValueError, "weight"),
+    ("prior sum", _bad(smoothing_prior=torch.full((5,), 0.5)), ValueError, "smoothing_prior"),
+    ("eps negative", _bad(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    ("reduction", _bad(reduction="avg"), ValueError, "reduction"),
+    ("z_loss negative", _bad(z_loss=-1.0), ValueError, "z_loss"),
+    ("softcap zero", _bad(softcap=0.0), ValueError, "softcap"),
+    ("chunk zero", _bad(chunk_size=0), ValueError, "chunk_size"),
+    ("chunk float", _bad(chunk_size=2.5), ValueError, "chunk_size"),
+    ("chunk bool", _bad(chunk_size=True), ValueError, "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_and_changes_nothing(kwargs, exc, text):
+    before = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and v.device.type != "meta"}
+    with pytest.raises(exc, match=text):
+        lsce.linear_cross_entropy(**kwargs)
+    for k, v in before.items():
+        assert torch.equal(kwargs[k], v), f"{k} was modified"
