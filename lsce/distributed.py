@@ -81,7 +81,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops  # noqa: F401  (registers torch.ops.lsce.*)
-from .functional import _FLOAT_DTYPES, _check_arguments
+from .functional import _FLOAT_DTYPES, _check_arguments, reduce_rows
 from .ops import _check_values
 from .reference import acc_dtype, class_coefficients
 
@@ -418,15 +418,9 @@ def _prepare(local_checks, target, group, vocab_start_index, weight, smoothing_p
 
 def _reduce(ce: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], sl: _Slice, z_loss: float,
             reduction: str, shape) -> Tensor:
-    """The z-loss from the global lse and the reduction, as lsce.cross_entropy does them."""
-    valid = y != sl.ignore_index
-    zl = torch.where(valid, z_loss * lse * lse, 0) if z_loss else None
-    if reduction == "mean":
-        count = valid.sum().to(ce.dtype)
-        total_weight = count if w is None else torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
-        return ce.sum() / total_weight + (zl.sum() / count if z_loss else 0)
-    per_row = ce if zl is None else ce + zl
-    return per_row.sum() if reduction == "sum" else per_row.reshape(shape)
+    """The z-loss from the global lse, then the reduction lsce.cross_entropy does."""
+    loss = ce + torch.where(y != sl.ignore_index, z_loss * lse * lse, 0) if z_loss else ce
+    return reduce_rows(loss, lse, y, w, sl.ignore_index, z_loss, reduction, shape)
 
 
 def vocab_parallel_cross_entropy(

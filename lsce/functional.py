@@ -96,6 +96,32 @@ def _as_rows(input: Tensor, target: Tensor, K: int):
     return z, target.reshape(-1).to(torch.int64), out_shape
 
 
+def mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: torch.dtype):
+    """(non-ignored mask, their count, Σ w[y] over them): ``mean`` divides the
+    cross-entropy by the weight sum and the z-loss term by the count."""
+    valid = y != ignore_index
+    count = valid.sum().to(acc)
+    if w is None:
+        return valid, count, count
+    return valid, count, torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
+
+
+def reduce_rows(loss: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], ignore_index: int,
+                z_loss: float, reduction: str, shape) -> Tensor:
+    """The reduction of per-row losses (z-loss term included), as design.md §1
+    states it; shared by every entry point (cross_entropy, linear, distributed)."""
+    if reduction == "none":
+        return loss.reshape(shape)
+    if reduction == "sum":
+        return loss.sum()
+    valid, count, total_weight = mean_denominators(y, w, ignore_index, loss.dtype)
+    if w is not None and z_loss:
+        # The z-loss term is averaged over rows, the cross-entropy over weight.
+        zl = torch.where(valid, z_loss * lse * lse, 0)
+        return (loss - zl).sum() / total_weight + zl.sum() / count
+    return loss.sum() / total_weight
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -140,22 +166,6 @@ def cross_entropy(
 
     loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
 
-    if reduction == "none":
-        out = loss.reshape(out_shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    else:
-        valid = y != ignore_index
-        count = valid.sum().to(acc)
-        if w is None:
-            out = loss.sum() / count
-        else:
-            total_weight = torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
-            if z_loss:
-                # The z-loss term is averaged over rows, the cross-entropy over weight.
-                zl = torch.where(valid, z_loss * lse * lse, 0)
-                out = (loss - zl).sum() / total_weight + zl.sum() / count
-            else:
-                out = loss.sum() / total_weight
+    out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
     out = out.to(input.dtype)
     return (out, lse.reshape(out_shape)) if return_lse else out

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
-from .functional import _FLOAT_DTYPES, _check_arguments
+from .functional import _FLOAT_DTYPES, _check_arguments, mean_denominators, reduce_rows
 from .ops import _check_values
 from .reference import acc_dtype
 
@@ -136,26 +136,6 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
             rows.add_(torch.mm(block, x))
 
 
-def _mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: torch.dtype):
-    """(non-ignored mask, their count, Σ w[y] over them): mean divides the
-    cross-entropy by the weight sum and the z-loss by the count."""
-    valid = y != ignore_index
-    count = valid.sum().to(acc)
-    if w is None:
-        return valid, count, count
-    return valid, count, torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
-
-
-def _reduce(loss, lse, valid, count, total_weight, weighted: bool, z_loss: float, mean: bool) -> Tensor:
-    """``sum`` or ``mean`` of per-row losses, as lsce.functional.cross_entropy reduces."""
-    if not mean:
-        return loss.sum()
-    if weighted and z_loss:
-        zl = torch.where(valid, z_loss * lse * lse, 0)
-        return (loss - zl).sum() / total_weight + zl.sum() / count
-    return loss.sum() / total_weight
-
-
 def _reduced_impl(
     x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
@@ -167,7 +147,7 @@ def _reduced_impl(
     N, K = x.shape[0], W.shape[0]
     acc = acc_dtype(x.dtype)
     _check_values(y, prior, K, ignore_index)
-    valid, count, total_weight = _mean_denominators(y, weight, ignore_index, acc)
+    valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
     options = (ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
@@ -187,7 +167,7 @@ def _reduced_impl(
             # Passed straight on, so that this chunk's gradient is freed before the next one's exists.
             grads.add(torch.ops.lsce.cross_entropy_backward(
                 one.expand(e - s), grad_lse, z, y[s:e], weight, prior, lse[s:e], *options), x[s:e], W, s, e)
-    out = _reduce(loss, lse, valid, count, total_weight, weight is not None, z_loss, mean)
+    out = reduce_rows(loss, lse, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
     grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
     return (out, grad_scale, *grads.tensors(x, W, b, final=False))
 
