@@ -16,15 +16,17 @@ Providers (reduction="mean"; label_smoothing=0.1 except where noted):
                         (with it, it falls back to the reference path), so this is a
                         different loss, shown for its time and memory only
 
-Each (case, dtype, provider) runs in a fresh subprocess, so one provider's
-allocations cannot hide or inflate another's. Peak memory is that of the
-first step above the memory held once the inputs exist: on CUDA
+Peak memory: each (case, dtype, provider) in a fresh subprocess, so that one
+provider's allocations cannot hide or inflate another's; the peak of its first
+full-size step above the memory held once the inputs exist: on CUDA
 ``max_memory_allocated``; on CPU the peak resident set (VmHWM of
 /proc/self/status, reset through /proc/self/clear_refs after the inputs are
 made), which counts only pages actually touched. Every worker first measures a
 calibration buffer of known size, so the table shows whether the method sees
-the bytes it should. Time: the median and the fastest of ``--reps`` further
-steps; the ratios use the fastest, the least disturbed on a shared machine.
+the bytes it should. Time: one more subprocess per (case, dtype) runs the
+providers' steps interleaved, round by round, after one untimed step each;
+the table shows the median and the fastest of ``--reps`` rounds, and the
+ratios use the fastest, the least disturbed on a shared machine.
 
 Writes a table to the terminal and one CSV row per measurement to
 benchmarks/out/linear.csv.
@@ -121,66 +123,79 @@ class PeakMemory:
         return self._status_kb("VmHWM") * 1024 - self.base
 
 
-def run_worker(spec: dict) -> dict:
-    N, H, K, dtype, name = spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]], spec["provider"]
+def make_inputs(N: int, H: int, K: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(N, H, generator=g, device=device, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(K, H, generator=g, device=device, dtype=dtype) * H**-0.5).requires_grad_(True)
+    return x, W, torch.randint(0, K, (N,), generator=g, device=device)
+
+
+def loss_step(fn, x, W, y):
+    """The measured unit: the loss and its backward, from fresh gradients."""
+    x.grad = W.grad = None
+    loss = fn(x, W, y)
+    loss.backward()
+    return loss
+
+
+def memory_worker(spec: dict) -> dict:
+    """Peak memory of one provider's first full-size step, in this fresh process."""
+    N, H, K, dtype = spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]]
     device = torch.device(spec["device"])
     meter = PeakMemory(device)
-
     meter.start()
     calibration = torch.ones(CALIBRATION_BYTES // 4, device=device)
     seen = meter.peak()
     del calibration
 
-    fn = loss_fn(name)
-
-    def inputs(N, H, K):
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(N, H, generator=g, device=device, dtype=dtype).requires_grad_(True)
-        W = (torch.randn(K, H, generator=g, device=device, dtype=dtype) * H**-0.5).requires_grad_(True)
-        return x, W, torch.randint(0, K, (N,), generator=g, device=device)
-
-    def step():
-        x.grad = W.grad = None
-        loss = fn(x, W, y)
-        loss.backward()
-        return loss
-
+    fn = loss_fn(spec["provider"])
     # One tiny step first: lazy imports, kernel libraries and thread pools are
     # loaded then, not counted in the peak of the measured step.
-    x, W, y = inputs(8, 16, 32)
-    step()
-    x, W, y = inputs(N, H, K)
+    loss_step(fn, *make_inputs(8, 16, 32, dtype, device))
+    x, W, y = make_inputs(N, H, K, dtype, device)
     meter.start()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss = step()
+        loss = loss_step(fn, x, W, y)
     peak = meter.peak()
-    times = []
-    for _ in range(spec["reps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
     grad_bytes = (x.numel() + W.numel()) * x.element_size()
-    return dict(spec, loss=float(loss), peak_mb=peak / 2**20, grads_mb=grad_bytes / 2**20,
-                time_ms=1e3 * statistics.median(times), time_min_ms=1e3 * min(times),
+    return dict(loss=float(loss), peak_mb=peak / 2**20, grads_mb=grad_bytes / 2**20,
                 calibration_mb=CALIBRATION_BYTES / 2**20, calibration_seen_mb=seen / 2**20,
-                threads=torch.get_num_threads(), note=str(caught[0].message)[:160] if caught else "")
+                note=str(caught[0].message)[:160] if caught else "")
+
+
+def time_worker(spec: dict) -> dict:
+    """Step times of all providers on the same inputs, interleaved round by round
+    (after one untimed step each), so that a change in the machine's load
+    falls on every provider alike."""
+    device = torch.device(spec["device"])
+    x, W, y = make_inputs(spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]], device)
+    fns = {name: loss_fn(name) for name in spec["providers"]}
+    times = {name: [] for name in fns}
+    for rep in range(spec["reps"] + 1):
+        order = list(fns)[rep % len(fns):] + list(fns)[: rep % len(fns)]
+        for name in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss_step(fns[name], x, W, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {name: dict(time_ms=1e3 * statistics.median(t), time_min_ms=1e3 * min(t)) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------- driver side
 
 
-def measure(spec: dict) -> dict:
-    """One provider in a fresh interpreter."""
+def in_subprocess(kind: str, spec: dict) -> dict:
+    """A worker in a fresh interpreter; {"error": ...} if it fails."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, __file__, f"--{kind}-worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return dict(spec, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+        return dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -198,10 +213,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed steps per provider (after one untimed step)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "linear.csv"))
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--time-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
+    if args.time_worker:
+        print(json.dumps(time_worker(json.loads(args.time_worker))))
         return
 
     cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
@@ -214,10 +233,13 @@ def main() -> None:
     print(header)
     for N, H, K in cases:
         for dtype in args.dtypes.split(","):
-            group = []
-            for name in names:
-                spec = dict(N=N, H=H, K=K, dtype=dtype, provider=name, device=args.device, reps=reps)
-                group.append(measure(spec))
+            case = dict(device=args.device, dtype=dtype, N=N, H=H, K=K, reps=reps,
+                        threads=torch.get_num_threads())
+            group = [dict(case, provider=name, **in_subprocess("memory", dict(case, provider=name)))
+                     for name in names]
+            timed = in_subprocess("time", dict(case, providers=[r["provider"] for r in group if "error" not in r]))
+            for r in group:
+                r.update(timed.get(r["provider"], {}) if "error" not in timed else {"error": timed["error"]})
             ok = {r["provider"]: r for r in group if "error" not in r}
             mat, ref = ok.get("lsce_materialised"), ok.get("torch")
             for r in group:

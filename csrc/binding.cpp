@@ -54,7 +54,8 @@ lsce::Args make_args(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
                      double eps, double z_loss, double softcap, int nthreads,
                      std::vector<float>& cf, std::vector<double>& cd) {
   if (dtype < lsce::kF32 || dtype > lsce::kF16) throw py::value_error("lsce._C: unknown dtype code");
-  if (N < 0 || K < 1 || (row_stride < K && N > 1)) throw py::value_error("lsce._C: bad sizes or row stride");
+  // Rows may overlap (row_stride < K, 0 for an expanded row): the logits are only read.
+  if (N < 0 || K < 1 || row_stride < 0) throw py::value_error("lsce._C: bad sizes or row stride");
   lsce::Args a{};
   a.dtype = dtype;
   a.logits = reinterpret_cast<const void*>(logits);

@@ -208,7 +208,7 @@ static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T
 // threads.
 static inline int64_t blocks_per_row(const Args& a) {
   const int64_t min_width = 8192, want_tasks = 64;
-  if (a.N >= want_tasks || a.K < 2 * min_width) return 1;
+  if (a.N < 1 || a.N >= want_tasks || a.K < 2 * min_width) return 1;  // (N = 0 would divide by 0)
   const int64_t nb = (want_tasks + a.N - 1) / a.N, most = a.K / min_width;
   return nb < most ? nb : most;
 }

@@ -112,6 +112,17 @@ def _check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index:
         raise ValueError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")
 
 
+def _kernel_layout(logits: Tensor, target: Tensor, weight, prior):
+    """What every kernel reads through raw pointers: rows with unit column
+    stride (any row stride), contiguous target and class vectors. No copy when
+    the caller's tensors already are (lsce.functional prepares them); a strided
+    target would otherwise be read as if it were contiguous."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return logits, target.contiguous(), contiguous(weight), contiguous(prior)
+
+
 @torch.library.custom_op("lsce::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
@@ -119,6 +130,7 @@ def cross_entropy_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Per-row (loss, lse) of 2-D logits; see lsce/reference.py for the formulas."""
     _check_values(target, prior, logits.shape[1], ignore_index)
+    logits, target, weight, prior = _kernel_layout(logits, target, weight, prior)
     kernels = _kernels(backend, logits.device)
     return kernels.forward(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap)
 
@@ -136,6 +148,8 @@ def cross_entropy_backward(
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
 ) -> Tensor:
     """Gradient of Σ grad_loss·loss + Σ grad_lse·lse with respect to the logits, in one pass."""
+    logits, target, weight, prior = _kernel_layout(logits, target, weight, prior)
+    lse = lse.contiguous()
     kernels = _kernels(backend, logits.device)
     return kernels.backward(grad_loss, grad_lse, logits, target, weight, prior, lse,
                             ignore_index, label_smoothing, z_loss, softcap)

@@ -230,3 +230,35 @@ def test_deterministic_and_thread_count_independent():
 
 
 from _util import ULP  # noqa: E402  (used by the inf/NaN test above)
+
+
+def test_strided_and_expanded_targets():
+    # A strided target used to be read by the kernel as if it were contiguous.
+    logits, target = make_problem((40, 30), torch.float32, ignore_frac=0.1)
+    wide_target = torch.stack([target, torch.full_like(target, 10**6)], dim=1)  # out of range if misread
+    strided = wide_target[:, 0]
+    assert not strided.is_contiguous()
+    check(logits, strided, label_smoothing=0.1, reduction="none")
+    expanded = torch.tensor(7).expand(40)
+    check(logits, expanded, label_smoothing=0.1)
+    # the registered op directly, with a strided target and a transposed block of logits
+    z = torch.randn(30, 40).t()
+    loss, lse = torch.ops.lsce.cross_entropy_forward(z, strided, None, None, -100, 0.1, 0.0, 0.0, "auto")
+    ref_loss, ref_lse = lsce.reference.rows_forward(z, strided, None, None, -100, 0.1, 0.0, 0.0)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("K", [5, 16385, 40000])
+def test_empty_batch_with_large_vocabulary_and_expanded_rows(K):
+    # N = 0 with a K large enough for the split-row path used to divide by zero;
+    # rows expanded from one (row stride 0) used to be refused.
+    empty = torch.empty(0, K)
+    for red in REDUCTIONS:
+        torch.testing.assert_close(
+            lsce.cross_entropy(empty, torch.empty(0, dtype=torch.int64), reduction=red, label_smoothing=0.1),
+            F.cross_entropy(empty, torch.empty(0, dtype=torch.int64), reduction=red, label_smoothing=0.1),
+            equal_nan=True,
+        )
+    row, target = make_problem((1, K), torch.float32)
+    check(row.expand(3, K), torch.tensor([0, K - 1, K // 2]), label_smoothing=0.1, reduction="none")

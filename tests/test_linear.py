@@ -3,6 +3,8 @@ on materialised logits: F.linear + lsce.cross_entropy, F.linear + F.cross_entrop
 F.linear_cross_entropy where torch has it, and the fp64 reference; gradcheck,
 torch.compile, chunking edge cases and bad input."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,7 @@ def make_head(lead, H, K, dtype, *, bias=True, ignore_frac=0.25, seed=0):
     x = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype)
     W = (torch.randn(K, H, generator=g, dtype=torch.float64) * 3 / H**0.5).to(dtype)
     b = torch.randn(K, generator=g, dtype=torch.float64).to(dtype) if bias else None
-    n = 1
-    for d in lead:
-        n *= d
-    _, target = make_problem((n, K), torch.float32, ignore_frac=ignore_frac, seed=seed)
+    _, target = make_problem((math.prod(lead), K), torch.float32, ignore_frac=ignore_frac, seed=seed)
     return x, W, b, target.reshape(lead)
 
 
