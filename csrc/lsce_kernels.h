@@ -129,7 +129,7 @@ static inline void merge(Part<A>& p, A m, A s, A dot) {
   p.dot += dot;
   if (s == A(0) && m == neg_inf<A>()) return;
   if (m > p.m) {
-    p.s = (p.m == neg_inf<A>() ? A(0) : p.s * exp_acc(p.m - m)) + s;
+    p.s = (p.m == neg_inf<A>() ? p.s : p.s * exp_acc(p.m - m)) + s;  // p.s is 0, or NaN from a NaN-only block
     p.m = m;
   } else {
     p.s += s * exp_acc(m - p.m);
@@ -165,6 +165,12 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
       // from L1, which is cheaper than the buffer's store and load.
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+    } else {
+      // No element above -inf: NaN or -inf only. A NaN must still reach the sum.
+      for (int64_t j = 0; j < n; ++j) {
+        const A v = CAP ? buf[j] : Io<T>::load(zb[j]);
+        if (v != v) s = v;
+      }
     }
     merge(p, m, s, dot);
   }
@@ -270,7 +276,7 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
   if (valid) coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * lse);
   const A coef_c = g * eps;                  // times c_k (COEF)
   const A uniform = g * eps / A(a.K);        // otherwise
-  if (coef_p == A(0) && g == A(0)) {         // an ignored row nobody asks the lse of
+  if (coef_p == A(0) && g == A(0) && lse - lse == A(0)) {  // ignored row, finite lse: zeros (else 0·NaN, as PyTorch)
     const T zero = Io<T>::store(A(0));
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;

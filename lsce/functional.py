@@ -8,6 +8,7 @@ passed is modified), flattens the input to 2-D rows, calls the registered op
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Optional
 
@@ -32,6 +33,8 @@ def _check_class_vector(name: str, v: Optional[Tensor], K: int, device: torch.de
         raise ValueError(f"lsce: {name} must have shape ({K},) (one value per class), got {tuple(v.shape)}")
     if not v.is_floating_point():
         raise TypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
+    if v.requires_grad:
+        raise ValueError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
     if v.device != device:
         raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
 
@@ -96,6 +99,15 @@ def _as_rows(input: Tensor, target: Tensor, K: int):
     return z, target.reshape(-1).to(torch.int64), out_shape
 
 
+def _sum(x: Tensor, chunk: int = 16384) -> Tensor:
+    """x.sum(), bitwise the same for any torch thread count: torch.sum of more than
+    32768 elements splits them across threads, each split rounding differently."""
+    n = x.numel()
+    if n <= chunk:
+        return x.sum()
+    return torch.nn.functional.pad(x, (0, (-n) % chunk)).view(-1, chunk).sum(1).sum()
+
+
 def mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: torch.dtype):
     """(non-ignored mask, their count, Σ w[y] over them): ``mean`` divides the
     cross-entropy by the weight sum and the z-loss term by the count."""
@@ -103,7 +115,7 @@ def mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: to
     count = valid.sum().to(acc)
     if w is None:
         return valid, count, count
-    return valid, count, torch.where(valid, w[torch.where(valid, y, 0)], 0).sum()
+    return valid, count, _sum(torch.where(valid, w[torch.where(valid, y, 0)], 0))
 
 
 def reduce_rows(loss: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], ignore_index: int,
@@ -113,13 +125,13 @@ def reduce_rows(loss: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], ignor
     if reduction == "none":
         return loss.reshape(shape)
     if reduction == "sum":
-        return loss.sum()
+        return _sum(loss)
     valid, count, total_weight = mean_denominators(y, w, ignore_index, loss.dtype)
     if w is not None and z_loss:
         # The z-loss term is averaged over rows, the cross-entropy over weight.
         zl = torch.where(valid, z_loss * lse * lse, 0)
-        return (loss - zl).sum() / total_weight + zl.sum() / count
-    return loss.sum() / total_weight
+        return _sum(loss - zl) / total_weight + _sum(zl) / count
+    return _sum(loss) / total_weight
 
 
 def cross_entropy(
@@ -157,7 +169,10 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
     K = _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend)
-    ignore_index = int(ignore_index)
+    try:
+        ignore_index = operator.index(ignore_index)  # int, numpy integer, 0-d integer tensor
+    except TypeError:
+        raise TypeError(f"lsce: ignore_index must be an int, got {type(ignore_index).__name__}") from None
     eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
     acc = acc_dtype(input.dtype)
     z, y, out_shape = _as_rows(input, target, K)

@@ -59,6 +59,12 @@ def class_coefficients(K, weight, prior, dtype, device):
     return c, c.sum()
 
 
+def _lse(z):
+    """logsumexp over dim 1, NaN (not +inf) for a row holding +inf, as log_softmax gives."""
+    lse = torch.logsumexp(z, dim=1)
+    return torch.where(lse == float("inf"), float("nan"), lse)
+
+
 def _capped(z, softcap):
     return z if not softcap else softcap * torch.tanh(z / softcap)
 
@@ -94,7 +100,7 @@ def cross_entropy(
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y))
 
-    lse = torch.logsumexp(z, dim=1)
+    lse = _lse(z)
     logp = z - lse[:, None]
     w = torch.ones(K, dtype=acc, device=z.device) if weight is None else weight.to(acc)
     w_y = w[y_safe] * valid
@@ -143,7 +149,7 @@ def rows_forward(logits, target, weight, prior, ignore_index, label_smoothing, z
     step = max(1, _CHUNK_ELEMS // max(K, 1))
     for s in range(0, N, step):
         zc, valid, y_safe, w_y = _row_terms(logits[s : s + step], target[s : s + step], w, ignore_index, softcap)
-        lse_c = torch.logsumexp(zc, dim=1)
+        lse_c = _lse(zc)
         zc_y = zc.gather(1, y_safe[:, None]).squeeze(1)
         row = (1 - label_smoothing) * w_y * (lse_c - zc_y)
         if label_smoothing:
@@ -172,7 +178,7 @@ def rows_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignor
     for s in range(0, N, step):
         e = s + step
         zc, valid, y_safe, w_y = _row_terms(logits[s:e], target[s:e], w, ignore_index, softcap)
-        g = grad_loss[s:e].to(acc) * valid
+        g = torch.where(valid, grad_loss[s:e].to(acc), 0)
         A = g * ((1 - eps) * w_y + eps * C + 2 * z_loss * lse[s:e])
         if grad_lse is not None:
             A = A + grad_lse[s:e].to(acc)

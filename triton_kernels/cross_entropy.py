@@ -102,7 +102,7 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 def _finite_or_zero(m):
     """The shift to subtract before exp: a running max of ±inf would make exp(inf − inf) = NaN
     (flash-attention issue 1930), so such a max is replaced by 0 — exp(−inf) is then 0 and exp(inf) inf."""
-    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -294,7 +294,9 @@ def _backward_kernel(
 def _check(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
     if logits.dtype not in _ACC_DTYPE:
         raise TypeError(f"lsce triton kernels: logits dtype {logits.dtype} is not one of fp32, bf16, fp16, fp64")
-    if logits.dim() != 2 or logits.stride(1) != 1 or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]):
+    # Rows may overlap (an expanded row has stride 0): the logits are only read. With one
+    # class the column stride is never used.
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError("lsce triton kernels: logits must be 2-D rows with unit column stride")
     if target.shape != logits.shape[:1]:
         raise ValueError(f"lsce triton kernels: target shape {tuple(target.shape)} != ({logits.shape[0]},)")

@@ -1,0 +1,100 @@
+"""The C++ core fuzzed under AddressSanitizer and UndefinedBehaviorSanitizer.
+
+Builds csrc/fuzz/fuzz_kernels.cpp with the core sources (csrc/kernels_*.cpp,
+csrc/dispatch.cpp; not the pybind11 binding) into a temporary directory and
+runs its seeded random driver for a bounded time: every dtype, every
+instruction set this CPU has, thread counts 1..4, N 0..64, K 1..70000 (edge
+sizes favoured), padded rows with NaN canaries, exactly sized buffers. The
+driver checks values against fp64 and exits non-zero at the first problem;
+a sanitizer report aborts it. See the harness's header for what it checks.
+
+A machine whose compiler cannot link the sanitizer runtimes fails this test
+with a message saying so: the check is part of the suite, not optional.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+HARNESS = CSRC / "fuzz" / "fuzz_kernels.cpp"
+SEED = 20240611
+SECONDS = float(os.environ.get("LSCE_FUZZ_SECONDS", "40"))
+
+FLAGS = [
+    "-std=c++17", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fopenmp",
+    "-O1", "-g", "-fno-omit-frame-pointer", "-fno-trapping-math",
+]
+SANITIZER_ENV = {
+    # Stop at the first report, with a stack; leaks are reported too.
+    "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:strict_string_checks=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
+REPORT_MARKERS = ("AddressSanitizer", "UndefinedBehaviorSanitizer", "LeakSanitizer", "runtime error:")
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.fail(f"test_fuzz needs a C++ compiler: {cxx!r} is not on PATH (set CXX)")
+    return cxx
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def _build(tmp: Path) -> Path:
+    cxx = _compiler()
+    # The sanitizer runtimes first, on a trivial program, for a clear message.
+    probe = tmp / "probe.cpp"
+    probe.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() < 1; }\n")
+    r = _run([cxx, *FLAGS, str(probe), "-o", str(tmp / "probe")])
+    if r.returncode != 0:
+        pytest.fail(
+            f"{cxx} cannot build with -fsanitize=address,undefined -fopenmp: the AddressSanitizer / "
+            f"UndefinedBehaviorSanitizer runtimes (libasan, libubsan) or OpenMP (libgomp) are missing "
+            f"(Debian/Ubuntu: apt-get install g++ libasan8 libubsan1 libgomp1).\n{r.stderr[-3000:]}"
+        )
+    r = _run([str(tmp / "probe")], env={**os.environ, **SANITIZER_ENV})
+    if r.returncode != 0:
+        pytest.fail(f"a sanitized program does not run on this machine (rc {r.returncode}):\n{r.stderr[-3000:]}")
+
+    sources = [HARNESS, *sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
+    assert not any(s.name == "binding.cpp" for s in sources)
+
+    def compile_one(src: Path):
+        obj = tmp / (src.stem + ".o")
+        return obj, _run([cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)])
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, sources))
+    for (obj, r), src in zip(results, sources):
+        if r.returncode != 0:
+            pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
+    exe = tmp / "fuzz_kernels"
+    r = _run([cxx, *FLAGS, *(str(o) for o, _ in results), "-o", str(exe)])
+    if r.returncode != 0:
+        pytest.fail(f"linking the fuzz harness failed:\n{r.stderr[-5000:]}")
+    return exe
+
+
+@pytest.mark.slow
+def test_kernels_under_asan_and_ubsan(tmp_path):
+    exe = _build(tmp_path)
+    env = {**os.environ, **SANITIZER_ENV}
+    r = _run([str(exe), "--seed", str(SEED), "--seconds", str(SECONDS)], env=env, timeout=SECONDS + 300)
+    out = r.stdout + r.stderr
+    sys.stdout.write(r.stdout)  # the case count, shown with pytest -s
+    report = [m for m in REPORT_MARKERS if m in out]
+    assert r.returncode == 0 and not report, (
+        f"fuzz_kernels failed (rc {r.returncode}{', sanitizer report' if report else ''}); "
+        f"replay with: {exe.name} --seed {SEED} --case I (I from the 'case:' line)\n{out[-8000:]}"
+    )
+    assert "no failure" in r.stdout, out[-3000:]

@@ -1,0 +1,557 @@
+"""Reliability: no wrong answer, no crash, no corruption, under any input.
+
+* Bad input (what tests/test_errors.py does not already cover): a clear
+  exception naming the argument, raised before any kernel runs, every tensor
+  passed left unchanged — for lsce.cross_entropy and lsce.CrossEntropyLoss.
+* Inputs PyTorch accepts that once went wrong: strided targets, overlapping
+  rows (expanded logits), an empty batch with a large vocabulary, NaN runs,
+  +inf logits, ignored rows holding NaN, all rows ignored, K = 1 with odd
+  strides — each checked against F.cross_entropy.
+* More than 2³¹ logits (int64 offsets), bf16 on CPU.
+* Concurrency: Python threads calling lsce at once give the serial results;
+  results are bitwise the same from run to run and for 1..4 torch threads;
+  the kernels run without the GIL.
+"""
+
+import gc
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lsce  # noqa: E402
+from lsce import _C, reference  # noqa: E402
+from _util import assert_close_to_truth, make_problem  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+BACKENDS = ["cpu", "torch"] + (["triton"] if HAVE_TRITON else [])
+K = 5
+
+
+# ======================================================================= bad input
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input": torch.randn(4, K, generator=g),
+        "target": torch.tensor([0, 1, 4, -100]),
+        "weight": torch.rand(K, generator=g),
+        "smoothing_prior": torch.full((K,), 1.0 / K),
+    }
+
+
+def _with(**changes):
+    kw = _inputs()
+    kw.update(changes)
+    return kw
+
+
+# (id, keyword arguments, exception, text the message must contain). Only what
+# tests/test_errors.py does not cover.
+BAD_CALLS = [
+    # wrong ranks and shapes
+    ("target with a class dim", _with(target=torch.tensor([[0], [1], [2], [3]])), ValueError, "target shape"),
+    ("3-D input, 1-D target", _with(input=torch.randn(4, K, 3)), ValueError, "target shape"),
+    ("1-D input, 1-D target", _with(input=torch.randn(K), target=torch.tensor([1])), ValueError, "target shape"),
+    ("4-D input, target rank 2", _with(input=torch.randn(4, K, 2, 3), target=torch.zeros(4, 2, dtype=torch.long)),
+     ValueError, "target shape"),
+    ("2-D weight (K, 1)", _with(weight=torch.rand(K, 1)), ValueError, "weight"),
+    ("2-D weight (1, K)", _with(weight=torch.rand(1, K)), ValueError, "weight"),
+    ("scalar weight", _with(weight=torch.tensor(1.0)), ValueError, "weight"),
+    ("2-D prior", _with(smoothing_prior=torch.full((K, 1), 1.0 / K)), ValueError, "smoothing_prior"),
+    # devices and dtypes
+    ("input on meta", _with(input=torch.randn(4, K, device="meta")), ValueError, "input is on meta"),
+    ("prior on meta", _with(smoothing_prior=torch.full((K,), 0.2, device="meta")), ValueError, "smoothing_prior"),
+    ("complex logits", _with(input=torch.randn(4, K, dtype=torch.complex64)), TypeError, "input"),
+    ("bool logits", _with(input=torch.ones(4, K, dtype=torch.bool)), TypeError, "input"),
+    ("integer prior", _with(smoothing_prior=torch.ones(K, dtype=torch.int64)), TypeError, "smoothing_prior"),
+    ("complex weight", _with(weight=torch.ones(K, dtype=torch.complex64)), TypeError, "weight"),
+    # targets
+    ("target = K, int32", _with(target=torch.tensor([0, 1, K, 2], dtype=torch.int32)), IndexError, f"target {K}"),
+    ("target 2**40", _with(target=torch.tensor([0, 1, 2**40, 2])), IndexError, "out of bounds"),
+    ("uint8 target 255", _with(target=torch.tensor([0, 1, 255, 2], dtype=torch.uint8)), IndexError, "target 255"),
+    ("out of range beside ignore_index in range",
+     _with(target=torch.tensor([0, 1, 9, 2]), ignore_index=1), IndexError, "target 9"),
+    ("3-D target out of range", _with(input=torch.randn(2, K, 3), target=torch.tensor([[0, 1, 2], [3, 4, 5]])),
+     IndexError, "target 5"),
+    ("1-D input, target out of range", _with(input=torch.randn(K), target=torch.tensor(K)), IndexError, "target"),
+    ("float target, 1-D input", _with(input=torch.randn(K), target=torch.tensor(1.0)), TypeError, "class indices"),
+    ("half target", _with(target=torch.zeros(4, dtype=torch.float16)), TypeError, "class indices"),
+    ("complex target", _with(target=torch.zeros(4, dtype=torch.complex64)), TypeError, "target"),
+    # label_smoothing
+    ("eps inf", _with(label_smoothing=math.inf), ValueError, "label_smoothing"),
+    ("eps string", _with(label_smoothing="0.1"), ValueError, "label_smoothing"),
+    ("eps None", _with(label_smoothing=None), ValueError, "label_smoothing"),
+    ("eps tensor", _with(label_smoothing=torch.tensor(0.1)), ValueError, "label_smoothing"),
+    # prior values
+    ("prior sums to 1.001", _with(smoothing_prior=torch.tensor([0.2, 0.2, 0.2, 0.2, 0.201])), ValueError,
+     "smoothing_prior"),
+    ("prior all zero", _with(smoothing_prior=torch.zeros(K)), ValueError, "smoothing_prior"),
+    ("prior with inf", _with(smoothing_prior=torch.tensor([math.inf, 0.0, 0.0, 0.0, 0.0])), ValueError,
+     "smoothing_prior"),
+    # reduction, backend
+    ("reduction None", _with(reduction=None), ValueError, "reduction"),
+    ("reduction 'Mean'", _with(reduction="Mean"), ValueError, "reduction"),
+    ("reduction elementwise_mean", _with(reduction="elementwise_mean"), ValueError, "reduction"),
+    ("backend None", _with(backend=None), ValueError, "backend"),
+    ("backend 'CPU'", _with(backend="CPU"), ValueError, "backend"),
+    # z_loss, softcap
+    ("z_loss NaN", _with(z_loss=math.nan), ValueError, "z_loss"),
+    ("z_loss -inf", _with(z_loss=-math.inf), ValueError, "z_loss"),
+    ("z_loss None", _with(z_loss=None), ValueError, "z_loss"),
+    ("z_loss string", _with(z_loss="0.1"), ValueError, "z_loss"),
+    ("softcap inf", _with(softcap=math.inf), ValueError, "softcap"),
+    ("softcap -0.0", _with(softcap=-0.0), ValueError, "softcap"),
+    ("softcap string", _with(softcap="30"), ValueError, "softcap"),
+    # non-Tensor arguments
+    ("input list", _with(input=[[0.0] * K] * 4), TypeError, "input"),
+    ("target list", _with(target=[0, 1, 2, 3]), TypeError, "target"),
+    ("target numpy", _with(target=np.array([0, 1, 2, 3])), TypeError, "target"),
+    ("input numpy", _with(input=np.zeros((4, K), dtype=np.float32)), TypeError, "input"),
+    ("weight list", _with(weight=[1.0] * K), TypeError, "weight"),
+    ("prior tuple", _with(smoothing_prior=(0.2,) * K), TypeError, "smoothing_prior"),
+    # ignore_index not an int (F.cross_entropy: TypeError) — lsce truncated 1.5 to 1 and parsed "1"
+    ("ignore_index 1.5", _with(ignore_index=1.5), TypeError, "ignore_index"),
+    ("ignore_index '1'", _with(ignore_index="1"), TypeError, "ignore_index"),
+    ("ignore_index None", _with(ignore_index=None), TypeError, "ignore_index"),
+    # tensors lsce computes no gradient for (F.cross_entropy fails in backward for weight;
+    # lsce gave weight no gradient, or under mean a partial one)
+    ("weight requires grad", _with(weight=torch.rand(K, requires_grad=True)), ValueError, "weight"),
+    ("prior requires grad", _with(smoothing_prior=torch.full((K,), 0.2, requires_grad=True)), ValueError,
+     "smoothing_prior"),
+]
+
+MODULE_ARGS = ("weight", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "smoothing_prior",
+               "backend")
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Fails the test if any kernel (C++, Triton or reference) is reached."""
+    import lsce.ops
+
+    calls = []
+
+    def refuse(backend, device):
+        calls.append(backend)
+        raise AssertionError(f"a kernel was reached (backend={backend!r}) before the argument error")
+
+    monkeypatch.setattr(lsce.ops, "_kernels", refuse)
+    return calls
+
+
+def _snapshot(kwargs):
+    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v) and v.device.type != "meta"}
+
+
+def _unchanged(kwargs, before):
+    for k, v in before.items():
+        after = kwargs[k]
+        assert after.dtype == v.dtype and after.shape == v.shape, f"{k} was modified"
+        assert torch.equal(after.detach().nan_to_num(), v.nan_to_num()), f"{k} was modified"
+        assert torch.equal(after.detach().isnan(), v.isnan()), f"{k} was modified"
+        assert after.grad is None, f"{k} got a .grad"
+
+
+@pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("backend", ["auto", "torch"] + (["triton"] if HAVE_TRITON else []))
+def test_bad_input_functional(kwargs, exc, text, backend, no_kernel):
+    kwargs = dict(kwargs)
+    kwargs.setdefault("backend", backend)
+    before = _snapshot(kwargs)
+    with pytest.raises(exc, match=text) as info:
+        lsce.cross_entropy(**kwargs)
+    assert str(info.value).startswith("lsce"), f"not lsce's own message: {info.value!r}"
+    assert not no_kernel
+    _unchanged(kwargs, before)
+
+
+@pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_module(kwargs, exc, text, no_kernel):
+    kwargs = dict(kwargs)
+    before = _snapshot(kwargs)
+    ctor = {k: v for k, v in kwargs.items() if k in MODULE_ARGS}
+    with pytest.raises(exc, match=text):
+        # Either the constructor or the call may raise; neither may run a kernel.
+        crit = lsce.CrossEntropyLoss(**ctor)
+        crit(kwargs["input"], kwargs["target"])
+    assert not no_kernel
+    _unchanged(kwargs, before)
+
+
+@pytest.mark.parametrize("ignore_index", [np.int64(2), torch.tensor(2), 2], ids=["numpy", "tensor", "int"])
+def test_integer_like_ignore_index_accepted_like_torch(ignore_index):
+    x = torch.randn(4, K)
+    t = torch.tensor([0, 2, 4, 2])
+    torch.testing.assert_close(lsce.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=0.1),
+                               F.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=0.1))
+
+
+def test_hypothesis_is_installed():
+    """tests/test_properties.py skips itself without hypothesis; the suite must not."""
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        pytest.fail("hypothesis is not installed, so tests/test_properties.py was skipped: "
+                    "pip install '.[test]' (or pip install hypothesis)")
+
+
+def test_input_requiring_grad_unchanged_after_error():
+    x = torch.randn(4, K, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(IndexError):
+        lsce.cross_entropy(x, torch.tensor([0, 1, 2, 7]), label_smoothing=0.1)
+    assert torch.equal(x.detach(), before) and x.grad is None
+
+
+# ======================================================== inputs that once went wrong
+
+
+def _loss_and_grad(fn, x, t, up, **kw):
+    x = x.detach().requires_grad_(True)  # a view of the same memory: strides (even 0) are kept
+    loss = fn(x, t, **kw)
+    (g,) = torch.autograd.grad((loss.double() * up).sum(), x)
+    return loss.detach().double(), g.double()
+
+
+def _like_torch(x, t, backend, up=None, **kw):
+    """lsce (backend) against F.cross_entropy in fp64 on the same values."""
+    red = kw.get("reduction", "mean")
+    if up is None:
+        up = torch.linspace(-1, 2, t.numel(), dtype=torch.float64).reshape(t.shape) if red == "none" else \
+            torch.tensor(1.5, dtype=torch.float64)
+    ours = _loss_and_grad(lsce.cross_entropy, x, t, up, backend=backend, **kw)
+    tkw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    xd = x.detach().double().clone().requires_grad_(True)
+    theirs = _loss_and_grad(F.cross_entropy, xd, t.long(), up, **tkw)
+    for what, a, b in zip(("loss", "grad"), ours, theirs):
+        for name, f in [("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)]:
+            assert torch.equal(f(a), f(b)), f"{what}: {name} at different places:\nlsce {a}\ntorch {b}"
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_target(backend):
+    """A target that is a strided view: the kernels read target[i] with unit stride;
+    (N, 2)[:, 0] held the other column's values, out-of-range ones included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=g)
+    both = torch.tensor([[1, 9999], [2, -100], [3, 77], [4, -5], [5, 10**9], [6, 8]])
+    t = both[:, 0]
+    assert t.stride() == (2,)
+    for red in ["none", "sum", "mean"]:
+        _like_torch(x, t, backend, reduction=red, label_smoothing=0.1)
+    # 3-D input with a strided (N, d) target
+    x3 = torch.randn(3, 10, 4, generator=g)
+    t3 = torch.randint(0, 10, (3, 8), generator=g)[:, ::2]
+    _like_torch(x3, t3, backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_rows(backend):
+    """Logits whose rows share memory (row stride 0 from expand, 1 from unfold) are
+    valid PyTorch input; lsce raised "bad sizes or row stride"."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([1, 2, 3, 4])
+    expanded = torch.randn(10, generator=g).expand(4, 10)
+    sliding = torch.randn(13, generator=g).unfold(0, 10, 1)  # (4, 10), strides (1, 1)
+    assert expanded.stride() == (0, 1) and sliding.stride() == (1, 1)
+    for x in (expanded, sliding):
+        for red in ["none", "mean"]:
+            _like_torch(x, t, backend, reduction=red, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_class_with_any_strides(backend):
+    """K = 1: every stride of the class dimension is valid (Triton refused a stride != 1)."""
+    t = torch.zeros(4, dtype=torch.long)
+    for x in (torch.randn(1, 4).t(), torch.randn(4, 3)[:, 1:2], torch.randn(0, 1) * 3):
+        tt = t[: x.shape[0]]
+        for red in ["none", "sum"]:
+            _like_torch(x, tt, backend, reduction=red, label_smoothing=0.1)
+
+
+def test_empty_batch_with_large_vocabulary_does_not_crash():
+    """N = 0 rows and K >= 2·8192: blocks_per_row divided by N (SIGFPE). In a child
+    process, so that a crash fails this test instead of killing the test run."""
+    code = textwrap.dedent("""
+        import torch, lsce
+        for K in [16383, 16384, 16385, 70000]:
+            for red in ["none", "sum", "mean"]:
+                x = torch.randn(0, K, requires_grad=True)
+                loss = lsce.cross_entropy(x, torch.zeros(0, dtype=torch.long), reduction=red,
+                                          label_smoothing=0.1, backend="cpu")
+                loss.sum().backward()
+                assert x.grad.shape == (0, K)
+                print(K, red, loss.item() if loss.numel() == 1 else tuple(loss.shape), flush=True)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, f"child exited with {r.returncode} (-8 is SIGFPE):\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_runs_are_not_dropped(backend):
+    """A row whose NaNs fill whole 4096-element blocks of the C++ kernel gave a finite
+    loss (the block's max is -inf, so its NaN sum was skipped); an all-NaN row gave lse -inf."""
+    if backend == "triton":
+        K_, split = 40, 20     # the interpreter is slow: the same property on a small row
+    else:
+        K_, split = 5000, 4096
+    x = torch.randn(3, K_)
+    x[0, :split] = float("nan")                          # target in the finite part
+    x[1, :] = float("nan")
+    x[2, split:] = float("nan")
+    t = torch.tensor([K_ - 1, 0, 0])
+    for eps in [0.0, 0.1]:
+        _like_torch(x, t, backend, reduction="none", label_smoothing=eps)
+    _, lse = lsce.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    assert torch.isnan(lse).all(), f"lse of rows holding NaN: {lse.tolist()} (torch.logsumexp: NaN)"
+    if backend == "cpu":  # the split-row path (few rows, K >= 2·8192)
+        x = torch.randn(2, 40000)
+        x[:, 16384:32768] = float("nan")
+        _like_torch(x, torch.tensor([5, 39999]), backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plus_inf_logit_gives_nan_row_like_torch(backend):
+    """A +inf logit makes PyTorch's log_softmax NaN over the row: loss NaN (not inf when
+    ε = 0) and the whole row's gradient NaN (not only at the +inf); lse NaN on every backend."""
+    x = torch.randn(3, 17)
+    x[0, 4] = float("inf")
+    x[1, :] = float("inf")
+    t = torch.tensor([0, 3, 5])
+    for eps in [0.0, 0.1]:
+        for red in ["none", "sum"]:
+            _like_torch(x, t, backend, reduction=red, label_smoothing=eps)
+    _, lse = lsce.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    assert torch.isnan(lse[:2]).all() and torch.isfinite(lse[2]), lse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_nan_or_inf_like_torch(backend):
+    """PyTorch's gradient of an ignored row is 0·exp(log_softmax): NaN where the row holds
+    NaN or +inf, or is all -inf. The C++ kernel wrote zeros there (the reference and
+    Triton did not), so the backends disagreed."""
+    x = torch.randn(5, 9)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2, :] = float("-inf")
+    x[3, 4] = float("-inf")                               # a masked but finite row: 0 gradient
+    t = torch.full((5,), -100)
+    t[4] = 1
+    for red in ["none", "sum", "mean"]:
+        _like_torch(x, t, backend, reduction=red, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_mean_gradient(backend):
+    """mean over no row is NaN, its gradient 0 as PyTorch's (the reference backend gave
+    NaN: g = (1/0)·valid = inf·0)."""
+    x = torch.randn(4, 6)
+    t = torch.full((4,), -100)
+    for w in [None, torch.rand(6) + 0.1]:
+        _like_torch(x, t, backend, reduction="mean", label_smoothing=0.1, **({} if w is None else {"weight": w}))
+
+
+# =========================================================== more than 2**31 logits
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_logits_bf16():
+    """N·K = 2³¹ + 131072 bf16 logits (4.3 GB; 8.6 GB with the gradient): loss and gradient
+    of sampled rows — the last ones entirely past element 2³¹ — against the reference
+    on those rows alone."""
+    N, K_ = 16385, 131072
+    assert N * K_ > 2**31 and (N - 1) * K_ >= 2**31
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(N, K_, dtype=torch.bfloat16)
+    step = 256
+    for s in range(0, N, step):  # in place, in row blocks: no fp32/fp64 copy of the whole tensor
+        x[s : s + step].normal_(0.0, 3.0, generator=g)
+    t = torch.randint(0, K_, (N,), generator=g)
+    t[::7] = -100
+    rows = torch.tensor([0, 1, 4097, 8192, N - 3, N - 2, N - 1])
+    t[N - 1] = K_ - 1                                     # the very last element is the target
+    t[N - 2] = 0
+    up = torch.randn(N, generator=g)
+    opts = dict(label_smoothing=0.1, reduction="none", z_loss=1e-4)
+    x.requires_grad_(True)
+    try:
+        loss = lsce.cross_entropy(x, t, **opts)
+        (grad,) = torch.autograd.grad((loss.float() * up).sum(), x)
+        got_loss, got_grad = loss[rows].detach().clone(), grad[rows].clone()
+        del grad, loss
+    finally:
+        x.requires_grad_(False)
+    sub = x[rows].clone()
+    del x
+    gc.collect()
+    xs = sub.double().requires_grad_(True)
+    ref = reference.cross_entropy(xs, t[rows], **opts)
+    (ref_grad,) = torch.autograd.grad((ref * up[rows].double()).sum(), xs)
+    assert_close_to_truth(got_loss, ref.detach(), torch.bfloat16, what="loss")
+    assert_close_to_truth(got_grad, ref_grad, torch.bfloat16, what="grad")
+
+
+# ===================================================================== concurrency
+
+
+def _problems():
+    """Problems that take each path of the C++ kernel: many rows, split rows, options."""
+    out = []
+    for i, (shape, dtype, opts) in enumerate([
+        ((300, 3000), torch.float32, {}),
+        ((4, 70000), torch.float32, {"z_loss": 1e-3}),                    # split rows
+        ((2, 16385), torch.bfloat16, {"softcap": 20.0}),                 # split rows, just
+        ((64, 4097), torch.float16, {"weight": True}),
+        ((37, 129), torch.float64, {"prior": True, "z_loss": 0.1}),
+        ((1000, 33), torch.bfloat16, {"weight": True, "prior": True, "softcap": 5.0}),
+    ]):
+        x, t = make_problem(shape, dtype, ignore_frac=0.1, seed=i)
+        kw = {"label_smoothing": 0.1}
+        K_ = shape[1]
+        if opts.pop("weight", False):
+            kw["weight"] = torch.rand(K_, generator=torch.Generator().manual_seed(i)) + 0.1
+        if opts.pop("prior", False):
+            p = torch.rand(K_, generator=torch.Generator().manual_seed(i + 100)) + 0.1
+            kw["smoothing_prior"] = p / p.sum()
+        kw.update(opts)
+        out.append((x, t, kw))
+    return out
+
+
+def _compute(x, t, kw, reduction):
+    xx = x.clone().requires_grad_(True)
+    loss, lse = lsce.cross_entropy(xx, t, reduction=reduction, return_lse=True, **kw)
+    up = torch.linspace(-1, 1, loss.numel()).reshape(loss.shape).to(loss.dtype) if reduction == "none" else 1.0
+    (loss * up).sum().backward()
+    return loss.detach(), lse.detach(), xx.grad
+
+
+def _bits(u):
+    return u.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _bitwise_equal(a, b):
+    return all(u.dtype == v.dtype and u.shape == v.shape and torch.equal(_bits(u), _bits(v)) for u, v in zip(a, b))
+
+
+def test_python_threads_give_serial_results():
+    problems = _problems()
+    jobs = [(i, red) for i in range(len(problems)) for red in ("none", "mean")]
+    serial = {job: _compute(*problems[job[0]], job[1]) for job in jobs}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [(job, pool.submit(_compute, *problems[job[0]], job[1])) for job in jobs * 3]
+        for job, f in futures:
+            assert _bitwise_equal(f.result(), serial[job]), f"thread result differs for problem {job}"
+
+
+def test_bitwise_identical_across_runs_and_thread_counts():
+    before = torch.get_num_threads()
+    problems = _problems()
+    try:
+        results = {}
+        for n in [1, 2, 3, 4, 2]:
+            torch.set_num_threads(n)
+            for i, (x, t, kw) in enumerate(problems):
+                for red in ("none", "sum", "mean"):
+                    r = _compute(x, t, kw, red)
+                    if (i, red) in results:
+                        assert _bitwise_equal(r, results[(i, red)]), f"{n} threads: problem {i} {red} differs"
+                    else:
+                        results[(i, red)] = r
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reduction_over_many_rows_independent_of_thread_count(weighted):
+    """More than 32768 rows: torch.sum splits its input across threads, so a mean or sum
+    taken with loss.sum() changed in the last bits with the thread count — and so did the
+    gradient under a weighted mean (its divisor is such a sum)."""
+    x, t = make_problem((100003, 3), torch.float32, ignore_frac=0.1, seed=5)
+    kw = {"label_smoothing": 0.1}
+    if weighted:
+        kw["weight"] = torch.tensor([0.3, 1.7, 0.9])
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in [1, 2, 3, 4]:
+            torch.set_num_threads(n)
+            results.append([_compute(x, t, kw, red) for red in ("sum", "mean")])
+    finally:
+        torch.set_num_threads(before)
+    for n, r in zip([2, 3, 4], results[1:]):
+        for red, a, b in zip(("sum", "mean"), r, results[0]):
+            assert _bitwise_equal(a, b), f"{red} with {n} threads differs from 1 thread: {a[0].item()!r} vs {b[0].item()!r}"
+
+
+def test_kernels_release_the_gil():
+    """While one thread is inside the C++ kernel, another runs Python: the binding
+    releases the GIL. (Counts loop iterations, not time: no speed is asserted.)"""
+    x = torch.randn(2048, 32000)
+    t = torch.randint(0, 32000, (2048,))
+    loss = torch.empty(2048)
+    lse = torch.empty(2048)
+    args = dict(dtype=0, logits=x.data_ptr(), N=2048, K=32000, row_stride=32000, target=t.data_ptr(),
+                ignore_index=-100, weight=0, prior=0, eps=0.1, z_loss=0.0, softcap=0.0,
+                loss=loss.data_ptr(), lse=lse.data_ptr(), nthreads=1)
+    _C.forward(**args)  # warm
+
+    # Python steps per second on this thread, alone (the same loop as below).
+    stop = threading.Event()
+    timer = threading.Timer(0.1, stop.set)
+    n, t0 = 0, time.perf_counter()
+    timer.start()
+    while not stop.is_set():
+        n += 1
+    alone = n / (time.perf_counter() - t0)
+
+    inside = threading.Event()
+    done = threading.Event()
+
+    def worker():
+        for _ in range(3):
+            inside.set()
+            _C.forward(**args)
+        done.set()
+
+    steps, t_in = 0, 0.0
+    th = threading.Thread(target=worker)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        th.start()
+        inside.wait()
+        t0 = time.perf_counter()
+        while not done.is_set():
+            steps += 1
+        t_in = time.perf_counter() - t0
+    finally:
+        th.join()
+        sys.setswitchinterval(old)
+    # With the GIL held for the kernel, this loop would run only between the calls
+    # (microseconds of each switch interval); released, at a fair share of its own speed.
+    assert t_in > 0 and steps / t_in > 0.1 * alone, (steps, t_in, alone)
