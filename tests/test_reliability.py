@@ -44,26 +44,9 @@ except ImportError:
     HAVE_TRITON = False
 
 BACKENDS = ["cpu", "torch"] + (["triton"] if HAVE_TRITON else [])
-K = 5
-
-
 # ======================================================================= bad input
 
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return {
-        "input": torch.randn(4, K, generator=g),
-        "target": torch.tensor([0, 1, 4, -100]),
-        "weight": torch.rand(K, generator=g),
-        "smoothing_prior": torch.full((K,), 1.0 / K),
-    }
-
-
-def _with(**changes):
-    kw = _inputs()
-    kw.update(changes)
-    return kw
+from test_errors import K, _inputs, _with  # noqa: E402  (one builder of valid arguments)
 
 
 # (id, keyword arguments, exception, text the message must contain). Only what
