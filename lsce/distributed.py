@@ -81,7 +81,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops  # noqa: F401  (registers torch.ops.lsce.*)
-from .functional import _FLOAT_DTYPES, _check_arguments, reduce_rows
+from .functional import _FLOAT_DTYPES, _check_arguments, as_ignore_index, reduce_rows
 from .ops import _check_values
 from .reference import acc_dtype, class_coefficients
 
@@ -386,7 +386,7 @@ def _prepare(local_checks, target, group, vocab_start_index, weight, smoothing_p
         logits = local_checks()
         _check_local(logits, target, weight, smoothing_prior, vocab_start_index,
                      reduction, label_smoothing, z_loss, softcap, backend)
-        ignore_index = int(ignore_index)
+        ignore_index = as_ignore_index(ignore_index)
     except (TypeError, ValueError, IndexError) as e:
         own_error = e
     meta = [0, -1, -1, -1, -1, -1, -1, 0]

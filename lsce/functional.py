@@ -86,6 +86,15 @@ def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, 
     return K
 
 
+def as_ignore_index(value) -> int:
+    """An int, numpy integer or 0-d integer tensor, as F.cross_entropy takes;
+    not a float (1.5 would silently become 1) nor a string."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"lsce: ignore_index must be an int, got {type(value).__name__}") from None
+
+
 def _as_rows(input: Tensor, target: Tensor, K: int):
     """(rows of logits with unit column stride, int64 targets, the per-row output shape)."""
     if input.dim() == 1:
@@ -169,10 +178,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
     K = _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend)
-    try:
-        ignore_index = operator.index(ignore_index)  # int, numpy integer, 0-d integer tensor
-    except TypeError:
-        raise TypeError(f"lsce: ignore_index must be an int, got {type(ignore_index).__name__}") from None
+    ignore_index = as_ignore_index(ignore_index)
     eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
     acc = acc_dtype(input.dtype)
     z, y, out_shape = _as_rows(input, target, K)
