@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# c = π ⊙ w and C = Σ c, computed once per launch on the device (no host sync).
+from lsce.reference import class_coefficients
+
 __all__ = ["forward", "backward"]
 
 _ACC_DTYPE = {
@@ -305,17 +308,11 @@ def _check(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
     return _ACC_DTYPE[logits.dtype]
 
 
-def _class_coefficients(K: int, weight: Optional[Tensor], prior: Optional[Tensor], acc: torch.dtype, device):
-    """``c = π ⊙ w`` (π = 1/K without prior) as a contiguous (K,) tensor and ``C = Σ c`` as a
-    0-d tensor, both on the device: computed once per launch instead of once per row, and kept
-    off the host (no sync). None, None for the uniform unweighted prior (the kernel's constant path)."""
-    if weight is None and prior is None:
-        return None, None
-    c = torch.full((K,), 1.0 / K, dtype=acc, device=device) if prior is None else prior.to(acc)
-    if weight is not None:
-        c = c * weight.to(acc)
-    c = c.contiguous()
-    return c, c.sum()
+def _coefficients(K, weight, prior, acc, device, eps):
+    """(c, C) as device tensors for the kernels; (None, None) without smoothing or for the
+    uniform unweighted prior (the kernels' constant path)."""
+    c, C = class_coefficients(K, weight, prior, acc, device) if eps else (None, None)
+    return (c, C) if c is not None else (None, None)
 
 
 def _device_guard(t: Tensor):
@@ -339,7 +336,7 @@ def forward(
     if N == 0:
         return loss, lse
     eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
-    coef, coef_sum = _class_coefficients(K, weight, prior, acc, logits.device) if eps else (None, None)
+    coef, coef_sum = _coefficients(K, weight, prior, acc, logits.device, eps)
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
     flags = dict(
         ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_COEF=coef is not None, HAS_SMOOTHING=eps != 0.0,
@@ -379,7 +376,7 @@ def backward(
     if N == 0:
         return grad
     eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
-    coef, coef_sum = _class_coefficients(K, weight, prior, acc, logits.device) if eps else (None, None)
+    coef, coef_sum = _coefficients(K, weight, prior, acc, logits.device, eps)
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
     with _device_guard(logits):
         _backward_kernel[(N, n_splits)](
