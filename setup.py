@@ -42,6 +42,6 @@ ext = Pybind11Extension(
 setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
-    packages=["lsce", "lsce.triton_kernels"],
+    packages=["lsce", "lsce.integrations", "lsce.triton_kernels"],
     package_dir={"lsce.triton_kernels": "triton_kernels"},
 )

@@ -86,6 +86,11 @@ def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, 
     return K
 
 
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lsce: out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
+
+
 def as_ignore_index(value) -> int:
     """An int, numpy integer or 0-d integer tensor, as F.cross_entropy takes;
     not a float (1.5 would silently become 1) nor a string."""
@@ -158,6 +163,7 @@ def cross_entropy(
     smoothing_prior: Optional[Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    out_dtype: Optional[torch.dtype] = None,
 ):
     """Label-smoothed cross-entropy, fused; same arguments and results as ``F.cross_entropy``.
 
@@ -171,6 +177,9 @@ def cross_entropy(
             input) in the target's shape; it is differentiable.
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"``
             or ``"torch"`` (the pure-PyTorch reference).
+        out_dtype: dtype of the returned loss; None (PyTorch's rule) means
+            input's dtype. The reduction runs in fp32 (fp64 for fp64) either
+            way, so ``torch.float32`` returns a bf16 input's mean loss unrounded.
 
     Class-probability (soft) targets are not supported; ``size_average`` and
     ``reduce`` (deprecated in PyTorch) raise.
@@ -178,6 +187,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
     K = _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend)
+    check_out_dtype(out_dtype)
     ignore_index = as_ignore_index(ignore_index)
     eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
     acc = acc_dtype(input.dtype)
@@ -188,5 +198,5 @@ def cross_entropy(
     loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
 
     out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
-    out = out.to(input.dtype)
+    out = out.to(out_dtype or input.dtype)
     return (out, lse.reshape(out_shape)) if return_lse else out

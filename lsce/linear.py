@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
-from .functional import _FLOAT_DTYPES, _check_arguments, as_ignore_index, mean_denominators, reduce_rows
+from .functional import (_FLOAT_DTYPES, _check_arguments, as_ignore_index, check_out_dtype, mean_denominators,
+                         reduce_rows)
 from .ops import _check_values
 from .reference import acc_dtype
 
@@ -362,6 +363,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     smoothing_prior: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``lsce.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
     without the N×K logits; argument names as ``torch.nn.functional.linear_cross_entropy``.
@@ -372,7 +374,7 @@ def linear_cross_entropy(
         target: class indices of shape ``input.shape[:-1]``.
         linear_bias: optional ``(K,)``.
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-            smoothing_prior: as in :func:`lsce.cross_entropy` (``ignore_index=None``
+            smoothing_prior, out_dtype: as in :func:`lsce.cross_entropy` (``ignore_index=None``
             means -100, as in PyTorch's linear_cross_entropy).
         chunk_size: rows per chunk. The default, ``max(256, ceil(N·H / 2K))``
             rows capped at N and evened out (:func:`default_chunk_size`), keeps
@@ -393,6 +395,7 @@ def linear_cross_entropy(
     logits_stand_in = torch.empty((), dtype=input.dtype, device=input.device).expand(N, K)
     _check_arguments(logits_stand_in, target.reshape(-1), weight, reduction, label_smoothing, z_loss, softcap,
                      smoothing_prior, _BACKEND)
+    check_out_dtype(out_dtype)
     acc = acc_dtype(input.dtype)
     x = input.reshape(-1, H)
     y = target.reshape(-1).to(torch.int64)
@@ -403,12 +406,12 @@ def linear_cross_entropy(
 
     if reduction == "none":
         loss, _ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior, *options)
-        return loss.reshape(target.shape).to(input.dtype)
+        return loss.reshape(target.shape).to(out_dtype or input.dtype)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]
     loss, *_ = torch.ops.lsce.linear_cross_entropy_reduced(
         x, linear_weight, linear_bias, y, w, prior, *options, reduction == "mean", grad_mask)
-    return loss.to(input.dtype)
+    return loss.to(out_dtype or input.dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -262,3 +262,30 @@ def test_empty_batch_with_large_vocabulary_and_expanded_rows(K):
         )
     row, target = make_problem((1, K), torch.float32)
     check(row.expand(3, K), torch.tensor([0, K - 1, K // 2]), label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("fused_head", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_out_dtype_keeps_the_fp32_reduction_unrounded(reduction, fused_head):
+    """bf16 input, out_dtype=float32: the fp32 value whose bf16 rounding is the
+    default result (to the same digit), close to F.cross_entropy on fp32 logits;
+    the gradient does not depend on out_dtype."""
+    g = torch.Generator().manual_seed(5)
+    h, W = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g) / 4
+    y = torch.randint(0, 300, (37,), generator=g)
+    y[3] = -100
+    h, W = h.bfloat16().requires_grad_(), W.bfloat16()
+    if fused_head:
+        def loss_fn(**kw):
+            return lsce.linear_cross_entropy(h, W, y, reduction=reduction, label_smoothing=0.1, **kw)
+    else:
+        def loss_fn(**kw):
+            return lsce.cross_entropy(h @ W.t(), y, reduction=reduction, label_smoothing=0.1, **kw)
+    default, unrounded = loss_fn(), loss_fn(out_dtype=torch.float32)
+    assert default.dtype == torch.bfloat16 and unrounded.dtype == torch.float32
+    assert torch.equal(unrounded.to(torch.bfloat16), default)
+    expected = F.cross_entropy((h @ W.t()).float(), y, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(unrounded, expected, rtol=2e-5, atol=1e-5)
+    (g_default,) = torch.autograd.grad(default.float().sum(), h)
+    (g_unrounded,) = torch.autograd.grad(unrounded.sum(), h)
+    assert torch.equal(g_default, g_unrounded)

@@ -55,6 +55,7 @@ BAD_CALLS = [
     ("softcap NaN", _with(softcap=float("nan")), ValueError, "softcap"),
     ("size_average", _with(size_average=True), TypeError, "size_average"),
     ("reduce", _with(reduce=False), TypeError, "reduce"),
+    ("out_dtype integer", _with(out_dtype=torch.int64), TypeError, "out_dtype"),
 ]
 
 

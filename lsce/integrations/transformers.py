@@ -1,0 +1,240 @@
+"""Hugging Face Transformers: train a causal LM with lsce in one line.
+
+    from lsce.integrations.transformers import apply_lsce
+    apply_lsce(model, label_smoothing=0.1)   # model(..., labels=...) now uses lsce
+
+Two ways in:
+
+* :func:`apply_lsce` replaces the model's loss. ``model(input_ids, labels=labels)``
+  returns the shifted, label-smoothed loss normalised like the model's own:
+  the mean over predicted tokens, or the sum divided by the
+  ``num_items_in_batch`` that ``Trainer`` passes under gradient accumulation.
+  With ``fused_linear=True`` a training-mode call with labels runs the LM head
+  inside :func:`lsce.linear_cross_entropy`, so the N×V logits never exist (the
+  output's ``logits`` is then None). Without labels, or in eval mode, the model
+  computes and returns its logits as before, so generation is untouched.
+* :class:`CausalLMLoss` is a ``Trainer(compute_loss_func=...)``: the loss of
+  the logits the model returned, equal to what ``label_smoothing_factor``
+  (``LabelSmoother``) gives, without its log-softmax and fp32 copies.
+
+Either way, leave ``TrainingArguments.label_smoothing_factor`` at 0: when it
+is set, ``Trainer`` takes the labels away from the model and smooths the
+logits itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import _check_arguments, cross_entropy
+from ..linear import linear_cross_entropy
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+LOSS_OPTIONS = ("weight", "z_loss", "softcap", "smoothing_prior", "chunk_size")
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Optional[Tensor],
+    *,
+    label_smoothing: float = 0.0,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[Tensor] = None,
+    lm_head: Optional[nn.Linear] = None,
+    chunk_size: Optional[int] = None,
+    **options,
+) -> Tensor:
+    """The causal-LM loss of Transformers' ``ForCausalLMLoss``, label-smoothed by lsce.
+
+    Position t predicts label t+1 (``labels`` padded with ``ignore_index`` and
+    shifted left, so the logits are never sliced or copied) unless
+    ``shift_labels`` is given. The mean over non-ignored tokens, or, when
+    ``num_items_in_batch`` is given, the sum divided by it. With ``lm_head``,
+    ``logits`` holds the hidden states and the head runs fused with the loss.
+    The loss is fp32 (fp64 for fp64), as the model's own loss is.
+    """
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.reshape(-1).to(logits.device)
+    rows = logits.reshape(-1, logits.shape[-1])
+    kwargs = dict(reduction="mean" if num_items_in_batch is None else "sum", ignore_index=ignore_index,
+                  label_smoothing=label_smoothing, out_dtype=torch.promote_types(logits.dtype, torch.float32),
+                  **options)
+    if lm_head is None:
+        loss = cross_entropy(rows, target, **kwargs)
+    else:
+        loss = linear_cross_entropy(rows, lm_head.weight, target, linear_bias=lm_head.bias, chunk_size=chunk_size,
+                                    **kwargs)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _check_options(label_smoothing, options, K: int = 1, device=None, dtype=torch.float32) -> None:
+    """lsce's own argument checks, run once when the loss is set up rather
+    than in the middle of a training step."""
+    unknown = sorted(set(options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise TypeError(f"lsce: unknown loss option(s) {unknown}; accepted: {LOSS_OPTIONS}")
+    stand_in = torch.empty((), dtype=dtype, device=device).expand(1, K)  # no memory
+    _check_arguments(stand_in, torch.zeros(1, dtype=torch.int64, device=device), options.get("weight"), "mean",
+                     label_smoothing, options.get("z_loss", 0.0), options.get("softcap"),
+                     options.get("smoothing_prior"), "auto")
+    chunk_size = options.get("chunk_size")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+class CausalLMLoss:
+    """A ``Trainer(compute_loss_func=...)`` computing the shifted, label-smoothed
+    loss with lsce from the logits the model returned; the same loss as
+    ``TrainingArguments(label_smoothing_factor=ε)``, normalised by
+    ``num_items_in_batch`` under gradient accumulation as Trainer asks.
+
+        trainer = Trainer(model, args, train_dataset=...,
+                          compute_loss_func=CausalLMLoss(label_smoothing=0.1))
+
+    Options: ``ignore_index`` and lsce's ``weight``, ``z_loss``, ``softcap``,
+    ``smoothing_prior``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.1, ignore_index: int = -100, **options) -> None:
+        vectors = [v for v in (options.get("weight"), options.get("smoothing_prior")) if isinstance(v, Tensor)]
+        # Without a model the vocabulary size is whatever the class vectors say.
+        K, device = (vectors[0].shape[0], vectors[0].device) if vectors and vectors[0].dim() == 1 else (1, None)
+        _check_options(label_smoothing, options, K, device)
+        options.pop("chunk_size", None)  # only the fused head has chunks
+        self.label_smoothing, self.ignore_index, self.options = label_smoothing, ignore_index, options
+
+    def __call__(self, outputs, labels: Tensor, num_items_in_batch=None) -> Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return causal_lm_loss(logits, labels, label_smoothing=self.label_smoothing,
+                              num_items_in_batch=num_items_in_batch, ignore_index=self.ignore_index, **self.options)
+
+
+class _LsceState:
+    """What apply_lsce attaches to a model (``model._lsce``): the loss options,
+    the forward it wraps, and while a fused forward runs, the LM head whose
+    matmul was deferred to the loss."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float, fused_linear: bool, options: dict) -> None:
+        self.label_smoothing, self.fused_linear, self.options = label_smoothing, fused_linear, options
+        self.inner_forward = model.forward
+        names = [p for p in inspect.signature(type(model).forward).parameters][1:]  # without self
+        self.labels_position = names.index("labels") if "labels" in names else len(names)
+        self.fused_head: Optional[nn.Linear] = None
+        self.fused_softcap: Optional[float] = None
+
+    def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **_model_kwargs):
+        """``model.loss_function``, called by the model's forward as its own
+        ForCausalLMLoss would be."""
+        options = dict(self.options)
+        chunk_size = options.pop("chunk_size", None)
+        if self.fused_head is not None:
+            options.update(lm_head=self.fused_head, chunk_size=chunk_size)
+            if self.fused_softcap is not None:
+                options["softcap"] = self.fused_softcap
+        return causal_lm_loss(logits, labels, label_smoothing=self.label_smoothing,
+                              num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                              shift_labels=shift_labels, **options)
+
+    @contextlib.contextmanager
+    def head_deferred(self, model: nn.Module):
+        """The LM head returns its input (the hidden states) and the model's
+        final-logit softcap is switched off: the model's forward then hands the
+        hidden states to loss_function, which runs head, cap and loss fused."""
+        head, config = model.get_output_embeddings(), model.config
+        cap = getattr(config, "final_logit_softcapping", None)
+        head.forward = _identity
+        if cap is not None:
+            config.final_logit_softcapping = None
+        self.fused_head, self.fused_softcap = head, cap
+        try:
+            yield
+        finally:
+            del head.forward
+            if cap is not None:
+                config.final_logit_softcapping = cap
+            self.fused_head = self.fused_softcap = None
+
+
+def _identity(hidden_states: Tensor) -> Tensor:
+    return hidden_states
+
+
+def _without_logits(output):
+    """The model's output with logits None: in a fused forward the "logits"
+    slot holds the hidden states the deferred head passed through."""
+    if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...)
+        return (output[0],) + tuple(output[2:])
+    return type(output)(**{k: v for k, v in output.items() if k != "logits"})
+
+
+def _lsce_forward(model: nn.Module, *args, **kwargs):
+    """``model.forward`` after apply_lsce: the model's own forward, with the LM
+    head deferred to the loss in a training-mode call with labels."""
+    state = model._lsce
+    labels = args[state.labels_position] if len(args) > state.labels_position else kwargs.get("labels")
+    if not (state.fused_linear and model.training and labels is not None):
+        return state.inner_forward(*args, **kwargs)
+    with state.head_deferred(model):
+        output = state.inner_forward(*args, **kwargs)
+    return _without_logits(output)
+
+
+def _check_model(model) -> nn.Linear:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (model_type not in SUPPORTED_MODEL_TYPES or not type(model).__name__.endswith("ForCausalLM")
+            or not isinstance(head, nn.Linear) or not hasattr(model, "loss_function")):
+        raise ValueError(
+            f"lsce: apply_lsce supports the causal-LM models (…ForCausalLM) of the model types "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} (model_type={model_type!r}). "
+            "For another model, pass lsce.integrations.transformers.CausalLMLoss as Trainer's compute_loss_func.")
+    return head
+
+
+def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: bool = True, **loss_options):
+    """Make ``model(..., labels=labels)`` compute its loss with lsce; returns ``model``.
+
+    Args:
+        model: a Transformers ``…ForCausalLM`` of a type in ``SUPPORTED_MODEL_TYPES``
+            (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text).
+        label_smoothing: ε of the smoothed target ``(1 − ε)·onehot + ε/V``.
+        fused_linear: in training mode, with labels, compute the LM head and
+            the loss together (:func:`lsce.linear_cross_entropy`): the logits
+            are never materialised and the output's ``logits`` is None. Gemma
+            2/3's final-logit softcap is applied inside the fused loss.
+        **loss_options: lsce's ``weight``, ``z_loss``, ``softcap``,
+            ``smoothing_prior`` and (fused) ``chunk_size``.
+
+    The loss is normalised like the model's own: the mean over the tokens that
+    have a next-token label, or the sum divided by ``num_items_in_batch``
+    (what ``Trainer`` passes under gradient accumulation). Calling apply_lsce
+    again replaces the options. Parameters, state dict and config are untouched.
+    """
+    head = _check_model(model)
+    if loss_options.get("softcap") is not None and getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError("lsce: this model already softcaps its logits (config.final_logit_softcapping); "
+                         "do not pass softcap")
+    _check_options(label_smoothing, loss_options, head.out_features, head.weight.device, head.weight.dtype)
+    state = getattr(model, "_lsce", None)
+    if state is None:
+        state = _LsceState(model, label_smoothing, fused_linear, dict(loss_options))
+        model._lsce = state
+        model.forward = types.MethodType(_lsce_forward, model)
+        model.loss_function = state.loss_function
+    else:
+        state.label_smoothing, state.fused_linear, state.options = label_smoothing, fused_linear, dict(loss_options)
+    return model

@@ -1,0 +1,287 @@
+"""lsce.integrations.transformers against Transformers' own paths: the model's
+loss (ForCausalLMLoss), Trainer's label smoothing (LabelSmoother) and Trainer
+with gradient accumulation. Small models built from configs: offline."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.trainer_pt_utils import LabelSmoother
+
+import lsce
+from lsce.integrations.transformers import SUPPORTED_MODEL_TYPES, CausalLMLoss, apply_lsce
+
+V = 384
+EPS = 0.1
+
+
+def tiny_model(model_type: str, dtype=torch.float32, seed: int = 0):
+    extra = {"head_dim": 8} if model_type.startswith("gemma") else {}
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def batch(B=3, T=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not trained on
+    labels[1, -3:] = -100  # padding
+    return ids, labels
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_step(model, ids, labels, num_items_in_batch=None):
+    """Trainer's label_smoothing_factor path: logits, then LabelSmoother."""
+    out = model(ids)
+    loss = LabelSmoother(epsilon=EPS)(out, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def assert_same_step(actual, expected, rtol=1e-5, atol=1e-6):
+    (loss, g), (ref_loss, ref_g) = actual, expected
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+    assert g.keys() == ref_g.keys()
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("num_items", [None, 29], ids=["mean", "num_items"])
+def test_loss_and_gradients_equal_label_smoother(model_type, fused, num_items):
+    ref = tiny_model(model_type)
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, fused_linear=fused)
+    ids, labels = batch()
+    n = None if num_items is None else torch.tensor(num_items)
+    expected = reference_step(ref, ids, labels, n)
+    out = model(ids, labels=labels, num_items_in_batch=n)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert (out.logits is None) == fused
+    assert_same_step((out.loss.detach(), grads(model)), expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_without_smoothing_equals_the_models_own_loss(model_type):
+    """ε = 0: the model's own ForCausalLMLoss (shift, mean or sum / num_items)."""
+    ref = tiny_model(model_type)
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=0.0)
+    ids, labels = batch()
+    for n in (None, torch.tensor(17)):
+        ref.zero_grad(), model.zero_grad()
+        expected = ref(ids, labels=labels, num_items_in_batch=n).loss
+        expected.backward()
+        actual = model(ids, labels=labels, num_items_in_batch=n).loss
+        actual.backward()
+        assert_same_step((actual.detach(), grads(model)), (expected.detach(), grads(ref)))
+
+
+def test_loss_options_reach_lsce():
+    """weight, z_loss, smoothing_prior and a chunk that does not divide the
+    rows: the fused model equals lsce.cross_entropy on the model's logits."""
+    ref = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(3)
+    prior = torch.rand(V, generator=g) + 0.1
+    options = dict(weight=torch.rand(V, generator=g) + 0.5, z_loss=1e-3, smoothing_prior=prior / prior.sum())
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, chunk_size=7, **options)
+    ids, labels = batch()
+    logits = ref(ids).logits
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    expected = lsce.cross_entropy(logits.reshape(-1, V), target.reshape(-1), label_smoothing=EPS, **options)
+    expected.backward()
+    actual = model(ids, labels=labels).loss
+    actual.backward()
+    assert_same_step((actual.detach(), grads(model)), (expected.detach(), grads(ref)))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest memory (in elements) behind any tensor an op
+    returns; a view or an expand counts as its storage. lsce's ops are one op
+    each: their chunk buffers are internal, bounded by test_linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_training_step_never_materialises_the_logits(fused):
+    model = apply_lsce(tiny_model("llama"), label_smoothing=EPS, fused_linear=fused)
+    ids, labels = batch(B=4, T=24)
+    logits_numel = ids.numel() * V
+    assert logits_numel > V * model.config.hidden_size  # larger than any weight
+    with _LargestTensor() as seen:
+        model(ids, labels=labels).loss.backward()
+    assert (seen.numel < logits_numel) == fused
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_without_labels_the_model_is_untouched(model_type):
+    ref = tiny_model(model_type)
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    ids, labels = batch()
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    model.eval(), ref.eval()
+    prompt = ids[:1, :6]
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > prompt.shape[1]
+    assert torch.equal(generated, ref.generate(prompt, max_new_tokens=6, do_sample=False))
+    # Eval mode with labels: logits returned too, loss still lsce's.
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.logits, ref(ids).logits, rtol=0, atol=0)
+    expected = LabelSmoother(epsilon=EPS)(ref(ids), labels, shift_labels=True)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_loss_no_worse_than_label_smoother():
+    """bf16 model: lsce's loss at least as close to the fp64 loss of the same
+    bf16 logits as LabelSmoother's (which smooths a bf16 log-softmax)."""
+    ref = tiny_model("llama", torch.bfloat16)
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, fused_linear=False)
+    ids, labels = batch()
+    logits = ref(ids).logits
+    truth = LabelSmoother(epsilon=EPS)({"logits": logits.double()}, labels, shift_labels=True)
+    theirs = LabelSmoother(epsilon=EPS)({"logits": logits}, labels, shift_labels=True).double()
+    ours = model(ids, labels=labels).loss
+    assert ours.dtype == torch.float32
+    assert abs(ours.double() - truth) <= abs(theirs - truth) + 1e-6 * truth
+
+
+def test_applying_twice_replaces_the_options():
+    ref = tiny_model("mistral")
+    model = apply_lsce(apply_lsce(copy.deepcopy(ref), label_smoothing=0.3), label_smoothing=EPS)
+    ids, labels = batch()
+    expected, _ = reference_step(ref, ids, labels)
+    torch.testing.assert_close(model(ids, labels=labels).loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_is_independent():
+    model = apply_lsce(tiny_model("llama"), label_smoothing=EPS)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    ids, labels = batch()
+    assert not torch.equal(clone(ids, labels=labels).loss, model(ids, labels=labels).loss)
+    assert clone._lsce is not model._lsce and clone._lsce.inner_forward.__self__ is clone
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2)),
+     "model types llama, mistral"),
+    (lambda: transformers.AutoModelForSequenceClassification.from_config(tiny_model("llama").config),
+     "ForCausalLM"),
+])
+def test_unsupported_models_are_named(make, match):
+    model = make()
+    with pytest.raises(ValueError, match=match):
+        apply_lsce(model)
+    assert "forward" not in vars(model) and not hasattr(model, "_lsce")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(weight=torch.ones(V + 1)), ValueError, "weight"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(reduction="sum"), TypeError, "unknown loss option"),
+])
+def test_bad_options_raise_before_the_model_is_changed(kwargs, error, match):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=match):
+        apply_lsce(model, **kwargs)
+    assert "forward" not in vars(model) and not hasattr(model, "_lsce")
+
+
+def test_softcap_twice_is_refused():
+    with pytest.raises(ValueError, match="already softcaps"):
+        apply_lsce(tiny_model("gemma2"), softcap=20.0)
+
+
+# ---- Trainer -----------------------------------------------------------------
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Sequences of unequal lengths, so micro-batches hold unequal token counts
+    and the gradient-accumulation normalisation matters."""
+
+    def __init__(self, n=16, seed=2):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [torch.randint(0, V, (int(torch.randint(6, 20, (), generator=g)),), generator=g)
+                      for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i]}
+
+
+def _collate(examples):
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.int64)
+    labels = torch.full((len(examples), T), -100)
+    mask = torch.zeros(len(examples), T, dtype=torch.int64)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = labels[row, :n] = e["input_ids"]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _train(model, tmp_path, label_smoothing_factor=0.0, **trainer_kwargs):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=3,
+        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
+        label_smoothing_factor=label_smoothing_factor, dataloader_num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Examples(), data_collator=_collate,
+                                       **trainer_kwargs)
+        trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_with_gradient_accumulation_matches_label_smoothing_factor(tmp_path):
+    """Three optimizer steps of 3 micro-batches each: the loss of every step
+    and the final weights equal Trainer(label_smoothing_factor=ε)'s, with
+    apply_lsce (fused and not) and with CausalLMLoss."""
+    base = tiny_model("llama")
+    expected_losses, expected_weights = _train(copy.deepcopy(base), tmp_path, label_smoothing_factor=EPS)
+    runs = {
+        "apply_lsce fused": _train(apply_lsce(copy.deepcopy(base), label_smoothing=EPS), tmp_path),
+        "apply_lsce logits": _train(apply_lsce(copy.deepcopy(base), label_smoothing=EPS, fused_linear=False),
+                                    tmp_path),
+        "CausalLMLoss": _train(copy.deepcopy(base), tmp_path, compute_loss_func=CausalLMLoss(label_smoothing=EPS)),
+    }
+    assert expected_weights.keys() == {n for n, _ in base.named_parameters()}
+    moved = max((expected_weights[n] - p).abs().max().item() for n, p in base.named_parameters())
+    assert moved > 1e-3  # the steps did train
+    for name, (losses, weights) in runs.items():
+        assert losses == pytest.approx(expected_losses, rel=1e-5), name
+        for n, w in expected_weights.items():
+            torch.testing.assert_close(weights[n], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
