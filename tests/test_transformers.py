@@ -285,3 +285,24 @@ def test_trainer_with_gradient_accumulation_matches_label_smoothing_factor(tmp_p
         assert losses == pytest.approx(expected_losses, rel=1e-5), name
         for n, w in expected_weights.items():
             torch.testing.assert_close(weights[n], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+def test_autocast_bf16_no_worse_than_label_smoother(fused):
+    """Under autocast (Trainer's bf16=True) the fused head runs in bf16 as
+    nn.Linear would: lsce's loss is at least as close as LabelSmoother's to the
+    fp64 loss of the model's own bf16 logits, and its gradients are close."""
+    ref = tiny_model("llama")
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, fused_linear=fused)
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ref(ids)
+        assert out.logits.dtype == torch.bfloat16
+        theirs = LabelSmoother(epsilon=EPS)(out, labels, shift_labels=True)
+        ours = model(ids, labels=labels).loss
+    truth = LabelSmoother(epsilon=EPS)({"logits": out.logits.double()}, labels, shift_labels=True)
+    assert abs(ours.double() - truth) <= abs(theirs.double() - truth) + 1e-6 * truth
+    theirs.backward(), ours.backward()
+    expected, actual = grads(ref), grads(model)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0.05, atol=5e-3, msg=lambda m: f"{name}: {m}")

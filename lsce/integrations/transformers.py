@@ -70,8 +70,12 @@ def causal_lm_loss(
     if lm_head is None:
         loss = cross_entropy(rows, target, **kwargs)
     else:
-        loss = linear_cross_entropy(rows, lm_head.weight, target, linear_bias=lm_head.bias, chunk_size=chunk_size,
-                                    **kwargs)
+        weight, bias = lm_head.weight, lm_head.bias
+        device = rows.device.type
+        if torch.is_autocast_enabled(device):  # the head's matmul in autocast's dtype, as nn.Linear's would be
+            dtype = torch.get_autocast_dtype(device)
+            rows, weight, bias = rows.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        loss = linear_cross_entropy(rows, weight, target, linear_bias=bias, chunk_size=chunk_size, **kwargs)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
