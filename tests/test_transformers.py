@@ -306,3 +306,14 @@ def test_autocast_bf16_no_worse_than_label_smoother(fused):
     expected, actual = grads(ref), grads(model)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0.05, atol=5e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_compile_of_the_patched_model():
+    ref = tiny_model("llama")
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+    ids, labels = batch()
+    expected = reference_step(ref, ids, labels)
+    out = torch.compile(model)(ids, labels=labels)
+    out.loss.backward()
+    assert out.logits is None
+    assert_same_step((out.loss.detach(), grads(model)), expected)

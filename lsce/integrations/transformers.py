@@ -24,7 +24,6 @@ logits itself.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import types
 from typing import Optional
@@ -126,74 +125,62 @@ class CausalLMLoss:
 
 
 class _LsceState:
-    """What apply_lsce attaches to a model (``model._lsce``): the loss options,
-    the forward it wraps, and while a fused forward runs, the LM head whose
-    matmul was deferred to the loss."""
+    """What apply_lsce attaches to a model (``model._lsce``): the loss options
+    and the forward it wraps."""
 
     def __init__(self, model: nn.Module, label_smoothing: float, fused_linear: bool, options: dict) -> None:
         self.label_smoothing, self.fused_linear, self.options = label_smoothing, fused_linear, options
         self.inner_forward = model.forward
-        names = [p for p in inspect.signature(type(model).forward).parameters][1:]  # without self
-        self.labels_position = names.index("labels") if "labels" in names else len(names)
-        self.fused_head: Optional[nn.Linear] = None
-        self.fused_softcap: Optional[float] = None
+        self.signature = inspect.signature(type(model).forward)
+        self.var_keyword = next((p.name for p in self.signature.parameters.values()
+                                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
     def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                      shift_labels=None, **_model_kwargs):
-        """``model.loss_function``, called by the model's forward as its own
-        ForCausalLMLoss would be."""
+                      shift_labels=None, *, lm_head=None, softcap=None, **_model_kwargs):
+        """``model.loss_function``, called as the model's own ForCausalLMLoss is;
+        with ``lm_head`` (the fused forward), ``logits`` are the hidden states."""
         options = dict(self.options)
         chunk_size = options.pop("chunk_size", None)
-        if self.fused_head is not None:
-            options.update(lm_head=self.fused_head, chunk_size=chunk_size)
-            if self.fused_softcap is not None:
-                options["softcap"] = self.fused_softcap
+        if lm_head is not None:
+            options.update(lm_head=lm_head, chunk_size=chunk_size)
+            if softcap is not None:
+                options["softcap"] = softcap
         return causal_lm_loss(logits, labels, label_smoothing=self.label_smoothing,
                               num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                               shift_labels=shift_labels, **options)
 
-    @contextlib.contextmanager
-    def head_deferred(self, model: nn.Module):
-        """The LM head returns its input (the hidden states) and the model's
-        final-logit softcap is switched off: the model's forward then hands the
-        hidden states to loss_function, which runs head, cap and loss fused."""
-        head, config = model.get_output_embeddings(), model.config
-        cap = getattr(config, "final_logit_softcapping", None)
-        head.forward = _identity
-        if cap is not None:
-            config.final_logit_softcapping = None
-        self.fused_head, self.fused_softcap = head, cap
-        try:
-            yield
-        finally:
-            del head.forward
-            if cap is not None:
-                config.final_logit_softcapping = cap
-            self.fused_head = self.fused_softcap = None
-
-
-def _identity(hidden_states: Tensor) -> Tensor:
-    return hidden_states
-
-
-def _without_logits(output):
-    """The model's output with logits None: in a fused forward the "logits"
-    slot holds the hidden states the deferred head passed through."""
-    if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...)
-        return (output[0],) + tuple(output[2:])
-    return type(output)(**{k: v for k, v in output.items() if k != "logits"})
-
 
 def _lsce_forward(model: nn.Module, *args, **kwargs):
-    """``model.forward`` after apply_lsce: the model's own forward, with the LM
-    head deferred to the loss in a training-mode call with labels."""
+    """``model.forward`` after apply_lsce: the model's own forward, unless this
+    is a training-mode call with labels and the head is fused."""
     state = model._lsce
-    labels = args[state.labels_position] if len(args) > state.labels_position else kwargs.get("labels")
-    if not (state.fused_linear and model.training and labels is not None):
+    arguments = state.signature.bind(model, *args, **kwargs).arguments
+    if not (state.fused_linear and model.training and arguments.get("labels") is not None):
         return state.inner_forward(*args, **kwargs)
-    with state.head_deferred(model):
-        output = state.inner_forward(*args, **kwargs)
-    return _without_logits(output)
+    return _fused_forward(model, state, dict(arguments))
+
+
+def _fused_forward(model: nn.Module, state: _LsceState, arguments: dict):
+    """The supported families' ``…ForCausalLM.forward`` with the LM head (and
+    Gemma 2/3's final-logit softcap) moved into the loss: the decoder, its last
+    hidden states (sliced by ``logits_to_keep``), the fused loss; ``logits`` None.
+    Nothing of the model is changed during the call, so it traces under torch.compile."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    del arguments["self"]
+    kwargs = arguments.pop(state.var_keyword, {}) if state.var_keyword else {}
+    labels, keep = arguments.pop("labels"), arguments.pop("logits_to_keep", 0)
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = model.get_decoder()(**arguments, **kwargs)
+    hidden = outputs.last_hidden_state
+    if isinstance(keep, int):
+        hidden = hidden[:, -keep:] if keep else hidden
+    else:
+        hidden = hidden[:, keep]
+    loss = state.loss_function(hidden, labels, lm_head=model.get_output_embeddings(),
+                               softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
+    output = CausalLMOutputWithPast(loss=loss, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
+    return output.to_tuple() if return_dict is False else output
 
 
 def _check_model(model) -> nn.Linear:
@@ -220,6 +207,7 @@ def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: boo
             the loss together (:func:`lsce.linear_cross_entropy`): the logits
             are never materialised and the output's ``logits`` is None. Gemma
             2/3's final-logit softcap is applied inside the fused loss.
+            The model's own forward still runs in every other call.
         **loss_options: lsce's ``weight``, ``z_loss``, ``softcap``,
             ``smoothing_prior`` and (fused) ``chunk_size``.
 
