@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.trainer_pt_utils import LabelSmoother
 
 import lsce
+from lsce.integrations import transformers as integration
 from lsce.integrations.transformers import SUPPORTED_MODEL_TYPES, CausalLMLoss, apply_lsce
 
 V = 384
@@ -154,6 +155,24 @@ def test_without_labels_the_model_is_untouched(model_type):
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("num_items", [None, 23])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_label_smoother_drop_in(shift, num_items, dtype):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 10, V, generator=g, dtype=dtype) * 3
+    labels = torch.randint(0, V, (3, 10), generator=g)
+    labels[0, :4] = -100
+    outputs = {"logits": logits.requires_grad_()}
+    n = None if num_items is None else torch.tensor(num_items)
+    expected = LabelSmoother(epsilon=EPS)(outputs, labels, shift_labels=shift, num_items_in_batch=n)
+    actual = integration.LabelSmoother(epsilon=EPS)(outputs, labels, shift_labels=shift, num_items_in_batch=n)
+    (g_expected,) = torch.autograd.grad(expected, logits)
+    (g_actual,) = torch.autograd.grad(actual, logits)
+    torch.testing.assert_close(actual, expected.to(actual.dtype))
+    torch.testing.assert_close(g_actual, g_expected)
+
+
 def test_bf16_loss_no_worse_than_label_smoother():
     """bf16 model: lsce's loss at least as close to the fp64 loss of the same
     bf16 logits as LabelSmoother's (which smooths a bf16 log-softmax)."""
@@ -250,7 +269,7 @@ def _collate(examples):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _train(model, tmp_path, label_smoothing_factor=0.0, **trainer_kwargs):
+def _train(model, tmp_path, label_smoothing_factor=0.0, lsce_label_smoother=False, **trainer_kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=3,
         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
@@ -260,6 +279,8 @@ def _train(model, tmp_path, label_smoothing_factor=0.0, **trainer_kwargs):
         warnings.simplefilter("ignore")
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Examples(), data_collator=_collate,
                                        **trainer_kwargs)
+        if lsce_label_smoother:
+            trainer.label_smoother = integration.LabelSmoother(epsilon=label_smoothing_factor)
         trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 3
@@ -269,7 +290,7 @@ def _train(model, tmp_path, label_smoothing_factor=0.0, **trainer_kwargs):
 def test_trainer_with_gradient_accumulation_matches_label_smoothing_factor(tmp_path):
     """Three optimizer steps of 3 micro-batches each: the loss of every step
     and the final weights equal Trainer(label_smoothing_factor=ε)'s, with
-    apply_lsce (fused and not) and with CausalLMLoss."""
+    apply_lsce (fused and not), CausalLMLoss and lsce's LabelSmoother."""
     base = tiny_model("llama")
     expected_losses, expected_weights = _train(copy.deepcopy(base), tmp_path, label_smoothing_factor=EPS)
     runs = {
@@ -277,6 +298,7 @@ def test_trainer_with_gradient_accumulation_matches_label_smoothing_factor(tmp_p
         "apply_lsce logits": _train(apply_lsce(copy.deepcopy(base), label_smoothing=EPS, fused_linear=False),
                                     tmp_path),
         "CausalLMLoss": _train(copy.deepcopy(base), tmp_path, compute_loss_func=CausalLMLoss(label_smoothing=EPS)),
+        "LabelSmoother": _train(copy.deepcopy(base), tmp_path, label_smoothing_factor=EPS, lsce_label_smoother=True),
     }
     assert expected_weights.keys() == {n for n, _ in base.named_parameters()}
     moved = max((expected_weights[n] - p).abs().max().item() for n, p in base.named_parameters())

@@ -16,10 +16,12 @@ Two ways in:
 * :class:`CausalLMLoss` is a ``Trainer(compute_loss_func=...)``: the loss of
   the logits the model returned, equal to what ``label_smoothing_factor``
   (``LabelSmoother``) gives, without its log-softmax and fp32 copies.
+* :class:`LabelSmoother` replaces Transformers' own, for scripts that keep
+  ``label_smoothing_factor``: ``trainer.label_smoother = LabelSmoother(ε)``.
 
-Either way, leave ``TrainingArguments.label_smoothing_factor`` at 0: when it
-is set, ``Trainer`` takes the labels away from the model and smooths the
-logits itself.
+With the first two, leave ``TrainingArguments.label_smoothing_factor`` at 0:
+when it is set, ``Trainer`` takes the labels away from the model and calls its
+label smoother on the logits.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ def _check_options(label_smoothing, options, K: int = 1, device=None, dtype=torc
         raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
+def _logits(outputs) -> Tensor:
+    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
+
 class CausalLMLoss:
     """A ``Trainer(compute_loss_func=...)`` computing the shifted, label-smoothed
     loss with lsce from the logits the model returned; the same loss as
@@ -119,9 +125,28 @@ class CausalLMLoss:
         self.label_smoothing, self.ignore_index, self.options = label_smoothing, ignore_index, options
 
     def __call__(self, outputs, labels: Tensor, num_items_in_batch=None) -> Tensor:
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return causal_lm_loss(logits, labels, label_smoothing=self.label_smoothing,
+        return causal_lm_loss(_logits(outputs), labels, label_smoothing=self.label_smoothing,
                               num_items_in_batch=num_items_in_batch, ignore_index=self.ignore_index, **self.options)
+
+
+class LabelSmoother(CausalLMLoss):
+    """Drop-in for ``transformers.trainer_pt_utils.LabelSmoother``, the object
+    behind ``label_smoothing_factor``, for scripts that keep that setting:
+
+        trainer.label_smoother = LabelSmoother(epsilon=trainer.args.label_smoothing_factor)
+
+    Same call (``shift_labels=True`` for causal LMs, False when logits and
+    labels are aligned, as for seq2seq models), same loss, computed by lsce.
+    """
+
+    def __init__(self, epsilon: float = 0.1, ignore_index: int = -100) -> None:
+        super().__init__(label_smoothing=epsilon, ignore_index=ignore_index)
+        self.epsilon = epsilon
+
+    def __call__(self, model_output, labels: Tensor, shift_labels: bool = False, num_items_in_batch=None) -> Tensor:
+        return causal_lm_loss(_logits(model_output), labels, label_smoothing=self.epsilon,
+                              num_items_in_batch=num_items_in_batch, ignore_index=self.ignore_index,
+                              shift_labels=None if shift_labels else labels)
 
 
 class _LsceState:
