@@ -113,6 +113,20 @@ static inline A capped(A v, A cap, A inv_cap) {
   return CAP ? cap * tanh_acc(v * inv_cap) : v;
 }
 
+// A gradient at least this large is written with non-temporal stores where
+// the build has them (it cannot stay in the caches anyway).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Wide<T>: the hand-vectorised loops of the AVX-512 build (lsce_avx512.h),
+// used for fp32/bf16/fp16 where `on`; elsewhere the plain loops below.
+#ifdef LSCE_AVX512
+#include "lsce_avx512.h"
+#else
+template <typename T> struct Wide {
+  static constexpr bool on = false;
+};
+#endif
+
 // ---------------------------------------------------------------------------
 // Forward.
 
@@ -152,19 +166,27 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
     const int64_t n = (k1 - b < kBlock) ? k1 - b : kBlock;
     const T* zb = z + b;
     A m = neg_inf<A>(), dot = A(0);
+    if constexpr (Wide<T>::on && CAP) {
+      Wide<T>::capped_max_dot(zb, buf, n, cap, COEF ? c + b : nullptr, m, dot);
+    } else {
 #pragma omp simd reduction(max : m) reduction(+ : dot)
-    for (int64_t j = 0; j < n; ++j) {
-      A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
-      if (CAP) buf[j] = v;
-      m = v > m ? v : m;
-      dot += COEF ? c[b + j] * v : v;
+      for (int64_t j = 0; j < n; ++j) {
+        A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
+        if (CAP) buf[j] = v;
+        m = v > m ? v : m;
+        dot += COEF ? c[b + j] * v : v;
+      }
     }
     A s = A(0);
     if (m != neg_inf<A>()) {
       // Capped values come from the buffer (tanh once); plain ones are re-read
       // from L1, which is cheaper than the buffer's store and load.
+      if constexpr (Wide<T>::on) {
+        s = Wide<T>::exp_sum(zb, CAP ? buf : nullptr, n, m);
+      } else {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+        for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+      }
     } else {
       // No element above -inf: NaN or -inf only. A NaN must still reach the sum.
       for (int64_t j = 0; j < n; ++j) {
@@ -281,6 +303,19 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;
   }
+  // The true-class term is subtracted in acc before the one store: p_y − 1
+  // must not be rounded to bf16 first (Liger-Kernel issue 1329). Every z[k]
+  // is read before grad[k] is written and never after, so grad may be the
+  // logits' own storage (lsce.linear writes a chunk's gradient in place).
+  const bool has_y = valid && y >= k0 && y < k1;
+  const A tcls = g * (A(1) - eps) * wy;
+  if constexpr (Wide<T>::on) {
+    const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
+    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, lse, coef_p, coef_c, uniform, has_y ? y : -1, tcls, cap,
+                                      stream);
+    return;
+  }
+  const A vy = has_y ? capped<CAP>(Io<T>::load(z[y]), cap, inv_cap) : A(0);
 #pragma omp simd
   for (int64_t k = k0; k < k1; ++k) {
     const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
@@ -288,12 +323,9 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
     out[k] = Io<T>::store(d);
   }
-  if (valid && y >= k0 && y < k1) {
-    // Recomputed in acc and stored once: p_y − 1 must not be rounded to bf16
-    // before the subtraction (Liger-Kernel issue 1329).
-    const A v = capped<CAP>(Io<T>::load(z[y]), cap, inv_cap);
-    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
-    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+  if (has_y) {
+    A d = coef_p * exp_acc<true>(vy - lse) - (COEF ? coef_c * c[y] : uniform) - tcls;
+    if (CAP) d *= A(1) - (vy * inv_cap) * (vy * inv_cap);
     out[y] = Io<T>::store(d);
   }
 }

@@ -36,3 +36,53 @@ def test_each_isa_matches_reference(isa, dtype, shape, options):
 def test_unknown_isa_is_refused():
     assert not _C.set_isa("sse9")
     assert _C.active_isa() in ("generic", "avx2", "avx512")
+
+
+_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None):
+    """lsce._C's forward, then its backward into `grad` (a fresh buffer when None);
+    the upstream per row is grad_loss (ones when None)."""
+    N, K = z.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    loss, lse = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
+    up = torch.ones(N, dtype=acc) if grad_loss is None else grad_loss.to(acc)
+    grad = torch.empty_like(z) if grad is None else grad
+    common = dict(dtype=_CODE[z.dtype], logits=z.data_ptr(), N=N, K=K, row_stride=z.stride(0),
+                  target=target.data_ptr(), ignore_index=-100, weight=0 if weight is None else weight.data_ptr(),
+                  prior=0, eps=0.1, z_loss=1e-3, softcap=softcap, nthreads=torch.get_num_threads())
+    _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr())
+    _C.backward(**common, lse=lse.data_ptr(), grad_loss=up.data_ptr(), grad_loss_stride=1, grad_lse=0,
+                grad_lse_stride=0, grad=grad.data_ptr())
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 1000), (3, 40001), (5, 17)], ids=str)
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_gradient_written_over_the_logits(isa, dtype, shape, softcap):
+    """The backward kernel reads each logit before it writes that element's
+    gradient and never after, so the gradient may go into the logits' own storage
+    (lsce.linear reuses a chunk's logits buffer that way): same bits as into a
+    fresh buffer, on every path (split rows, the true class, ignored rows)."""
+    logits, target = make_problem(shape, dtype, ignore_frac=0.2)
+    weight = torch.rand(shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.1
+    up = torch.randn(shape[0])
+    _, expected = _raw_call(logits, target, softcap=softcap, weight=weight, grad_loss=up)
+    z = logits.clone()
+    _, got = _raw_call(z, target, softcap=softcap, weight=weight, grad_loss=up, grad=z)
+    assert got.data_ptr() == z.data_ptr()
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), f"{isa}: in-place gradient differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_gradient_same_bits_as_small(isa, dtype):
+    """A gradient of 16 MiB or more is written with non-temporal stores where the
+    build has them; its values are those of the same rows computed alone."""
+    N, K = 300, 30011  # odd K: rows start unaligned, so both store kinds mix in a row
+    logits, target = make_problem((N, K), dtype, ignore_frac=0.1)
+    assert logits.numel() * logits.element_size() >= 16 << 20
+    _, big = _raw_call(logits, target)
+    rows = [_raw_call(logits[i:i + 100], target[i:i + 100])[1] for i in range(0, N, 100)]  # 100 rows: < 16 MiB
+    assert torch.equal(big.view(torch.uint8), torch.cat(rows).view(torch.uint8))
