@@ -140,32 +140,61 @@ template <typename T> struct Wide {
   // This pass runs from L1, and without loads that miss the hardware
   // prefetcher stops: it prefetches the n values after z[0:n] (the next block,
   // or the next row), so that memory and exp overlap instead of taking turns.
-  static inline float exp_sum(const T* z, const float* buf, int64_t n, float m) {
+  // exp_sum_keep also stores each term in e[j], for the fused gradient. Both
+  // use the exp that a stored fp32 gradient needs (degree 6) where T is fp32,
+  // so that the loss is the same bits whether or not the forward is fused.
+  static constexpr int kSumDeg = sizeof(T) == 4 ? 6 : 5;
+  template <bool KEEP>
+  static inline float exp_sum_impl(const T* z, const float* buf, int64_t n, float m, float* e) {
     const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(neg_inf<float>());
     __m512 s = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(z + n + j), _MM_HINT_T0);
       const __mmask16 k = first_lanes(n - j);
       const __m512 v = buf ? _mm512_mask_loadu_ps(ninf, k, buf + j) : Lanes<T>::load(z + j, k, ninf);
-      s = _mm512_add_ps(s, exp16<5>(_mm512_sub_ps(v, vm)));
+      const __m512 x = exp16<kSumDeg>(_mm512_sub_ps(v, vm));
+      if (KEEP) _mm512_mask_storeu_ps(e + j, k, x);
+      s = _mm512_add_ps(s, x);
     }
     return hsum(s);
+  }
+  static inline float exp_sum(const T* z, const float* buf, int64_t n, float m) {
+    return exp_sum_impl<false>(z, buf, n, m, nullptr);
+  }
+  static inline float exp_sum_keep(const T* z, const float* buf, int64_t n, float m, float* e) {
+    return exp_sum_impl<true>(z, buf, n, m, e);
+  }
+
+  // The end of a chunk's gradient, from coef_p and p: subtracts the smoothing
+  // term (coef_c·c or uniform) and, in lane y (y relative to the chunk; any
+  // other value: none), the true-class term; times dcap = 1 − t² with softcap
+  // (t = v / cap); stores lanes k.
+  // stream: non-temporal stores for a gradient far larger than the caches,
+  // which then costs a write instead of a read for ownership and a write
+  // (fp32 1.3x faster); a smaller one stays in cache for its next reader.
+  template <bool CAP, bool COEF>
+  static inline void put(T* out, __mmask16 k, __m512 vp, __m512 p, const float* c, __m512 vc, __m512 vu, int64_t y,
+                         __m512 vt, __m512 t, bool stream) {
+    __m512 d = _mm512_fmsub_ps(vp, p, COEF ? _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(k, c)) : vu);
+    if (uint64_t(y) < 16) d = _mm512_mask_sub_ps(d, __mmask16(1u << y), d, vt);
+    if (CAP) d = _mm512_mul_ps(d, _mm512_fnmadd_ps(t, t, _mm512_set1_ps(1.0f)));
+    if (stream && k == 0xFFFF && (reinterpret_cast<uintptr_t>(out) & (16 * sizeof(T) - 1)) == 0)
+      Lanes<T>::stream(out, d);
+    else
+      Lanes<T>::store(out, k, d);
   }
 
   // grad[k] = (coef_p·p_k − (coef_c·c_k or uniform) − [k = y]·tcls)·dcap_k over
   // [k0, k1): the backward of lsce_kernels.h in one pass, the true-class term
   // subtracted in fp32 in the same lane (no second read of z[y]). The loop
   // prefetches z 2 KiB ahead (measured: bf16 1.4x, softcap 1.2x faster).
-  // stream: non-temporal stores for a gradient far larger than the caches,
-  // which then costs a write instead of a read for ownership and a write
-  // (fp32 1.3x faster); a smaller one stays in cache for its next reader.
   template <bool CAP, bool COEF>
   static inline void grad(const T* z, T* out, const float* c, int64_t k0, int64_t k1, float lse, float coef_p,
                           float coef_c, float uniform, int64_t y, float tcls, float cap, bool stream) {
     const __m512 vlse = _mm512_set1_ps(lse), vp = _mm512_set1_ps(coef_p), vc = _mm512_set1_ps(coef_c);
     const __m512 vu = _mm512_set1_ps(uniform), vt = _mm512_set1_ps(tcls);
     const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(CAP ? 1.0f / cap : 0.0f);
-    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t j = k0; j < k1; j += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(z + j) + 2048, _MM_HINT_T0);
       const __mmask16 k = first_lanes(k1 - j);
@@ -175,15 +204,24 @@ template <typename T> struct Wide {
         v = _mm512_mul_ps(vcap, t);
       }
       const __m512 p = exp16<sizeof(T) == 4 ? 6 : 4>(_mm512_sub_ps(v, vlse));
-      __m512 d = _mm512_fmsub_ps(vp, p, COEF ? _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(k, c + j)) : vu);
-      if (uint64_t(y - j) < 16) d = _mm512_mask_sub_ps(d, __mmask16(1u << (y - j)), d, vt);
-      if (CAP) d = _mm512_mul_ps(d, _mm512_fnmadd_ps(t, t, one));
-      if (stream && k == 0xFFFF && (reinterpret_cast<uintptr_t>(out + j) & (16 * sizeof(T) - 1)) == 0)
-        Lanes<T>::stream(out + j, d);
-      else
-        Lanes<T>::store(out + j, k, d);
+      put<CAP, COEF>(out + j, k, vp, p, COEF ? c + j : c, vc, vu, y - j, vt, t, stream);
     }
     if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: visible before the kernel returns
+  }
+
+  // The fused forward's gradient of n elements from the kept e = exp(v − bmax)
+  // (cp = coef_p·exp(bmax − lse)) and, with softcap, the kept v.
+  template <bool CAP, bool COEF>
+  static inline void kept_grad(const float* e, const float* v, const float* c, T* out, int64_t n, float cp,
+                               float coef_c, float uniform, int64_t y, float tcls, float inv_cap, bool stream) {
+    const __m512 vp = _mm512_set1_ps(cp), vc = _mm512_set1_ps(coef_c), vu = _mm512_set1_ps(uniform);
+    const __m512 vt = _mm512_set1_ps(tcls), vinv = _mm512_set1_ps(inv_cap), zero = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = first_lanes(n - j);
+      const __m512 t = CAP ? _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vinv) : zero;
+      put<CAP, COEF>(out + j, k, vp, _mm512_maskz_loadu_ps(k, e + j), COEF ? c + j : c, vc, vu, y - j, vt, t, stream);
+    }
+    if (stream) _mm_sfence();
   }
 };
 template <> struct Wide<double> {

@@ -41,9 +41,10 @@ def test_unknown_isa_is_refused():
 _CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
-def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None):
+def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None, fused=False):
     """lsce._C's forward, then its backward into `grad` (a fresh buffer when None);
-    the upstream per row is grad_loss (ones when None)."""
+    the upstream per row is grad_loss (ones when None). fused: the forward
+    writes the gradient itself (the fused training step)."""
     N, K = z.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     loss, lse = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
@@ -52,6 +53,10 @@ def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None)
     common = dict(dtype=_CODE[z.dtype], logits=z.data_ptr(), N=N, K=K, row_stride=z.stride(0),
                   target=target.data_ptr(), ignore_index=-100, weight=0 if weight is None else weight.data_ptr(),
                   prior=0, eps=0.1, z_loss=1e-3, softcap=softcap, nthreads=torch.get_num_threads())
+    if fused:
+        _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr(), grad=grad.data_ptr(),
+                   grad_loss=up.data_ptr(), grad_loss_stride=1)
+        return loss, grad
     _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr())
     _C.backward(**common, lse=lse.data_ptr(), grad_loss=up.data_ptr(), grad_loss_stride=1, grad_lse=0,
                 grad_lse_stride=0, grad=grad.data_ptr())
@@ -61,19 +66,43 @@ def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(37, 1000), (3, 40001), (5, 17)], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
-def test_gradient_written_over_the_logits(isa, dtype, shape, softcap):
-    """The backward kernel reads each logit before it writes that element's
-    gradient and never after, so the gradient may go into the logits' own storage
-    (lsce.linear reuses a chunk's logits buffer that way): same bits as into a
-    fresh buffer, on every path (split rows, the true class, ignored rows)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["backward", "fused"])
+def test_gradient_written_over_the_logits(isa, dtype, shape, softcap, fused):
+    """The backward kernel (and the fused forward) reads each logit before it
+    writes that element's gradient and never after, so the gradient may go into
+    the logits' own storage (lsce.linear reuses a chunk's logits buffer that
+    way): same bits as into a fresh buffer, on every path (split rows, the true
+    class, ignored rows)."""
     logits, target = make_problem(shape, dtype, ignore_frac=0.2)
     weight = torch.rand(shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.1
     up = torch.randn(shape[0])
-    _, expected = _raw_call(logits, target, softcap=softcap, weight=weight, grad_loss=up)
+    loss, expected = _raw_call(logits, target, softcap=softcap, weight=weight, grad_loss=up, fused=fused)
     z = logits.clone()
-    _, got = _raw_call(z, target, softcap=softcap, weight=weight, grad_loss=up, grad=z)
+    got_loss, got = _raw_call(z, target, softcap=softcap, weight=weight, grad_loss=up, grad=z, fused=fused)
     assert got.data_ptr() == z.data_ptr()
+    assert torch.equal(got_loss, loss)
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), f"{isa}: in-place gradient differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(70, 1000), (3, 40001), (5, 17)], ids=str)
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_fused_forward_gradient(isa, dtype, shape, softcap):
+    """The fused forward (the gradient from the exp values it keeps, or the
+    backward kernel after it for split rows) gives the plain forward's loss bits
+    and the fp64 truth's gradient, as the backward kernel does."""
+    logits, target = make_problem(shape, dtype, ignore_frac=0.2)
+    logits[0, :3] = -float("inf")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(shape[1], dtype=acc) + 0.1
+    up = torch.randn(shape[0])
+    plain_loss, grad = _raw_call(logits, target, softcap=softcap, weight=weight, grad_loss=up)
+    fused_loss, fused_grad = _raw_call(logits, target, softcap=softcap, weight=weight, grad_loss=up, fused=True)
+    assert torch.equal(plain_loss, fused_loss)
+    _, t_grad = truth(logits, target, up.double(), reduction="none", label_smoothing=0.1, z_loss=1e-3,
+                      weight=weight, **({"softcap": softcap} if softcap else {}))
+    assert_close_to_truth(fused_grad, t_grad, dtype, what=f"{isa} fused grad")
+    assert_close_to_truth(grad, t_grad, dtype, what=f"{isa} grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
