@@ -196,15 +196,24 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
       // from L1, which is cheaper than the buffer's store and load.
       if constexpr (Wide<T>::on) {
         s = e ? Wide<T>::exp_sum_keep(zb, CAP ? buf : nullptr, n, m, e) : Wide<T>::exp_sum(zb, CAP ? buf : nullptr, n, m);
-      } else if (e) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < n; ++j) {
-          e[j] = exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
-          s += e[j];
-        }
       } else {
+        // In steps of 256, each after prefetching the values as far after this
+        // block (as exp_sum of lsce_avx512.h does, for the same reason).
+        for (int64_t j0 = 0; j0 < n; j0 += 256) {
+          const int64_t j1 = n - j0 < 256 ? n : j0 + 256;
+          for (int64_t l = 0; l < 256 * int64_t(sizeof(T)); l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(zb + n + j0) + l);
+          if (e) {
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+            for (int64_t j = j0; j < j1; ++j) {
+              e[j] = exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+              s += e[j];
+            }
+          } else {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = j0; j < j1; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+          }
+        }
       }
     } else {
       // No element above -inf: NaN or -inf only. A NaN must still reach the sum.
@@ -381,12 +390,18 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     return;
   }
   const A vy = has_y ? capped<CAP>(Io<T>::load(z[r.y]), cap, inv_cap) : A(0);
+  // In steps of 256, each after prefetching z 2 KiB ahead (as Wide<T>::grad).
+  for (int64_t j0 = k0; j0 < k1; j0 += 256) {
+    const int64_t j1 = k1 - j0 < 256 ? k1 : j0 + 256;
+    for (int64_t l = 0; l < 256 * int64_t(sizeof(T)); l += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(z + j0) + 2048 + l);
 #pragma omp simd
-  for (int64_t k = k0; k < k1; ++k) {
-    const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
-    A d = r.coef_p * exp_acc<true>(v - r.lse) - (COEF ? r.coef_c * c[k] : r.uniform);
-    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
-    out[k] = Io<T>::store(d);
+    for (int64_t k = j0; k < j1; ++k) {
+      const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
+      A d = r.coef_p * exp_acc<true>(v - r.lse) - (COEF ? r.coef_c * c[k] : r.uniform);
+      if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+      out[k] = Io<T>::store(d);
+    }
   }
   if (has_y) {
     A d = r.coef_p * exp_acc<true>(vy - r.lse) - (COEF ? r.coef_c * c[r.y] : r.uniform) - r.tcls;
