@@ -158,6 +158,27 @@ template <typename T> struct Wide {
     }
     return hsum(s);
   }
+  // One pass over z[0:n] for range_stats: Σ exp(z[j] − r) for a reference r
+  // (not this block's max), and the block's max m and
+  // Σ (c[j]·) z[j]; each term into e[j] when e is set.
+  static inline float exp_sum_ref(const T* z, int64_t n, float r, const float* c, float* e, float& m, float& dot) {
+    const __m512 vr = _mm512_set1_ps(r), ninf = _mm512_set1_ps(neg_inf<float>());
+    __m512 s = _mm512_setzero_ps(), vm = ninf, vd = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(z + n + j), _MM_HINT_T0);
+      const __mmask16 k = first_lanes(n - j);
+      const __m512 v = Lanes<T>::load(z + j, k, ninf);
+      vm = _mm512_max_ps(vm, v);  // NaN: the block may be kept, and the NaN reaches the sum
+      vd = c ? _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, c + j), v, vd, k) : _mm512_mask_add_ps(vd, k, vd, v);
+      const __m512 x = exp16<kSumDeg>(_mm512_sub_ps(v, vr));
+      if (e) _mm512_mask_storeu_ps(e + j, k, x);
+      s = _mm512_add_ps(s, x);
+    }
+    m = hmax(vm);
+    dot = hsum(vd);
+    return hsum(s);
+  }
+
   static inline float exp_sum(const T* z, const float* buf, int64_t n, float m) {
     return exp_sum_impl<false>(z, buf, n, m, nullptr);
   }

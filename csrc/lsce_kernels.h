@@ -178,6 +178,24 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
     const T* zb = z + b;
     A* buf = keep && CAP ? keep->v + b : block_buf;
     A* e = keep ? keep->e + b : nullptr;
+    if constexpr (Wide<T>::on && !CAP) {
+      // After the first block: one pass, exp relative to the running max p.m
+      // instead of this block's, which a second pass would need; kept unless
+      // the block's max is NaN or more than kJump above p.m (its terms could
+      // overflow), and then redone below. The reference is only an offset:
+      // p = (reference, Σ exp(v − reference)) wherever Part is used.
+      constexpr A kJump = A(16);
+      if (p.m - p.m == A(0)) {  // finite
+        A mb, dotb;
+        const A sb = Wide<T>::exp_sum_ref(zb, n, p.m, COEF ? c + b : nullptr, e, mb, dotb);
+        if (mb <= p.m + kJump) {
+          p.s += sb;
+          p.dot += dotb;
+          if (keep) keep->bmax[b / kBlock] = p.m;
+          continue;
+        }
+      }
+    }
     A m = neg_inf<A>(), dot = A(0);
     if constexpr (Wide<T>::on && CAP) {
       Wide<T>::capped_max_dot(zb, buf, n, cap, COEF ? c + b : nullptr, m, dot);

@@ -115,3 +115,32 @@ def test_large_gradient_same_bits_as_small(isa, dtype):
     _, big = _raw_call(logits, target)
     rows = [_raw_call(logits[i:i + 100], target[i:i + 100])[1] for i in range(0, N, 100)]  # 100 rows: < 16 MiB
     assert torch.equal(big.view(torch.uint8), torch.cat(rows).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [(), ("weight", "prior")], ids="+".join)
+def test_later_blocks_far_from_the_first(isa, dtype, options):
+    """The AVX-512 forward sums a 4096-element block after the first in one pass,
+    relative to the earlier blocks' max, and redoes it in two when its values
+    jump more than 16 above: rows that jump, fall, start or end at -inf or hold
+    NaN give the reference's loss and gradient, fused or not."""
+    K = 3 * 4096 + 5
+    logits, target = make_problem((7, K), dtype)
+    logits[0, 4096:8192] += 100  # one pass would overflow: exp(100) > fp32 max
+    logits[1, 8192:] += 17
+    logits[2, :4096] = -float("inf")
+    logits[3, 5000] = float("nan")
+    logits[4, 8192:] = -float("inf")  # (+inf is tests/test_reliability.py's)
+    logits[5, 4096:] -= 100
+    logits[6, 4096:8192] += 15
+    opts = make_options(K, options)
+    up = torch.randn(7)
+    t_loss, t_grad = truth(logits, target, up.double(), reduction="none", label_smoothing=0.1, **opts)
+    for red, scale in (("none", up), ("sum", torch.ones(()))):  # sum with upstream 1: the fused step
+        loss, grad = loss_and_grad(lsce.cross_entropy, logits, target, scale, reduction=red, label_smoothing=0.1, **opts)
+        if red == "none":
+            assert_close_to_truth(loss, t_loss, dtype, what=f"{isa} loss")
+            assert_close_to_truth(grad, t_grad, dtype, what=f"{isa} grad")
+        else:
+            _, s_grad = truth(logits, target, torch.ones(()).double(), reduction="sum", label_smoothing=0.1, **opts)
+            assert_close_to_truth(grad, s_grad, dtype, what=f"{isa} fused grad")
