@@ -33,6 +33,8 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+const int kItemSize[] = {4, 8, 2, 2};  // bytes per element, by lsce::Dtype
+
 // Class coefficients c_k = prior_k * w_k (prior defaults to 1/K) and their sum.
 template <typename A>
 double coefficients(std::vector<A>& c, int64_t K, const void* weight, const void* prior) {
@@ -88,14 +90,19 @@ lsce::Args make_args(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
 std::string forward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t row_stride,
                     uintptr_t target, int64_t ignore_index, uintptr_t weight, uintptr_t prior,
                     double eps, double z_loss, double softcap, uintptr_t loss, uintptr_t lse,
-                    int nthreads) {
+                    int nthreads, uintptr_t grad, uintptr_t grad_loss, int64_t grad_loss_stride) {
   std::vector<float> cf;
   std::vector<double> cd;
   lsce::Args a = make_args(dtype, logits, N, K, row_stride, target, ignore_index, weight, prior,
                            eps, z_loss, softcap, nthreads, cf, cd);
   a.loss = reinterpret_cast<void*>(loss);
   a.lse = reinterpret_cast<void*>(lse);
+  if (grad && !grad_loss) throw py::value_error("lsce._C.forward: grad needs grad_loss");
+  a.grad = reinterpret_cast<void*>(grad);
+  a.grad_loss = reinterpret_cast<const void*>(grad_loss);
+  a.grad_loss_stride = grad_loss_stride;
   py::gil_scoped_release release;
+  if (a.grad) advise_huge_pages(a.grad, size_t(N) * size_t(K) * size_t(kItemSize[dtype]));
   return lsce::forward(a);
 }
 
@@ -114,7 +121,6 @@ std::string backward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
   a.grad_lse = reinterpret_cast<const void*>(grad_lse);
   a.grad_lse_stride = grad_lse_stride;
   a.grad = reinterpret_cast<void*>(grad);
-  static const int kItemSize[] = {4, 8, 2, 2};
   py::gil_scoped_release release;
   advise_huge_pages(a.grad, size_t(N) * size_t(K) * size_t(kItemSize[dtype]));
   return lsce::backward(a);
@@ -124,11 +130,13 @@ std::string backward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lsce C++/OpenMP kernels (raw pointers; called from lsce.ops)";
-  m.def("forward", &forward, "per-row loss and lse; returns the instruction set used",
+  m.def("forward", &forward,
+        "per-row loss and lse, and with grad (N x K, contiguous) also the gradient for the "
+        "upstream grad_loss in the same pass; returns the instruction set used",
         py::arg("dtype"), py::arg("logits"), py::arg("N"), py::arg("K"), py::arg("row_stride"),
         py::arg("target"), py::arg("ignore_index"), py::arg("weight"), py::arg("prior"),
         py::arg("eps"), py::arg("z_loss"), py::arg("softcap"), py::arg("loss"), py::arg("lse"),
-        py::arg("nthreads"));
+        py::arg("nthreads"), py::arg("grad") = 0, py::arg("grad_loss") = 0, py::arg("grad_loss_stride") = 0);
   m.def("backward", &backward, "gradient of the logits; returns the instruction set used",
         py::arg("dtype"), py::arg("logits"), py::arg("N"), py::arg("K"), py::arg("row_stride"),
         py::arg("target"), py::arg("ignore_index"), py::arg("weight"), py::arg("prior"),

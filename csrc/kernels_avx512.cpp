@@ -5,6 +5,11 @@
 #include "lsce_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LSCE_AVX512 1  // lsce_kernels.h adds the hand-vectorised loops of lsce_avx512.h
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace lsce {

@@ -23,12 +23,13 @@ struct Args {
   // forward outputs, (N,) acc; backward reads lse
   void* loss;
   void* lse;
-  // backward only
+  // backward; and the forward when grad is set (it then also writes the
+  // gradient for grad_loss, with grad_lse null: the fused training step)
   const void* grad_loss;     // (N,) acc at grad_loss[i * grad_loss_stride] (stride 0: a scalar)
   int64_t grad_loss_stride;
   const void* grad_lse;      // (N,) acc or null
   int64_t grad_lse_stride;
-  void* grad;                // (N, K) contiguous, in the logits' dtype
+  void* grad;                // (N, K) contiguous, in the logits' dtype (may be the logits themselves)
 };
 
 // One pair of entry points per instruction set; the same source compiled for

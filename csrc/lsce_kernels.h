@@ -113,6 +113,20 @@ static inline A capped(A v, A cap, A inv_cap) {
   return CAP ? cap * tanh_acc(v * inv_cap) : v;
 }
 
+// A gradient at least this large is written with non-temporal stores where
+// the build has them (it cannot stay in the caches anyway).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Wide<T>: the hand-vectorised loops of the AVX-512 build (lsce_avx512.h),
+// used for fp32/bf16/fp16 where `on`; elsewhere the plain loops below.
+#ifdef LSCE_AVX512
+#include "lsce_avx512.h"
+#else
+template <typename T> struct Wide {
+  static constexpr bool on = false;
+};
+#endif
+
 // ---------------------------------------------------------------------------
 // Forward.
 
@@ -139,49 +153,106 @@ static inline void merge(Part<A>& p, A m, A s, A dot) {
 // Elements per block of a row: its two passes (max, then exp) run in L1.
 constexpr int64_t kBlock = 4096;
 
-// Statistics of z[k0:k1] of one row (z points at the row's start).
+// What the fused forward keeps of a row for its gradient (forward_impl): per
+// element e[k] = exp(v_k − bmax[k / kBlock]) and, with softcap, the capped
+// logit v[k]; per block its max. Row-sized, one per thread, in L2.
+template <typename A> struct Kept {
+  A* e;
+  A* v;
+  A* bmax;
+};
+
+// Statistics of z[k0:k1] of one row (z points at the row's start); with
+// `keep` (k0 = 0) also what the row's gradient needs.
 template <typename T, bool CAP, bool COEF>
 static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
                                              typename Io<T>::acc cap,
-                                             const typename Io<T>::acc* c) {
+                                             const typename Io<T>::acc* c,
+                                             const Kept<typename Io<T>::acc>* keep = nullptr) {
   using A = typename Io<T>::acc;
   const A inv_cap = CAP ? A(1) / cap : A(0);
   Part<A> p{neg_inf<A>(), A(0), A(0)};
-  alignas(64) A buf[kBlock];
+  alignas(64) A block_buf[CAP ? kBlock : 1];
   for (int64_t b = k0; b < k1; b += kBlock) {
     const int64_t n = (k1 - b < kBlock) ? k1 - b : kBlock;
     const T* zb = z + b;
+    A* buf = keep && CAP ? keep->v + b : block_buf;
+    A* e = keep ? keep->e + b : nullptr;
+    if constexpr (Wide<T>::on && !CAP) {
+      // After the first block: one pass, exp relative to the running max p.m
+      // instead of this block's, which a second pass would need; kept unless
+      // the block's max is NaN or more than kJump above p.m (its terms could
+      // overflow), and then redone below. The reference is only an offset:
+      // p = (reference, Σ exp(v − reference)) wherever Part is used.
+      constexpr A kJump = A(16);
+      if (p.m - p.m == A(0)) {  // finite
+        A mb, dotb;
+        const A sb = Wide<T>::exp_sum_ref(zb, n, p.m, COEF ? c + b : nullptr, e, mb, dotb);
+        if (mb <= p.m + kJump) {
+          p.s += sb;
+          p.dot += dotb;
+          if (keep) keep->bmax[b / kBlock] = p.m;
+          continue;
+        }
+      }
+    }
     A m = neg_inf<A>(), dot = A(0);
+    if constexpr (Wide<T>::on && CAP) {
+      Wide<T>::capped_max_dot(zb, buf, n, cap, COEF ? c + b : nullptr, m, dot);
+    } else {
 #pragma omp simd reduction(max : m) reduction(+ : dot)
-    for (int64_t j = 0; j < n; ++j) {
-      A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
-      if (CAP) buf[j] = v;
-      m = v > m ? v : m;
-      dot += COEF ? c[b + j] * v : v;
+      for (int64_t j = 0; j < n; ++j) {
+        A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
+        if (CAP) buf[j] = v;
+        m = v > m ? v : m;
+        dot += COEF ? c[b + j] * v : v;
+      }
     }
     A s = A(0);
     if (m != neg_inf<A>()) {
       // Capped values come from the buffer (tanh once); plain ones are re-read
       // from L1, which is cheaper than the buffer's store and load.
+      if constexpr (Wide<T>::on) {
+        s = e ? Wide<T>::exp_sum_keep(zb, CAP ? buf : nullptr, n, m, e) : Wide<T>::exp_sum(zb, CAP ? buf : nullptr, n, m);
+      } else {
+        // In steps of 256, each after prefetching the values as far after this
+        // block (as exp_sum of lsce_avx512.h does, for the same reason).
+        for (int64_t j0 = 0; j0 < n; j0 += 256) {
+          const int64_t j1 = n - j0 < 256 ? n : j0 + 256;
+          for (int64_t l = 0; l < 256 * int64_t(sizeof(T)); l += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(zb + n + j0) + l);
+          if (e) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+            for (int64_t j = j0; j < j1; ++j) {
+              e[j] = exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+              s += e[j];
+            }
+          } else {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = j0; j < j1; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+          }
+        }
+      }
     } else {
       // No element above -inf: NaN or -inf only. A NaN must still reach the sum.
       for (int64_t j = 0; j < n; ++j) {
         const A v = CAP ? buf[j] : Io<T>::load(zb[j]);
         if (v != v) s = v;
+        if (e) e[j] = v != v ? v : A(0);
       }
     }
+    if (keep) keep->bmax[b / kBlock] = m;
     merge(p, m, s, dot);
   }
   return p;
 }
 
 template <typename T, bool CAP, bool COEF>
-static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64_t k0, int64_t k1) {
+static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64_t k0, int64_t k1,
+                                                 const Kept<typename Io<T>::acc>* keep = nullptr) {
   using A = typename Io<T>::acc;
   const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
-  return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c));
+  return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c), keep);
 }
 
 // Turns a row's statistics into its loss and lse (design.md §1).
@@ -228,10 +299,36 @@ static inline int64_t block_width(const Args& a, int64_t nb) {
 static inline bool parallel_worth(const Args& a) { return a.N * a.K >= (int64_t(1) << 15); }
 
 template <typename T, bool CAP, bool COEF>
+static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::acc>& keep);
+template <typename T, bool CAP, bool COEF>
+static void backward_impl(const Args& a);
+
+// With a.grad set, the forward also writes the gradient for the upstream
+// a.grad_loss (a.grad_lse must be null): the fused training step. Rows that
+// are not split keep their exp values (Kept) and turn them into the gradient
+// while the row is still in L2: one read of the logits and one exp per
+// element instead of two of each. Split rows (small N) run the backward
+// kernel after the forward.
+template <typename T, bool CAP, bool COEF>
 static void forward_impl(const Args& a) {
   using A = typename Io<T>::acc;
   const int64_t N = a.N, K = a.K;
   const int64_t nb = blocks_per_row(a);
+  if (nb == 1 && a.grad) {
+    const int64_t nblocks = (K + kBlock - 1) / kBlock;
+#pragma omp parallel num_threads(a.nthreads) if (parallel_worth(a))
+    {
+      A* scratch = new A[(CAP ? 2 : 1) * K + nblocks];
+      const Kept<A> keep{scratch, CAP ? scratch + K : nullptr, scratch + (CAP ? 2 : 1) * K};
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) {
+        finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K, &keep));
+        kept_grad_row<T, CAP, COEF>(a, i, keep);
+      }
+      delete[] scratch;
+    }
+    return;
+  }
   if (nb == 1) {
 #pragma omp parallel for num_threads(a.nthreads) schedule(static) if (parallel_worth(a))
     for (int64_t i = 0; i < N; ++i) finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K));
@@ -252,12 +349,44 @@ static void forward_impl(const Args& a) {
     finish_row<T, CAP, COEF>(a, i, p);
   }
   delete[] parts;
+  if (a.grad) backward_impl<T, CAP, COEF>(a);
 }
 
 // ---------------------------------------------------------------------------
 // Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k) · dcap_k, then the
 // true-class term −g_i · (1 − ε) · w_y at k = y (see lsce/reference.py).
 
+// A row's coefficients of that formula. The true-class term `tcls` is
+// subtracted in acc before the one store: p_y − 1 must not be rounded to bf16
+// first (Liger-Kernel issue 1329).
+template <typename A> struct RowGrad {
+  A lse, coef_p, coef_c, uniform, tcls;
+  int64_t y;   // the true class, or -1 for an ignored row
+  bool zeros;  // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
+};
+
+template <typename A>
+static inline RowGrad<A> row_grad(const Args& a, int64_t i) {
+  const A eps = A(a.eps);
+  const int64_t y = a.target[i];
+  const bool valid = y != a.ignore_index;
+  RowGrad<A> r;
+  r.lse = static_cast<const A*>(a.lse)[i];
+  const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
+  const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
+  const A wy = valid && a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+  r.coef_p = h;  // coefficient of p_k
+  if (valid) r.coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * r.lse);
+  r.coef_c = g * eps;            // times c_k (COEF)
+  r.uniform = g * eps / A(a.K);  // otherwise
+  r.tcls = g * (A(1) - eps) * wy;
+  r.y = valid ? y : -1;
+  r.zeros = r.coef_p == A(0) && g == A(0) && r.lse - r.lse == A(0);
+  return r;
+}
+
+// Every z[k] is read before grad[k] is written and never after, so grad may
+// be the logits' own storage (lsce.linear writes a chunk's gradient in place).
 template <typename T, bool CAP, bool COEF>
 static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
   using A = typename Io<T>::acc;
@@ -265,36 +394,79 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
   T* out = static_cast<T*>(a.grad) + i * a.K;
   const A* c = static_cast<const A*>(a.c);
   const A cap = A(a.softcap), inv_cap = CAP ? A(1) / cap : A(0);
-  const A eps = A(a.eps);
-  const int64_t y = a.target[i];
-  const bool valid = y != a.ignore_index;
-  const A lse = static_cast<const A*>(a.lse)[i];
-  const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
-  const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
-  const A wy = valid && a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
-  A coef_p = h;  // coefficient of p_k
-  if (valid) coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * lse);
-  const A coef_c = g * eps;                  // times c_k (COEF)
-  const A uniform = g * eps / A(a.K);        // otherwise
-  if (coef_p == A(0) && g == A(0) && lse - lse == A(0)) {  // ignored row, finite lse: zeros (else 0·NaN, as PyTorch)
+  const RowGrad<A> r = row_grad<A>(a, i);
+  if (r.zeros) {
     const T zero = Io<T>::store(A(0));
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;
   }
-#pragma omp simd
-  for (int64_t k = k0; k < k1; ++k) {
-    const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
-    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[k] : uniform);
-    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
-    out[k] = Io<T>::store(d);
+  const bool has_y = r.y >= k0 && r.y < k1;
+  if constexpr (Wide<T>::on) {
+    const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
+    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, r.lse, r.coef_p, r.coef_c, r.uniform, has_y ? r.y : -1,
+                                      r.tcls, cap, stream);
+    return;
   }
-  if (valid && y >= k0 && y < k1) {
-    // Recomputed in acc and stored once: p_y − 1 must not be rounded to bf16
-    // before the subtraction (Liger-Kernel issue 1329).
-    const A v = capped<CAP>(Io<T>::load(z[y]), cap, inv_cap);
-    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
-    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
-    out[y] = Io<T>::store(d);
+  const A vy = has_y ? capped<CAP>(Io<T>::load(z[r.y]), cap, inv_cap) : A(0);
+  // In steps of 256, each after prefetching z 2 KiB ahead (as Wide<T>::grad).
+  for (int64_t j0 = k0; j0 < k1; j0 += 256) {
+    const int64_t j1 = k1 - j0 < 256 ? k1 : j0 + 256;
+    for (int64_t l = 0; l < 256 * int64_t(sizeof(T)); l += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(z + j0) + 2048 + l);
+#pragma omp simd
+    for (int64_t k = j0; k < j1; ++k) {
+      const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
+      A d = r.coef_p * exp_acc<true>(v - r.lse) - (COEF ? r.coef_c * c[k] : r.uniform);
+      if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+      out[k] = Io<T>::store(d);
+    }
+  }
+  if (has_y) {
+    A d = r.coef_p * exp_acc<true>(vy - r.lse) - (COEF ? r.coef_c * c[r.y] : r.uniform) - r.tcls;
+    if (CAP) d *= A(1) - (vy * inv_cap) * (vy * inv_cap);
+    out[r.y] = Io<T>::store(d);
+  }
+}
+
+// The fused forward's gradient of row i from what range_stats kept (its lse
+// already stored): p_k = e[k] · exp(bmax − lse) per block, no second read of
+// the logits and no second exp per element. Reads only `keep`, so grad may
+// be the logits' own storage here too.
+template <typename T, bool CAP, bool COEF>
+static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::acc>& keep) {
+  using A = typename Io<T>::acc;
+  T* out = static_cast<T*>(a.grad) + i * a.K;
+  const A* c = static_cast<const A*>(a.c);
+  const A inv_cap = CAP ? A(1) / A(a.softcap) : A(0);
+  const RowGrad<A> r = row_grad<A>(a, i);
+  if (r.zeros) {
+    const T zero = Io<T>::store(A(0));
+    for (int64_t k = 0; k < a.K; ++k) out[k] = zero;
+    return;
+  }
+  const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
+  for (int64_t b = 0; b < a.K; b += kBlock) {
+    const int64_t n = (a.K - b < kBlock) ? a.K - b : kBlock;
+    const A cp = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    const A* e = keep.e + b;
+    const A* v = CAP ? keep.v + b : nullptr;
+    const A* cb = COEF ? c + b : nullptr;
+    const int64_t yb = r.y >= b && r.y < b + n ? r.y - b : -1;
+    if constexpr (Wide<T>::on) {
+      Wide<T>::template kept_grad<CAP, COEF>(e, v, cb, out + b, n, cp, r.coef_c, r.uniform, yb, r.tcls, inv_cap, stream);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      A d = cp * e[j] - (COEF ? r.coef_c * cb[j] : r.uniform);
+      if (CAP) d *= A(1) - (v[j] * inv_cap) * (v[j] * inv_cap);
+      out[b + j] = Io<T>::store(d);
+    }
+    if (yb >= 0) {
+      A d = cp * e[yb] - (COEF ? r.coef_c * cb[yb] : r.uniform) - r.tcls;
+      if (CAP) d *= A(1) - (v[yb] * inv_cap) * (v[yb] * inv_cap);
+      out[r.y] = Io<T>::store(d);
+    }
   }
 }
 

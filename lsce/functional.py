@@ -148,6 +148,22 @@ def reduce_rows(loss: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], ignor
     return _sum(loss) / total_weight
 
 
+def _fused_upstream(z, y, w, ignore_index, z_loss, reduction, backend) -> Optional[Tensor]:
+    """The per-row upstream that reduce_rows' backward sends each row's loss
+    when the reduced loss gets gradient 1 (loss.backward()), for
+    ops.FusedStep to compute the gradient with in the forward; None where it
+    does not apply: reduction 'none' (no reduction to predict), mean with
+    weight and z_loss (two scales), or not ops.fusable."""
+    if reduction == "none" or (reduction == "mean" and w is not None and z_loss) or not ops.fusable(z, backend):
+        return None
+    acc = acc_dtype(z.dtype)
+    one = torch.ones(1, dtype=acc)
+    if reduction == "sum":
+        return one
+    _, _, total_weight = mean_denominators(y, w, ignore_index, acc)
+    return one / total_weight  # the same division as the backward of reduce_rows' mean
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -195,7 +211,11 @@ def cross_entropy(
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
 
-    loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
+    expected = _fused_upstream(z, y, w, ignore_index, z_loss, reduction, backend)
+    if expected is not None:
+        loss, lse = ops.FusedStep.apply(z, y, w, prior, ignore_index, eps, z_loss, cap, expected)
+    else:
+        loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
 
     out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
     out = out.to(out_dtype or input.dtype)

@@ -179,3 +179,73 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedStep(torch.autograd.Function):
+    """The fused training step on CPU, in eager mode (lsce.functional decides
+    when): the forward kernel also writes the gradient for the per-row upstream
+    that the reduction will send back (``expected``: 1/Σw for mean, 1 for sum,
+    a 1-element tensor), one read of the logits and one exp per element instead
+    of two of each. Backward returns that gradient when the upstream is the
+    expected one (an O(N) comparison on the host, no N×K pass); otherwise
+    (a scaled loss, a differentiated lse) the backward kernel computes it, into
+    the same buffer. A second backward (retain_graph) gets a new buffer with
+    the same bits as the first. Peak memory stays logits + gradient: the buffer
+    is the gradient, allocated a little earlier. torch.compile and
+    torch.export trace the registered ops instead."""
+
+    @staticmethod
+    def _fused(logits, target, weight, prior, options, expected, grad):
+        """The fused kernel: (loss, lse), and the gradient for `expected` into `grad`."""
+        from . import _C
+
+        loss, lse = _acc_empty(logits.shape[0], logits), _acc_empty(logits.shape[0], logits)
+        _C.forward(**_Cpp._common(logits, target, weight, prior, *options),
+                   loss=_ptr(loss), lse=_ptr(lse), grad=_ptr(grad), grad_loss=_ptr(expected), grad_loss_stride=0)
+        return loss, lse
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, prior, ignore_index, eps, z_loss, softcap, expected):
+        _check_values(target, prior, logits.shape[1], ignore_index)
+        logits, target, weight, prior = _kernel_layout(logits, target, weight, prior)
+        ctx.options = (ignore_index, eps, z_loss, softcap)
+        ctx.grad = torch.empty(logits.shape, dtype=logits.dtype)
+        loss, lse = FusedStep._fused(logits, target, weight, prior, ctx.options, expected, ctx.grad)
+        ctx.save_for_backward(logits, target, weight, prior, lse, expected)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        from . import _C
+
+        logits, target, weight, prior, lse, expected = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
+        fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
+        if grad is None:
+            grad = torch.empty(logits.shape, dtype=logits.dtype)
+            if fused:
+                FusedStep._fused(logits, target, weight, prior, ctx.options, expected, grad)
+        if not fused:
+            if grad_loss is None:
+                grad_loss = torch.zeros_like(lse)
+            _C.backward(**_Cpp._common(logits, target, weight, prior, *ctx.options),
+                        lse=_ptr(lse), grad_loss=_ptr(grad_loss), grad_loss_stride=grad_loss.stride(0),
+                        grad_lse=_ptr(grad_lse), grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0),
+                        grad=_ptr(grad))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def fusable(logits: Tensor, backend: str) -> bool:
+    """Whether FusedStep may run: the C++ kernel on a plain CPU tensor that
+    will be differentiated, in eager mode (not traced by torch.compile or
+    torch.export, not under a torch.func transform)."""
+    return (
+        backend in ("auto", "cpu")
+        and type(logits) is torch.Tensor
+        and logits.device.type == "cpu"
+        and logits.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
+    )

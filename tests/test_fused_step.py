@@ -1,0 +1,105 @@
+"""The fused training step on CPU (lsce.ops.FusedStep): the forward writes the
+gradient for the upstream a reduced loss gets from loss.backward(); backward
+hands it out, or recomputes it when the upstream is another one."""
+
+import pytest
+import torch
+
+import lsce
+from lsce import _C, ops, reference
+from _util import assert_close_to_truth, make_options, make_problem
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused forwards and the backward-kernel calls."""
+    n = {"fused": 0, "backward": 0}
+    fused, backward = ops.FusedStep._fused, _C.backward
+
+    def count_fused(*a):
+        n["fused"] += 1
+        return fused(*a)
+
+    def count_backward(**kw):
+        n["backward"] += 1
+        return backward(**kw)
+
+    monkeypatch.setattr(ops.FusedStep, "_fused", staticmethod(count_fused))
+    monkeypatch.setattr(_C, "backward", count_backward)
+    return n
+
+
+def _grad(logits, target, scale=1.0, backend="auto", **kw):
+    x = logits.clone().requires_grad_(True)
+    loss = lsce.cross_entropy(x, target, label_smoothing=0.1, backend=backend, **kw)
+    (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
+    return loss.detach(), g
+
+
+def _truth(logits, target, scale=1.0, **kw):
+    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    x = logits.double().requires_grad_(True)
+    loss = reference.cross_entropy(x, target, label_smoothing=0.1, **kw)
+    (g,) = torch.autograd.grad(loss * scale, x)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [(), ("weight",), ("z_loss", "softcap", "prior")], ids="+".join)
+def test_backward_hands_out_the_forward_gradient(calls, dtype, reduction, options):
+    logits, target = make_problem((40, 300), dtype, ignore_frac=0.2)
+    opts = make_options(300, options)
+    loss, g = _grad(logits, target, reduction=reduction, **opts)
+    assert calls == {"fused": 1, "backward": 0}
+    t_loss, t_g = _truth(logits, target, reduction=reduction, **opts)
+    assert_close_to_truth(g, t_g, dtype, what="fused grad")
+    with torch.no_grad():
+        assert torch.equal(loss, lsce.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, **opts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_other_upstream_recomputes(calls, dtype, reduction):
+    """A scaled loss (gradient accumulation, AMP) gets the backward kernel's gradient."""
+    logits, target = make_problem((40, 300), dtype, ignore_frac=0.2)
+    _, g = _grad(logits, target, scale=0.25, reduction=reduction)
+    assert calls == {"fused": 1, "backward": 1}
+    _, t_g = _truth(logits, target, scale=0.25, reduction=reduction)
+    assert_close_to_truth(g, t_g, dtype, what="scaled grad")
+
+
+def test_differentiated_lse_recomputes(calls):
+    logits, target = make_problem((30, 200), torch.float32, ignore_frac=0.2)
+    x = logits.clone().requires_grad_(True)
+    loss, lse = lsce.cross_entropy(x, target, label_smoothing=0.1, return_lse=True)
+    (g,) = torch.autograd.grad(loss + 0.3 * lse.sum(), x)
+    assert calls["backward"] == 1
+    xd = logits.double().requires_grad_(True)
+    ref = reference.cross_entropy(xd, target, label_smoothing=0.1) + 0.3 * torch.logsumexp(xd, 1).sum()
+    (t_g,) = torch.autograd.grad(ref, xd)
+    assert_close_to_truth(g, t_g, torch.float32, what="grad with lse")
+
+
+def test_second_backward_gets_its_own_buffer_with_the_same_bits():
+    logits, target = make_problem((30, 200), torch.float32)
+    x = logits.clone().requires_grad_(True)
+    loss = lsce.cross_entropy(x, target, label_smoothing=0.1)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    kept = g1.clone()
+    (g2,) = torch.autograd.grad(loss, x)
+    assert g1.data_ptr() != g2.data_ptr()
+    assert torch.equal(g1, kept) and torch.equal(g1, g2)
+
+
+def test_not_fused_without_grad_or_for_none():
+    logits, target = make_problem((4, 10), torch.float32)
+    x = logits.clone().requires_grad_(True)
+    assert ops.fusable(x, "auto") and ops.fusable(x, "cpu")
+    assert not ops.fusable(logits, "auto")  # no requires_grad
+    assert not ops.fusable(x, "torch")
+    with torch.no_grad():
+        assert not ops.fusable(x, "auto")
+    assert lsce.functional._fused_upstream(x, target, None, -100, 0.0, "none", "auto") is None
+    w = torch.rand(10)
+    assert lsce.functional._fused_upstream(x, target, w, -100, 1e-3, "mean", "auto") is None  # two scales
