@@ -269,12 +269,22 @@ class _CudaMeter:
         return torch.cuda.max_memory_allocated()
 
 
+def _inference(fn, z, y):
+    """The forward alone, as in evaluation: no graph, no gradient (lsce's CPU
+    training forward also writes the gradient, which its backward then hands over)."""
+    with torch.no_grad():
+        return fn(z, y)
+
+
 def step_peaks(fn, z, y, meter):
-    """Peak bytes above what was held before the step: (forward, forward + backward)."""
+    """Peak bytes above what was held before: (the forward alone, a forward + backward step)."""
+    gc.collect()
+    base = meter.reset()
+    _inference(fn, z, y)
+    fwd = meter.peak() - base
     gc.collect()
     base = meter.reset()
     loss = fn(z, y)
-    fwd = meter.peak() - base
     grad = torch.autograd.grad(loss, z)
     step = meter.peak() - base
     del loss, grad
@@ -348,10 +358,11 @@ def bench_shape(cases, providers, args, dev, progress):
             except Exception as e:  # noqa: BLE001 (a provider that raises is reported, not fatal)
                 status = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
             first = None
-            if status == "ok":
+            if status == "ok":  # stages: the forward alone (no_grad), then a training step's forward, backward
                 first = len(stages)
-                stages.append(lambda _, fn=fn, zp=zp: fn(zp, y))
+                stages.append(lambda _, fn=fn, zp=zp: _inference(fn, zp, y))
                 if any(m != "fwd" for m in args.modes):
+                    stages.append(lambda _, fn=fn, zp=zp: fn(zp, y))
                     stages.append(lambda loss, zp=zp: torch.autograd.grad(loss, zp))
             entries.append((case, provider, status, first))
             progress.update()
@@ -368,8 +379,9 @@ def bench_shape(cases, providers, args, dev, progress):
                        option=case.option, provider=provider.name, mode=mode, status=status,
                        logits_mb=case.logits_bytes / MIB, floor=FLOOR[mode])
             if first is not None:
-                fwd, bwd = times[:, first], times[:, first + 1] if mode != "fwd" else None
-                t = fwd if mode == "fwd" else bwd if mode == "bwd" else fwd + bwd
+                infer = times[:, first]
+                train_fwd, bwd = (times[:, first + 1], times[:, first + 2]) if mode != "fwd" else (None, None)
+                t = infer if mode == "fwd" else bwd if mode == "bwd" else train_fwd + bwd
                 floor = float(np.median(times[:, 0 if FLOOR[mode] == "sum" else 1]))
                 q1, med, q3 = np.percentile(t, [25, 50, 75])
                 gbps = PASSES[mode] * case.logits_bytes / med / 1e9
@@ -529,10 +541,13 @@ def environment(dev) -> str:
 METHOD = """\
 timing:   median and quartiles (q1, q3) of n timed runs (at most --repeats; fewer once --budget s per
           provider have passed, never fewer than 3) after warm-up. One run = logits.sum() and
-          logits.clone() (the floors, same tensor), then each provider's forward and its backward
+          logits.clone() (the floors, same tensor), then each provider's forward alone (under
+          torch.no_grad, as in evaluation: the fwd rows), a training step's forward and its backward
           (torch.autograd.grad) in turn, every stage timed alone with a {clock} on each side: all
-          providers of a case and its floors are measured in the same runs. fwd+bwd = fwd + bwd of
-          the same run. torch.compile time is excluded (it compiles in the correctness check).
+          providers of a case and its floors are measured in the same runs. fwd+bwd = the training
+          forward + bwd of the same run. lsce's CPU training forward also writes the gradient (one
+          pass over the logits), so its bwd is nearly free: compare fwd+bwd. torch.compile time is
+          excluded (it compiles in the correctness check).
 floors:   fwd is compared with logits.sum() (reads N*K*b bytes), bwd and fwd+bwd with logits.clone()
           (reads and writes). GB/s counts N*K*b (fwd), 2*N*K*b (bwd), 3*N*K*b (fwd+bwd) bytes;
           %copy = GB/s / floor's GB/s; x_floor = time / floor's time; vs_X = X's time / this time;
@@ -542,11 +557,11 @@ memory:   {memory}
 check:    loss and gradient against lsce.reference before timing (fp64 ground truth for bf16/fp16,
           within PyTorch's own error at that dtype plus a tolerance); a provider that fails is not timed."""
 MEMORY = {
-    "cpu": "peak resident memory above the inputs during one fwd (fwd row) or fwd+bwd step (other rows),\n"
+    "cpu": "peak resident memory above the inputs during one no_grad fwd (fwd row) or fwd+bwd step (other rows),\n"
            "          after one warm-up step, in a fresh process per provider (VmHWM reset through\n"
            "          /proc/self/clear_refs before each step; glibc's MALLOC_MMAP_THRESHOLD_=65536 so that\n"
            "          freed tensors leave the resident set).",
-    "cuda": "torch.cuda.max_memory_allocated() during one fwd (fwd row) or fwd+bwd step (other rows),\n"
+    "cuda": "torch.cuda.max_memory_allocated() during one no_grad fwd (fwd row) or fwd+bwd step (other rows),\n"
             "          after reset_peak_memory_stats(), minus what was allocated before the step.",
 }
 
