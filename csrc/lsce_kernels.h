@@ -281,6 +281,11 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;
   }
+  // The true-class logit is read before the loop writes anything: `grad` may
+  // be the logits' own buffer (lsce.linear writes each chunk's gradient over
+  // its logits), so every element is read once, before its own store.
+  const bool has_y = valid && y >= k0 && y < k1;
+  const A vy = has_y ? capped<CAP>(Io<T>::load(z[y]), cap, inv_cap) : A(0);
 #pragma omp simd
   for (int64_t k = k0; k < k1; ++k) {
     const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
@@ -288,12 +293,11 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
     if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
     out[k] = Io<T>::store(d);
   }
-  if (valid && y >= k0 && y < k1) {
+  if (has_y) {
     // Recomputed in acc and stored once: p_y − 1 must not be rounded to bf16
     // before the subtraction (Liger-Kernel issue 1329).
-    const A v = capped<CAP>(Io<T>::load(z[y]), cap, inv_cap);
-    A d = coef_p * exp_acc<true>(v - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
-    if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
+    A d = coef_p * exp_acc<true>(vy - lse) - (COEF ? coef_c * c[y] : uniform) - g * (A(1) - eps) * wy;
+    if (CAP) d *= A(1) - (vy * inv_cap) * (vy * inv_cap);
     out[y] = Io<T>::store(d);
   }
 }

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
 from .functional import _FLOAT_DTYPES, _check_arguments, as_ignore_index, mean_denominators, reduce_rows
-from .ops import _check_values
+from .ops import _check_values, _kernel_layout, _kernels
 from .reference import acc_dtype
 
 # Each chunk's three matmuls stream all of W (and the K×H weight-gradient sum)
@@ -50,9 +50,9 @@ _BACKEND = "auto"
 def default_chunk_size(N: int, H: int, K: int) -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
-    A chunk holds two row-blocks of K values (its logits and their gradient),
-    so ``ceil(N·H / 2K)`` rows keep that transient memory at about the size of
-    ``input`` (N·H values). LM heads have K ≫ H, where that is only a few rows,
+    A chunk holds one row-block of K values (its logits, then their gradient
+    written over them), so ``ceil(N·H / K)`` rows keep that transient memory at
+    about the size of ``input`` (N·H values). LM heads have K ≫ H, where that is only a few rows,
     so the chunk is never smaller than ``MIN_CHUNK_ROWS`` (512), below which
     the passes over W per chunk slow the matmuls down. At most N; then evened
     out so that the last chunk is not a sliver (same number of chunks, smaller
@@ -60,24 +60,54 @@ def default_chunk_size(N: int, H: int, K: int) -> int:
     """
     if N <= 0:
         return 1
-    rows = max(MIN_CHUNK_ROWS, -(-N * H // (2 * max(K, 1))))
+    rows = max(MIN_CHUNK_ROWS, -(-N * H // max(K, 1)))
     if rows >= N:
         return N
     chunks = -(-N // rows)
     return -(-N // chunks)
 
 
-def _row_chunks(N: int, chunk_size: int):
-    for start in range(0, N, chunk_size):
-        yield start, min(start + chunk_size, N)
+class _Chunks:
+    """The row chunks of one call and their one private (chunk_size, K) buffer.
 
+    Iterating gives ``(start, end, z)`` with ``z`` the chunk's logits
+    ``x @ W.T + b``, computed into the front rows of the buffer. ``backward``
+    then writes the chunk's logit gradient over ``z`` (every kernel reads each
+    logit before it stores that element's gradient; lsce.reference.grad_buffer),
+    so a chunk holds one K-wide row block, not two. The kernels are called
+    directly rather than through ``torch.ops.lsce.cross_entropy_*``: those ops
+    must not write into their inputs, whereas this buffer belongs to the
+    enclosing linear op, which is opaque to autograd and torch.compile.
+    """
 
-def _chunk_logits(buffer: Tensor, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``x @ W.T + b`` written into the front rows of a reused private buffer."""
-    out = buffer[: x.shape[0]]
-    if b is None:
-        return torch.mm(x, W.t(), out=out)
-    return torch.addmm(b, x, W.t(), out=out)
+    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
+                 prior: Optional[Tensor], options: tuple, chunk_size: int):
+        self.x, self.W, self.b, self.chunk_size = x, W, b, chunk_size
+        buffer = x.new_empty((min(chunk_size, x.shape[0]), W.shape[0]))
+        self.buffer, self.y, self.weight, self.prior = _kernel_layout(buffer, y, weight, prior)
+        self.options = options  # (ignore_index, label_smoothing, z_loss, softcap)
+        self.kernels = _kernels(_BACKEND, x.device)
+
+    def __iter__(self):
+        N = self.x.shape[0]
+        for s in range(0, N, self.chunk_size):
+            e = min(s + self.chunk_size, N)
+            z = self.buffer[: e - s]
+            if self.b is None:
+                torch.mm(self.x[s:e], self.W.t(), out=z)
+            else:
+                torch.addmm(self.b, self.x[s:e], self.W.t(), out=z)
+            yield s, e, z
+
+    def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
+        """The chunk's per-row (loss, lse)."""
+        return self.kernels.forward(z, self.y[s:e], self.weight, self.prior, *self.options)
+
+    def backward(self, z: Tensor, s: int, e: int, grad_loss: Tensor, grad_lse: Optional[Tensor],
+                 lse: Tensor) -> Tensor:
+        """The chunk's logit gradient, written over its logits ``z``."""
+        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.weight, self.prior, lse,
+                                     *self.options, out=z)
 
 
 class _GradSums:
@@ -149,7 +179,7 @@ def _reduced_impl(
     acc = acc_dtype(x.dtype)
     _check_values(y, prior, K, ignore_index)
     valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
-    options = (ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
     grads = _GradSums(x, W, b, grad_mask)
@@ -159,15 +189,12 @@ def _reduced_impl(
     # z-loss is averaged over the count, not Σw: the lse gradient makes up
     # the difference, (Σw/count − 1)·2λ·lse.
     lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(z, y[s:e], weight, prior, *options)
+    chunks = _Chunks(x, W, b, y, weight, prior, options, chunk_size)
+    for s, e, z in chunks:
+        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
             grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * lse[s:e], 0)
-            # Passed straight on, so that this chunk's gradient is freed before the next one's exists.
-            grads.add(torch.ops.lsce.cross_entropy_backward(
-                one.expand(e - s), grad_lse, z, y[s:e], weight, prior, lse[s:e], *options), x[s:e], W, s, e)
+            grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, lse[s:e]), x[s:e], W, s, e)
     out = reduce_rows(loss, lse, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
     grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
     return (out, grad_scale, *grads.tensors(x, W, b, final=False))
@@ -183,11 +210,9 @@ def _rows_impl(
     _check_values(y, prior, K, ignore_index)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(
-            z, y[s:e], weight, prior, ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    for s, e, z in chunks:
+        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
     return loss, lse
 
 
@@ -199,14 +224,12 @@ def _rows_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
     bias), recomputing each chunk's logits; empty where grad_mask is False."""
-    N, K = x.shape[0], W.shape[0]
     grads = _GradSums(x, W, b, grad_mask)
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        grads.add(torch.ops.lsce.cross_entropy_backward(
-            grad_loss[s:e], None if grad_lse is None else grad_lse[s:e], z, y[s:e], weight, prior, lse[s:e],
-            ignore_index, label_smoothing, z_loss, softcap, _BACKEND), x[s:e], W, s, e)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    lse = lse.contiguous()  # the kernels index it as a plain vector
+    for s, e, z in chunks:
+        h = None if grad_lse is None else grad_lse[s:e]
+        grads.add(chunks.backward(z, s, e, grad_loss[s:e], h, lse[s:e]), x[s:e], W, s, e)
     return grads.tensors(x, W, b, final=True)
 
 
@@ -374,10 +397,10 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
             smoothing_prior: as in :func:`lsce.cross_entropy` (``ignore_index=None``
             means -100, as in PyTorch's linear_cross_entropy).
-        chunk_size: rows per chunk. The default, ``max(256, ceil(N·H / 2K))``
+        chunk_size: rows per chunk. The default, ``max(MIN_CHUNK_ROWS, ceil(N·H / K))``
             rows capped at N and evened out (:func:`default_chunk_size`), keeps
-            the transient chunk buffers (logits and their gradient) near the
-            size of ``input`` while the matmuls stay compute-bound.
+            the transient chunk buffer (logits, then their gradient over them)
+            near the size of ``input`` while the matmuls stay compute-bound.
 
     Memory beyond the gradients themselves is O(chunk_size·K + N); with
     ``reduction`` mean or sum the gradients are computed during the forward
