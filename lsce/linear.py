@@ -117,7 +117,10 @@ class _GradSums:
     def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], grad_mask: List[bool]):
         acc = acc_dtype(x.dtype)
         self.input = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_mask[0] else None
-        self.weight = torch.zeros(W.shape, dtype=acc, device=W.device) if grad_mask[1] else None
+        # The first chunk writes its product over the weight sum (_add_product), so
+        # no K×H pass of zeros; only with no rows at all is it a sum of nothing.
+        make = torch.zeros if x.shape[0] == 0 else torch.empty
+        self.weight = make(W.shape, dtype=acc, device=W.device) if grad_mask[1] else None
         self.bias = (torch.zeros(W.shape[0], dtype=acc, device=W.device)
                      if grad_mask[2] and b is not None else None)
         self.wanted = any(t is not None for t in (self.input, self.weight, self.bias))
@@ -126,7 +129,7 @@ class _GradSums:
         if self.input is not None:
             torch.mm(d, W, out=self.input[start:end])
         if self.weight is not None:
-            _add_product(self.weight, d, x)
+            _add_product(self.weight, d, x, first=start == 0)
         if self.bias is not None:
             self.bias.add_(d.sum(0, dtype=self.bias.dtype))
 
@@ -141,9 +144,10 @@ class _GradSums:
         return tuple(x.new_empty(0) if t is None else t for t in (self.input, gw, gb))
 
 
-def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
+def _add_product(acc: Tensor, d: Tensor, x: Tensor, first: bool) -> None:
     """``acc += d.T @ x`` with ``acc`` in fp32 (fp64 for fp64): the weight
-    gradient's sum over chunks, for bf16/fp16 chunks too.
+    gradient's sum over chunks, for bf16/fp16 chunks too. ``first``: ``acc =
+    d.T @ x`` instead, over whatever ``acc`` holds (beta=0 ignores even NaN).
 
     CUDA's matmul writes bf16/fp16 products in fp32. CPU has no such matmul:
     for bf16 each block's product is a bf16 matmul (fp32 inside, rounded once
@@ -151,8 +155,9 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
     5× faster than an fp32 matmul of upcast operands; fp16, whose range a
     chunk's product may exceed, is upcast.
     """
+    beta = 0 if first else 1
     if d.dtype == acc.dtype:
-        acc.addmm_(d.t(), x)
+        acc.addmm_(d.t(), x, beta=beta)
         return
     upcast = d.dtype == torch.float16 and not d.is_cuda
     if upcast:
@@ -160,11 +165,13 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
     for k in range(0, d.shape[1], _CLASS_BLOCK):
         rows, block = acc[k : k + _CLASS_BLOCK], d[:, k : k + _CLASS_BLOCK].t()
         if upcast:
-            rows.addmm_(block.to(acc.dtype), x)
-        elif d.is_cuda:
-            rows.add_(torch.mm(block, x, out_dtype=acc.dtype))
+            rows.addmm_(block.to(acc.dtype), x, beta=beta)
+            continue
+        product = torch.mm(block, x, out_dtype=acc.dtype) if d.is_cuda else torch.mm(block, x)
+        if first:
+            rows.copy_(product)
         else:
-            rows.add_(torch.mm(block, x))
+            rows.add_(product)
 
 
 def _reduced_impl(

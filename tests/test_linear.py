@@ -322,6 +322,24 @@ def test_gradient_buffer_must_be_the_logits_or_apart_from_them():
         reference.grad_buffer(logits, torch.empty(4, 8, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_weight_sum_first_chunk_overwrites(dtype):
+    """The weight-gradient sum starts uninitialised (torch.empty, no K×H pass
+    of zeros): the first chunk's product must replace whatever it holds, NaN
+    included, and later chunks add to it in fp32."""
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = (torch.randn(5, 2 * linear._CLASS_BLOCK + 3, generator=g).to(dtype) for _ in range(2))
+    x1, x2 = (torch.randn(5, 7, generator=g).to(dtype) for _ in range(2))
+    acc = torch.full((d1.shape[1], 7), float("nan"))
+    linear._add_product(acc, d1, x1, first=True)
+    linear._add_product(acc, d2, x2, first=False)
+    expected = d1.double().t() @ x1.double() + d2.double().t() @ x2.double()
+    # On CPU each chunk's bf16 product is rounded to bf16 once before the fp32
+    # sum (_add_product): half an ulp (2**-8 relative) per chunk, two chunks.
+    atol = 2 * 2.0**-8 * expected.abs().max().item() if dtype == torch.bfloat16 and not acc.is_cuda else 1e-5
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=atol)
+
+
 def test_default_chunk_size_rule():
     rule = linear.default_chunk_size
     # Small batches: one chunk.
