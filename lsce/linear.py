@@ -67,6 +67,19 @@ def default_chunk_size(N: int, H: int, K: int) -> int:
     return -(-N // chunks)
 
 
+def _row_chunks(N: int, chunk_size: int):
+    for start in range(0, N, chunk_size):
+        yield start, min(start + chunk_size, N)
+
+
+def _chunk_logits(buffer: Tensor, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
+    """``x @ W.T + b`` written into the front rows of a reused private buffer."""
+    out = buffer[: x.shape[0]]
+    if b is None:
+        return torch.mm(x, W.t(), out=out)
+    return torch.addmm(b, x, W.t(), out=out)
+
+
 class _Chunks:
     """The row chunks of one call and their one private (chunk_size, K) buffer.
 
@@ -89,15 +102,8 @@ class _Chunks:
         self.kernels = _kernels(_BACKEND, x.device)
 
     def __iter__(self):
-        N = self.x.shape[0]
-        for s in range(0, N, self.chunk_size):
-            e = min(s + self.chunk_size, N)
-            z = self.buffer[: e - s]
-            if self.b is None:
-                torch.mm(self.x[s:e], self.W.t(), out=z)
-            else:
-                torch.addmm(self.b, self.x[s:e], self.W.t(), out=z)
-            yield s, e, z
+        for s, e in _row_chunks(self.x.shape[0], self.chunk_size):
+            yield s, e, _chunk_logits(self.buffer, self.x[s:e], self.W, self.b)
 
     def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
         """The chunk's per-row (loss, lse)."""
