@@ -35,11 +35,18 @@ from .functional import _FLOAT_DTYPES, _check_arguments, as_ignore_index, mean_d
 from .ops import _check_values, _kernel_layout, _kernels
 from .reference import acc_dtype
 
-# Each chunk's three matmuls stream all of W (and the K×H weight-gradient sum)
-# once, so fewer rows per chunk means more passes over them. Measured on a
-# 2-core AVX-512 CPU, fp32, forward+backward: 256 rows per chunk cost 1.35×
-# the materialised path at K=128256, H=2048, 512 rows 1.04× (1024 rows: no gain).
-MIN_CHUNK_ROWS = 512
+# Each chunk's three matmuls stream all of W, and the chunk reads and writes
+# the K×H fp32 weight-gradient sum once: a cost ∝ K·H per chunk against matmul
+# work ∝ rows·K·H, so fewer rows per chunk means more of it. A bf16/fp16
+# matmul (AMX on CPU) is several times faster than an fp32 one, so it needs
+# more rows to hide the same passes. Measured on a 2-core AVX-512/AMX CPU,
+# forward+backward against the materialised path: fp32 at K=128256, H=2048,
+# 256 rows per chunk 1.35×, 512 rows 1.04× (1024: no gain), and 384 rows the
+# same as 512 at both benchmark sizes (process CPU time on a loaded machine);
+# bf16 at K=128256, H=2048 (same conditions): 384 rows 1.60×, 512 rows 1.35×,
+# 1024 rows 1.18×.
+MIN_CHUNK_ROWS = 512  # bf16, fp16, and when the dtype is not given
+MIN_CHUNK_ROWS_FP32 = 384  # fp32, fp64
 # Classes per block of a low-precision chunk's weight-gradient product: small
 # enough that the block's product is still in cache when it is added to the
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
@@ -47,20 +54,23 @@ _CLASS_BLOCK = 2048
 _BACKEND = "auto"
 
 
-def default_chunk_size(N: int, H: int, K: int) -> int:
+def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = None) -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
     A chunk holds one row-block of K values (its logits, then their gradient
-    written over them), so ``ceil(N·H / K)`` rows keep that transient memory at
-    about the size of ``input`` (N·H values). LM heads have K ≫ H, where that is only a few rows,
-    so the chunk is never smaller than ``MIN_CHUNK_ROWS`` (512), below which
-    the passes over W per chunk slow the matmuls down. At most N; then evened
+    written over them), so ``ceil(N·H / K)`` rows keep that transient memory
+    at about the size of ``input`` (N·H values). LM heads have K ≫ H, where
+    that is only a few rows, so the chunk is never smaller than
+    ``MIN_CHUNK_ROWS_FP32`` (384) rows for fp32/fp64 ``dtype`` and
+    ``MIN_CHUNK_ROWS`` (512) otherwise, below which the passes over W and the
+    weight-gradient sum per chunk slow the step down. At most N; then evened
     out so that the last chunk is not a sliver (same number of chunks, smaller
     buffer).
     """
     if N <= 0:
         return 1
-    rows = max(MIN_CHUNK_ROWS, -(-N * H // max(K, 1)))
+    floor = MIN_CHUNK_ROWS_FP32 if dtype in (torch.float32, torch.float64) else MIN_CHUNK_ROWS
+    rows = max(floor, -(-N * H // max(K, 1)))
     if rows >= N:
         return N
     chunks = -(-N // rows)
@@ -410,8 +420,9 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
             smoothing_prior: as in :func:`lsce.cross_entropy` (``ignore_index=None``
             means -100, as in PyTorch's linear_cross_entropy).
-        chunk_size: rows per chunk. The default, ``max(MIN_CHUNK_ROWS, ceil(N·H / K))``
-            rows capped at N and evened out (:func:`default_chunk_size`), keeps
+        chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
+            least 384 (fp32) or 512 (bf16/fp16), capped at N and evened out
+            (:func:`default_chunk_size`), keeps
             the transient chunk buffer (logits, then their gradient over them)
             near the size of ``input`` while the matmuls stay compute-bound.
 
@@ -434,7 +445,7 @@ def linear_cross_entropy(
     y = target.reshape(-1).to(torch.int64)
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
-    chunk = default_chunk_size(N, H, K) if chunk_size is None else chunk_size
+    chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk)
 
     if reduction == "none":

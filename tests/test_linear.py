@@ -344,8 +344,12 @@ def test_default_chunk_size_rule():
     rule = linear.default_chunk_size
     # Small batches: one chunk.
     assert rule(1, 1024, 32000) == 1 and rule(linear.MIN_CHUNK_ROWS, 4096, 128256) == linear.MIN_CHUNK_ROWS
-    # LM heads (K ≫ H): the matmul floor.
-    assert rule(4096, 1024, 32000) == linear.MIN_CHUNK_ROWS
+    # LM heads (K ≫ H): the matmul floor, lower for fp32 (slower matmuls hide more passes over W).
+    assert rule(4096, 1024, 32000) == rule(4096, 1024, 32000, torch.bfloat16) == linear.MIN_CHUNK_ROWS
+    fp32_floor = linear.MIN_CHUNK_ROWS_FP32
+    n = 8 * fp32_floor
+    assert rule(n, 1024, 32000, torch.float32) == rule(n, 1024, 32000, torch.float64) == fp32_floor
+    assert fp32_floor < linear.MIN_CHUNK_ROWS
     # Wide inputs: one chunk buffer of K values ≈ the input's N·H values, in equal chunks.
     n, h, k = 100_000, 4096, 32_000
     chunk = rule(n, h, k)
