@@ -3,9 +3,10 @@
 ``linear_cross_entropy(h, W, y, ...)`` equals ``lsce.cross_entropy(h @ W.T + b, y, ...)``
 but never materialises the N×K logits: rows are processed in chunks, and per
 chunk the logits (one matmul), the per-row forward and the logit gradient (the
-registered ops ``torch.ops.lsce.cross_entropy_forward/backward``, the same
-kernels as ``lsce.cross_entropy``) and that chunk's share of the input and
-weight gradients (two matmuls) are computed, then the chunk is dropped.
+kernels of ``lsce.cross_entropy``, through lsce.ops' kernel layer; the
+gradient is written over the chunk's logits, so one (chunk, K) buffer serves
+every chunk) and that chunk's share of the input and weight gradients (two
+matmuls) are computed, then the buffer is reused for the next chunk.
 
 Two strategies, registered as ops of their own so that
 ``torch.compile(fullgraph=True)`` sees one opaque node per call:
@@ -422,9 +423,9 @@ def linear_cross_entropy(
             means -100, as in PyTorch's linear_cross_entropy).
         chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
             least 384 (fp32) or 512 (bf16/fp16), capped at N and evened out
-            (:func:`default_chunk_size`), keeps
-            the transient chunk buffer (logits, then their gradient over them)
-            near the size of ``input`` while the matmuls stay compute-bound.
+            (:func:`default_chunk_size`), keeps the transient chunk buffer
+            (logits, then their gradient over them) near the size of ``input``
+            while the matmuls stay compute-bound.
 
     Memory beyond the gradients themselves is O(chunk_size·K + N); with
     ``reduction`` mean or sum the gradients are computed during the forward
