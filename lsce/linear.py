@@ -45,9 +45,13 @@ from .reference import acc_dtype
 # 256 rows per chunk 1.35×, 512 rows 1.04× (1024: no gain), and 384 rows the
 # same as 512 at both benchmark sizes (process CPU time on a loaded machine);
 # bf16 at K=128256, H=2048 (same conditions): 384 rows 1.60×, 512 rows 1.35×,
-# 1024 rows 1.18×.
-MIN_CHUNK_ROWS = 512  # bf16, fp16, and when the dtype is not given
-MIN_CHUNK_ROWS_FP32 = 384  # fp32, fp64
+# 1024 rows 1.18×; at K=32000, H=1024 (benchmarks/bench_linear.py, loaded
+# machine) 512 rows 1.76×, 1024 rows 1.24×. For bf16/fp16 the larger chunk
+# costs little memory: the step's peak is the fp32 weight sum with its
+# rounded copy (6 bytes per weight), and 1024 rows of K logits are no larger
+# than that copy once H >= 1024 (measured peak: +2% at K=32000, H=1024).
+MIN_CHUNK_ROWS = 512  # when the dtype is not given
+_MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024, torch.float16: 1024}
 # Classes per block of a low-precision chunk's weight-gradient product: small
 # enough that the block's product is still in cache when it is added to the
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
@@ -61,16 +65,16 @@ def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = No
     A chunk holds one row-block of K values (its logits, then their gradient
     written over them), so ``ceil(N·H / K)`` rows keep that transient memory
     at about the size of ``input`` (N·H values). LM heads have K ≫ H, where
-    that is only a few rows, so the chunk is never smaller than
-    ``MIN_CHUNK_ROWS_FP32`` (384) rows for fp32/fp64 ``dtype`` and
-    ``MIN_CHUNK_ROWS`` (512) otherwise, below which the passes over W and the
-    weight-gradient sum per chunk slow the step down. At most N; then evened
+    that is only a few rows, so the chunk is never smaller than a floor
+    (``_MIN_CHUNK_ROWS[dtype]``: 384 rows for fp32/fp64, 1024 for bf16/fp16;
+    ``MIN_CHUNK_ROWS``, 512, without a dtype), below which the passes over W
+    and the weight-gradient sum per chunk slow the step down. At most N; then evened
     out so that the last chunk is not a sliver (same number of chunks, smaller
     buffer).
     """
     if N <= 0:
         return 1
-    floor = MIN_CHUNK_ROWS_FP32 if dtype in (torch.float32, torch.float64) else MIN_CHUNK_ROWS
+    floor = _MIN_CHUNK_ROWS.get(dtype, MIN_CHUNK_ROWS)
     rows = max(floor, -(-N * H // max(K, 1)))
     if rows >= N:
         return N
@@ -422,7 +426,7 @@ def linear_cross_entropy(
             smoothing_prior: as in :func:`lsce.cross_entropy` (``ignore_index=None``
             means -100, as in PyTorch's linear_cross_entropy).
         chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
-            least 384 (fp32) or 512 (bf16/fp16), capped at N and evened out
+            least 384 (fp32) or 1024 (bf16/fp16), capped at N and evened out
             (:func:`default_chunk_size`), keeps the transient chunk buffer
             (logits, then their gradient over them) near the size of ``input``
             while the matmuls stay compute-bound.

@@ -345,11 +345,11 @@ def test_default_chunk_size_rule():
     # Small batches: one chunk.
     assert rule(1, 1024, 32000) == 1 and rule(linear.MIN_CHUNK_ROWS, 4096, 128256) == linear.MIN_CHUNK_ROWS
     # LM heads (K ≫ H): the matmul floor, lower for fp32 (slower matmuls hide more passes over W).
-    assert rule(4096, 1024, 32000) == rule(4096, 1024, 32000, torch.bfloat16) == linear.MIN_CHUNK_ROWS
-    fp32_floor = linear.MIN_CHUNK_ROWS_FP32
-    n = 8 * fp32_floor
-    assert rule(n, 1024, 32000, torch.float32) == rule(n, 1024, 32000, torch.float64) == fp32_floor
-    assert fp32_floor < linear.MIN_CHUNK_ROWS
+    assert rule(4096, 1024, 32000) == linear.MIN_CHUNK_ROWS
+    floors = linear._MIN_CHUNK_ROWS
+    assert floors[torch.float32] == floors[torch.float64] < floors[torch.bfloat16] == floors[torch.float16]
+    for dtype, floor in floors.items():
+        assert rule(8 * floor, 1024, 32000, dtype) == floor
     # Wide inputs: one chunk buffer of K values ≈ the input's N·H values, in equal chunks.
     n, h, k = 100_000, 4096, 32_000
     chunk = rule(n, h, k)
