@@ -5,9 +5,11 @@ same loss on materialised logits.
     python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
     python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
     python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
+    python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
 
 Providers (reduction="mean"; label_smoothing=0.1 except where noted):
     lsce_linear         lsce.linear_cross_entropy (chunked, no N×K logits)
+    lsce_linear_cR      the same with chunk_size=R (--chunk-sizes): time against memory
     lsce_materialised   F.linear + lsce.cross_entropy
     torch               F.linear + F.cross_entropy
     torch_linear        F.linear_cross_entropy (PyTorch's reference path), if torch has it
@@ -76,6 +78,9 @@ def providers():
 def loss_fn(name: str):
     if name == "lsce_linear":
         return lambda x, W, y: lsce.linear_cross_entropy(x, W, y, label_smoothing=EPS)
+    if name.startswith("lsce_linear_c"):
+        rows = int(name[len("lsce_linear_c"):])
+        return lambda x, W, y: lsce.linear_cross_entropy(x, W, y, label_smoothing=EPS, chunk_size=rows)
     if name == "lsce_materialised":
         return lambda x, W, y: lsce.cross_entropy(F.linear(x, W), y, label_smoothing=EPS)
     if name == "torch":
@@ -211,6 +216,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--providers", help=f"comma-separated subset of {','.join(providers())}")
     ap.add_argument("--reps", type=int, help="timed steps per provider (after one untimed step)")
+    ap.add_argument("--chunk-sizes", help="comma-separated rows per chunk: one more lsce_linear provider each")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "linear.csv"))
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -226,6 +232,8 @@ def main() -> None:
     cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
     reps = args.reps or (2 if args.quick else 3)
     names = args.providers.split(",") if args.providers else providers()
+    if args.chunk_sizes:
+        names += [f"lsce_linear_c{int(rows)}" for rows in args.chunk_sizes.split(",")]
     rows = []
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps}")
     header = (f"{'N':>5} {'H':>5} {'K':>6} {'dtype':>5} {'provider':>18} {'median ms':>9} {'min ms':>8} {'×mat':>6} "

@@ -7,7 +7,6 @@ passed is modified), flattens the input to 2-D rows, calls the registered op
 
 from __future__ import annotations
 
-import math
 import operator
 import os
 from typing import Optional
@@ -37,6 +36,13 @@ def _check_class_vector(name: str, v: Optional[Tensor], K: int, device: torch.de
         raise ValueError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
     if v.device != device:
         raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
+
+
+def _finite(v) -> bool:
+    """math.isfinite without the call: under torch.compile(dynamic=True) a float
+    argument is a SymFloat, which math.isfinite cannot trace; comparisons can.
+    False for NaN (every comparison with it is False) and ±inf."""
+    return abs(v) < float("inf")
 
 
 def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior, backend):
@@ -70,9 +76,9 @@ def _check_arguments(input, target, weight, reduction, label_smoothing, z_loss, 
         raise ValueError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"lsce: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+    if not isinstance(z_loss, (int, float)) or not _finite(z_loss) or z_loss < 0:
         raise ValueError(f"lsce: z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not _finite(softcap) or softcap <= 0):
         raise ValueError(f"lsce: softcap must be None or a finite number > 0, got {softcap!r}")
     if backend not in BACKENDS:
         raise ValueError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")

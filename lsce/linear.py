@@ -3,9 +3,10 @@
 ``linear_cross_entropy(h, W, y, ...)`` equals ``lsce.cross_entropy(h @ W.T + b, y, ...)``
 but never materialises the N×K logits: rows are processed in chunks, and per
 chunk the logits (one matmul), the per-row forward and the logit gradient (the
-registered ops ``torch.ops.lsce.cross_entropy_forward/backward``, the same
-kernels as ``lsce.cross_entropy``) and that chunk's share of the input and
-weight gradients (two matmuls) are computed, then the chunk is dropped.
+kernels of ``lsce.cross_entropy``, through lsce.ops' kernel layer; the
+gradient is written over the chunk's logits, so one (chunk, K) buffer serves
+every chunk) and that chunk's share of the input and weight gradients (two
+matmuls) are computed, then the buffer is reused for the next chunk.
 
 Two strategies, registered as ops of their own so that
 ``torch.compile(fullgraph=True)`` sees one opaque node per call:
@@ -33,14 +34,25 @@ from torch import Tensor, nn
 from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
 from .functional import (_FLOAT_DTYPES, _check_arguments, as_ignore_index, check_out_dtype, mean_denominators,
                          reduce_rows)
-from .ops import _check_values
+from .ops import _check_values, _kernel_layout, _kernels
 from .reference import acc_dtype
 
-# Each chunk's three matmuls stream all of W (and the K×H weight-gradient sum)
-# once, so fewer rows per chunk means more passes over them. Measured on a
-# 2-core AVX-512 CPU, fp32, forward+backward: 256 rows per chunk cost 1.35×
-# the materialised path at K=128256, H=2048, 512 rows 1.04× (1024 rows: no gain).
-MIN_CHUNK_ROWS = 512
+# Each chunk's three matmuls stream all of W, and the chunk reads and writes
+# the K×H fp32 weight-gradient sum once: a cost ∝ K·H per chunk against matmul
+# work ∝ rows·K·H, so fewer rows per chunk means more of it. A bf16/fp16
+# matmul (AMX on CPU) is several times faster than an fp32 one, so it needs
+# more rows to hide the same passes. Measured on a 2-core AVX-512/AMX CPU,
+# forward+backward against the materialised path: fp32 at K=128256, H=2048,
+# 256 rows per chunk 1.35×, 512 rows 1.04× (1024: no gain), and 384 rows the
+# same as 512 at both benchmark sizes (process CPU time on a loaded machine);
+# bf16 at K=128256, H=2048 (same conditions): 384 rows 1.60×, 512 rows 1.35×,
+# 1024 rows 1.18×; at K=32000, H=1024 (benchmarks/bench_linear.py, loaded
+# machine) 512 rows 1.76×, 1024 rows 1.24×. For bf16/fp16 the larger chunk
+# costs little memory: the step's peak is the fp32 weight sum with its
+# rounded copy (6 bytes per weight), and 1024 rows of K logits are no larger
+# than that copy once H >= 1024 (measured peak: +2% at K=32000, H=1024).
+MIN_CHUNK_ROWS = 512  # when the dtype is not given
+_MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024, torch.float16: 1024}
 # Classes per block of a low-precision chunk's weight-gradient product: small
 # enough that the block's product is still in cache when it is added to the
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
@@ -48,20 +60,23 @@ _CLASS_BLOCK = 2048
 _BACKEND = "auto"
 
 
-def default_chunk_size(N: int, H: int, K: int) -> int:
+def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = None) -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
-    A chunk holds two row-blocks of K values (its logits and their gradient),
-    so ``ceil(N·H / 2K)`` rows keep that transient memory at about the size of
-    ``input`` (N·H values). LM heads have K ≫ H, where that is only a few rows,
-    so the chunk is never smaller than ``MIN_CHUNK_ROWS`` (512), below which
-    the passes over W per chunk slow the matmuls down. At most N; then evened
+    A chunk holds one row-block of K values (its logits, then their gradient
+    written over them), so ``ceil(N·H / K)`` rows keep that transient memory
+    at about the size of ``input`` (N·H values). LM heads have K ≫ H, where
+    that is only a few rows, so the chunk is never smaller than a floor
+    (``_MIN_CHUNK_ROWS[dtype]``: 384 rows for fp32/fp64, 1024 for bf16/fp16;
+    ``MIN_CHUNK_ROWS``, 512, without a dtype), below which the passes over W
+    and the weight-gradient sum per chunk slow the step down. At most N; then evened
     out so that the last chunk is not a sliver (same number of chunks, smaller
     buffer).
     """
     if N <= 0:
         return 1
-    rows = max(MIN_CHUNK_ROWS, -(-N * H // (2 * max(K, 1))))
+    floor = _MIN_CHUNK_ROWS.get(dtype, MIN_CHUNK_ROWS)
+    rows = max(floor, -(-N * H // max(K, 1)))
     if rows >= N:
         return N
     chunks = -(-N // rows)
@@ -81,6 +96,42 @@ def _chunk_logits(buffer: Tensor, x: Tensor, W: Tensor, b: Optional[Tensor]) -> 
     return torch.addmm(b, x, W.t(), out=out)
 
 
+class _Chunks:
+    """The row chunks of one call and their one private (chunk_size, K) buffer.
+
+    Iterating gives ``(start, end, z)`` with ``z`` the chunk's logits
+    ``x @ W.T + b``, computed into the front rows of the buffer. ``backward``
+    then writes the chunk's logit gradient over ``z`` (every kernel reads each
+    logit before it stores that element's gradient; lsce.reference.grad_buffer),
+    so a chunk holds one K-wide row block, not two. The kernels are called
+    directly rather than through ``torch.ops.lsce.cross_entropy_*``: those ops
+    must not write into their inputs, whereas this buffer belongs to the
+    enclosing linear op, which is opaque to autograd and torch.compile.
+    """
+
+    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
+                 prior: Optional[Tensor], options: tuple, chunk_size: int):
+        self.x, self.W, self.b, self.chunk_size = x, W, b, chunk_size
+        buffer = x.new_empty((min(chunk_size, x.shape[0]), W.shape[0]))
+        self.buffer, self.y, self.weight, self.prior = _kernel_layout(buffer, y, weight, prior)
+        self.options = options  # (ignore_index, label_smoothing, z_loss, softcap)
+        self.kernels = _kernels(_BACKEND, x.device)
+
+    def __iter__(self):
+        for s, e in _row_chunks(self.x.shape[0], self.chunk_size):
+            yield s, e, _chunk_logits(self.buffer, self.x[s:e], self.W, self.b)
+
+    def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
+        """The chunk's per-row (loss, lse)."""
+        return self.kernels.forward(z, self.y[s:e], self.weight, self.prior, *self.options)
+
+    def backward(self, z: Tensor, s: int, e: int, grad_loss: Tensor, grad_lse: Optional[Tensor],
+                 lse: Tensor) -> Tensor:
+        """The chunk's logit gradient, written over its logits ``z``."""
+        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.weight, self.prior, lse,
+                                     *self.options, out=z)
+
+
 class _GradSums:
     """Where each chunk's logit gradient ``d`` goes: its rows of grad_input, and
     running sums (fp32; fp64 for fp64) of the weight and bias gradients."""
@@ -88,7 +139,10 @@ class _GradSums:
     def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], grad_mask: List[bool]):
         acc = acc_dtype(x.dtype)
         self.input = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_mask[0] else None
-        self.weight = torch.zeros(W.shape, dtype=acc, device=W.device) if grad_mask[1] else None
+        # The first chunk writes its product over the weight sum (_add_product), so
+        # no K×H pass of zeros; only with no rows at all is it a sum of nothing.
+        make = torch.zeros if x.shape[0] == 0 else torch.empty
+        self.weight = make(W.shape, dtype=acc, device=W.device) if grad_mask[1] else None
         self.bias = (torch.zeros(W.shape[0], dtype=acc, device=W.device)
                      if grad_mask[2] and b is not None else None)
         self.wanted = any(t is not None for t in (self.input, self.weight, self.bias))
@@ -97,7 +151,7 @@ class _GradSums:
         if self.input is not None:
             torch.mm(d, W, out=self.input[start:end])
         if self.weight is not None:
-            _add_product(self.weight, d, x)
+            _add_product(self.weight, d, x, first=start == 0)
         if self.bias is not None:
             self.bias.add_(d.sum(0, dtype=self.bias.dtype))
 
@@ -112,9 +166,10 @@ class _GradSums:
         return tuple(x.new_empty(0) if t is None else t for t in (self.input, gw, gb))
 
 
-def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
+def _add_product(acc: Tensor, d: Tensor, x: Tensor, first: bool) -> None:
     """``acc += d.T @ x`` with ``acc`` in fp32 (fp64 for fp64): the weight
-    gradient's sum over chunks, for bf16/fp16 chunks too.
+    gradient's sum over chunks, for bf16/fp16 chunks too. ``first``: ``acc =
+    d.T @ x`` instead, over whatever ``acc`` holds (beta=0 ignores even NaN).
 
     CUDA's matmul writes bf16/fp16 products in fp32. CPU has no such matmul:
     for bf16 each block's product is a bf16 matmul (fp32 inside, rounded once
@@ -122,8 +177,9 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
     5× faster than an fp32 matmul of upcast operands; fp16, whose range a
     chunk's product may exceed, is upcast.
     """
+    beta = 0 if first else 1
     if d.dtype == acc.dtype:
-        acc.addmm_(d.t(), x)
+        acc.addmm_(d.t(), x, beta=beta)
         return
     upcast = d.dtype == torch.float16 and not d.is_cuda
     if upcast:
@@ -131,11 +187,13 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor) -> None:
     for k in range(0, d.shape[1], _CLASS_BLOCK):
         rows, block = acc[k : k + _CLASS_BLOCK], d[:, k : k + _CLASS_BLOCK].t()
         if upcast:
-            rows.addmm_(block.to(acc.dtype), x)
-        elif d.is_cuda:
-            rows.add_(torch.mm(block, x, out_dtype=acc.dtype))
+            rows.addmm_(block.to(acc.dtype), x, beta=beta)
+            continue
+        product = torch.mm(block, x, out_dtype=acc.dtype) if d.is_cuda else torch.mm(block, x)
+        if first:
+            rows.copy_(product)
         else:
-            rows.add_(torch.mm(block, x))
+            rows.add_(product)
 
 
 def _reduced_impl(
@@ -150,7 +208,7 @@ def _reduced_impl(
     acc = acc_dtype(x.dtype)
     _check_values(y, prior, K, ignore_index)
     valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
-    options = (ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
     grads = _GradSums(x, W, b, grad_mask)
@@ -160,15 +218,12 @@ def _reduced_impl(
     # z-loss is averaged over the count, not Σw: the lse gradient makes up
     # the difference, (Σw/count − 1)·2λ·lse.
     lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(z, y[s:e], weight, prior, *options)
+    chunks = _Chunks(x, W, b, y, weight, prior, options, chunk_size)
+    for s, e, z in chunks:
+        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
             grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * lse[s:e], 0)
-            # Passed straight on, so that this chunk's gradient is freed before the next one's exists.
-            grads.add(torch.ops.lsce.cross_entropy_backward(
-                one.expand(e - s), grad_lse, z, y[s:e], weight, prior, lse[s:e], *options), x[s:e], W, s, e)
+            grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, lse[s:e]), x[s:e], W, s, e)
     out = reduce_rows(loss, lse, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
     grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
     return (out, grad_scale, *grads.tensors(x, W, b, final=False))
@@ -184,11 +239,9 @@ def _rows_impl(
     _check_values(y, prior, K, ignore_index)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        loss[s:e], lse[s:e] = torch.ops.lsce.cross_entropy_forward(
-            z, y[s:e], weight, prior, ignore_index, label_smoothing, z_loss, softcap, _BACKEND)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    for s, e, z in chunks:
+        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
     return loss, lse
 
 
@@ -200,14 +253,12 @@ def _rows_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
     bias), recomputing each chunk's logits; empty where grad_mask is False."""
-    N, K = x.shape[0], W.shape[0]
     grads = _GradSums(x, W, b, grad_mask)
-    buffer = x.new_empty((min(chunk_size, N), K))
-    for s, e in _row_chunks(N, chunk_size):
-        z = _chunk_logits(buffer, x[s:e], W, b)
-        grads.add(torch.ops.lsce.cross_entropy_backward(
-            grad_loss[s:e], None if grad_lse is None else grad_lse[s:e], z, y[s:e], weight, prior, lse[s:e],
-            ignore_index, label_smoothing, z_loss, softcap, _BACKEND), x[s:e], W, s, e)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    lse = lse.contiguous()  # the kernels index it as a plain vector
+    for s, e, z in chunks:
+        h = None if grad_lse is None else grad_lse[s:e]
+        grads.add(chunks.backward(z, s, e, grad_loss[s:e], h, lse[s:e]), x[s:e], W, s, e)
     return grads.tensors(x, W, b, final=True)
 
 
@@ -376,10 +427,11 @@ def linear_cross_entropy(
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
             smoothing_prior, out_dtype: as in :func:`lsce.cross_entropy` (``ignore_index=None``
             means -100, as in PyTorch's linear_cross_entropy).
-        chunk_size: rows per chunk. The default, ``max(256, ceil(N·H / 2K))``
-            rows capped at N and evened out (:func:`default_chunk_size`), keeps
-            the transient chunk buffers (logits and their gradient) near the
-            size of ``input`` while the matmuls stay compute-bound.
+        chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
+            least 384 (fp32) or 1024 (bf16/fp16), capped at N and evened out
+            (:func:`default_chunk_size`), keeps the transient chunk buffer
+            (logits, then their gradient over them) near the size of ``input``
+            while the matmuls stay compute-bound.
 
     Memory beyond the gradients themselves is O(chunk_size·K + N); with
     ``reduction`` mean or sum the gradients are computed during the forward
@@ -401,7 +453,7 @@ def linear_cross_entropy(
     y = target.reshape(-1).to(torch.int64)
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
-    chunk = default_chunk_size(N, H, K) if chunk_size is None else chunk_size
+    chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk)
 
     if reduction == "none":

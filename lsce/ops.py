@@ -55,10 +55,12 @@ class _Cpp:
         return loss, lse
 
     @staticmethod
-    def backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, eps, z_loss, softcap):
+    def backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, eps, z_loss, softcap,
+                 out=None):
+        """The logits' gradient, in a new tensor or in ``out`` (reference.grad_buffer; may be ``logits``)."""
         from . import _C
 
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad = reference.grad_buffer(logits, out)
         _C.backward(**_Cpp._common(logits, target, weight, prior, ignore_index, eps, z_loss, softcap),
                     lse=_ptr(lse), grad_loss=_ptr(grad_loss), grad_loss_stride=grad_loss.stride(0),
                     grad_lse=_ptr(grad_lse), grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0),

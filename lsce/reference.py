@@ -162,18 +162,45 @@ def rows_forward(logits, target, weight, prior, ignore_index, label_smoothing, z
     return loss, lse
 
 
-def rows_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, label_smoothing, z_loss, softcap):
+def grad_buffer(logits, out=None):
+    """Where a backward kernel writes the gradient of 2-D ``logits``: a new
+    contiguous tensor, or ``out``. ``out`` may be the logits themselves (every
+    kernel reads each element before it writes that element and never reads
+    it again), which is how lsce.linear keeps one buffer per chunk; it must
+    then be contiguous, as the gradient always is. A partial overlap, or any
+    other layout, is refused: the kernels would read values already replaced.
+    Only lsce's private buffers are ever passed here."""
+    if out is None:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
+        raise ValueError(f"lsce: gradient buffer {tuple(out.shape)} {out.dtype} on {out.device} does not match "
+                         f"the logits {tuple(logits.shape)} {logits.dtype} on {logits.device}")
+    if not out.is_contiguous():
+        raise ValueError("lsce: the gradient buffer must be contiguous")
+    same = out.data_ptr() == logits.data_ptr() and logits.is_contiguous()
+    if not same and out.numel() and logits.numel():
+        o0, l0 = out.data_ptr(), logits.data_ptr()
+        o1 = o0 + out.numel() * out.element_size()
+        l1 = l0 + ((logits.shape[0] - 1) * logits.stride(0) + logits.shape[1]) * logits.element_size()
+        if o0 < l1 and l0 < o1:
+            raise ValueError("lsce: the gradient buffer overlaps the logits without being exactly them")
+    return out
+
+
+def rows_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, label_smoothing, z_loss,
+                  softcap, out=None):
     """Gradient of ``Σ g·loss + Σ h·lse`` with respect to 2-D ``logits``.
 
     ``grad_loss`` (g) and ``grad_lse`` (h, or None): (N,) tensors, possibly
-    expanded from a scalar. Returns an (N, K) tensor in the logits' dtype.
+    expanded from a scalar. Returns an (N, K) tensor in the logits' dtype:
+    ``out`` when given (see :func:`grad_buffer`; it may be ``logits``).
     """
     N, K = logits.shape
     acc = acc_dtype(logits.dtype)
     eps = label_smoothing
     c, C = class_coefficients(K, weight, prior, acc, logits.device)
     w = None if weight is None else weight.to(acc)
-    grad = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    grad = grad_buffer(logits, out)
     step = max(1, _CHUNK_ELEMS // max(K, 1))
     for s in range(0, N, step):
         e = s + step
@@ -191,5 +218,7 @@ def rows_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, ignor
         d.scatter_add_(1, y_safe[:, None], (-(1 - eps) * w_y * g)[:, None])
         if softcap:
             d *= 1 - (zc / softcap) ** 2
+        # d is a new tensor, complete before this store: with grad = logits,
+        # rows s:e are overwritten only after they have been read.
         grad[s:e] = d
     return grad

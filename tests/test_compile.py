@@ -76,3 +76,35 @@ def test_export_keeps_one_node():
     ours = [n for n in program.graph.nodes if n.op == "call_function" and "lsce" in str(n.target)]
     assert [str(n.target) for n in ours] == ["lsce.cross_entropy_forward.default"]
     torch.testing.assert_close(program.module()(logits, target), Loss()(logits, target))
+
+
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("options", [(), ("z_loss", "softcap")], ids="+".join)
+def test_compile_dynamic_shapes(entry, options):
+    """torch.compile(dynamic=True) passes float options as SymFloats: the
+    argument checks must trace them (math.isfinite cannot) and one graph must
+    serve several batch sizes."""
+    torch._dynamo.reset()
+    H, K = 6, 9
+    opts = make_options(K, options)
+    head = torch.randn(K, H, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).float()
+
+    def step(x, t, W):
+        if entry == "cross_entropy":
+            return lsce.cross_entropy(x, t, label_smoothing=0.1, **opts)
+        return lsce.linear_cross_entropy(x, W, t, label_smoothing=0.1, **opts)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True)
+    for n in (5, 8, 13):
+        x, t = make_problem((n, K), torch.float32, ignore_frac=0.3, seed=n)
+        if entry == "linear_cross_entropy":
+            x = x[:, :H].contiguous()
+        results = []
+        for fn in (step, compiled):
+            xs, W = x.clone().requires_grad_(True), head.clone().requires_grad_(True)
+            out = fn(xs, t, W)
+            out.backward()
+            results.append((out.detach(), xs.grad, W.grad))
+        for eager, comp in zip(*results):
+            if eager is not None:  # W.grad of cross_entropy, which does not use W
+                torch.testing.assert_close(comp, eager)

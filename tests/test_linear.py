@@ -4,6 +4,7 @@ F.linear_cross_entropy where torch has it, and the fp64 reference; gradcheck,
 torch.compile, chunking edge cases and bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +17,12 @@ from _util import (
     ULP, assert_close_to_truth, assert_no_worse_than_torch, make_options, make_problem, torch_cross_entropy,
     torch_supports,
 )
+
+# The Triton kernels run interpreted on CPU (as in tests/test_triton_kernels.py),
+# set before triton is first imported.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 N, H, K = 37, 12, 29
 CHUNK = 8  # does not divide N
@@ -263,18 +270,92 @@ def test_no_tensor_of_rows_times_classes():
     assert torch.isfinite(gi).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(6, 50), (3, 20000)], ids=["rows", "split_rows"])
+@pytest.mark.parametrize("options", [(), ("weight", "z_loss", "softcap", "prior")], ids=lambda o: "+".join(o) or "plain")
+def test_backward_over_its_own_logits(backend, dtype, shape, options):
+    """Each chunk's gradient is written over the chunk's logits (out=logits):
+    every kernel must then give bitwise the gradient it writes into a new
+    tensor, i.e. read each logit (the target's too) before storing that
+    element. (3, 20000) takes the C++ kernel's split-row path (N < 64,
+    K >= 16384) and splits the Triton rows into several programs."""
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the C++ kernel runs on CPU tensors")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kernels = lsce.ops._kernels(backend, torch.device(DEVICE))
+    logits, target = make_problem(shape, dtype, ignore_frac=0.3, device=DEVICE)
+    acc = reference.acc_dtype(dtype)
+    opts = {k: v.to(acc) if isinstance(v, torch.Tensor) else v for k, v in make_options(shape[1], options).items()}
+    w, prior = (None if opts.get(k) is None else opts[k].to(DEVICE) for k in ("weight", "smoothing_prior"))
+    options = (-100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
+    loss, lse = kernels.forward(logits, target, w, prior, *options)
+    g = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    h = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    for grad_lse in (None, h):
+        expected = kernels.backward(g, grad_lse, logits, target, w, prior, lse, *options)
+        buffer = logits.clone()
+        got = kernels.backward(g, grad_lse, buffer, target, w, prior, lse, *options, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got, expected)
+        truth = reference.rows_backward(g, grad_lse, logits.double(), target, w, prior, lse.double(), *options)
+        torch.testing.assert_close(got, truth.to(dtype), atol=1e-6, rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_gradient_buffer_must_be_the_logits_or_apart_from_them():
+    """grad_buffer accepts the logits themselves (contiguous) or a separate
+    tensor; a partial overlap, or the storage of logits with a row stride,
+    would have the kernel read values it has already replaced."""
+    store = torch.zeros(5 * 8)
+    logits = store[: 4 * 8].view(4, 8)
+    assert reference.grad_buffer(logits, logits) is logits
+    assert reference.grad_buffer(logits, torch.empty(4, 8)).shape == (4, 8)
+    with pytest.raises(ValueError, match="overlaps"):
+        reference.grad_buffer(logits, store[8:].view(4, 8))
+    strided = store.view(5, 8)[:, :7]
+    with pytest.raises(ValueError, match="overlaps"):
+        reference.grad_buffer(strided, store[: 5 * 7].view(5, 7))
+    with pytest.raises(ValueError, match="contiguous"):
+        reference.grad_buffer(logits, torch.empty(8, 4).t())
+    with pytest.raises(ValueError, match="does not match"):
+        reference.grad_buffer(logits, torch.empty(4, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_weight_sum_first_chunk_overwrites(dtype):
+    """The weight-gradient sum starts uninitialised (torch.empty, no K×H pass
+    of zeros): the first chunk's product must replace whatever it holds, NaN
+    included, and later chunks add to it in fp32."""
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = (torch.randn(5, 2 * linear._CLASS_BLOCK + 3, generator=g).to(dtype) for _ in range(2))
+    x1, x2 = (torch.randn(5, 7, generator=g).to(dtype) for _ in range(2))
+    acc = torch.full((d1.shape[1], 7), float("nan"))
+    linear._add_product(acc, d1, x1, first=True)
+    linear._add_product(acc, d2, x2, first=False)
+    expected = d1.double().t() @ x1.double() + d2.double().t() @ x2.double()
+    # On CPU each chunk's bf16 product is rounded to bf16 once before the fp32
+    # sum (_add_product): half an ulp (2**-8 relative) per chunk, two chunks.
+    atol = 2 * 2.0**-8 * expected.abs().max().item() if dtype == torch.bfloat16 and not acc.is_cuda else 1e-5
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=atol)
+
+
 def test_default_chunk_size_rule():
     rule = linear.default_chunk_size
     # Small batches: one chunk.
     assert rule(1, 1024, 32000) == 1 and rule(linear.MIN_CHUNK_ROWS, 4096, 128256) == linear.MIN_CHUNK_ROWS
-    # LM heads (K ≫ H): the matmul floor.
+    # LM heads (K ≫ H): the matmul floor, lower for fp32 (slower matmuls hide more passes over W).
     assert rule(4096, 1024, 32000) == linear.MIN_CHUNK_ROWS
-    # Wide inputs: two chunk buffers of K values ≈ the input's N·H values, in equal chunks.
+    floors = linear._MIN_CHUNK_ROWS
+    assert floors[torch.float32] == floors[torch.float64] < floors[torch.bfloat16] == floors[torch.float16]
+    for dtype, floor in floors.items():
+        assert rule(8 * floor, 1024, 32000, dtype) == floor
+    # Wide inputs: one chunk buffer of K values ≈ the input's N·H values, in equal chunks.
     n, h, k = 100_000, 4096, 32_000
     chunk = rule(n, h, k)
     chunks = -(-n // chunk)
-    assert chunks == -(-n // -(-n * h // (2 * k))) and chunk * chunks - n < chunks
-    assert 2 * k * chunk <= n * h * 1.01
+    assert chunks == -(-n // -(-n * h // k)) and chunk * chunks - n < chunks
+    assert k * chunk <= n * h * 1.01
     # Never more rows than N; a last chunk is never a sliver.
     for n in (257, 300, 1000, 4097):
         chunk = rule(n, 64, 32000)

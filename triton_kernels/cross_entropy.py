@@ -29,8 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# c = π ⊙ w and C = Σ c, computed once per launch on the device (no host sync).
-from lsce.reference import class_coefficients
+# c = π ⊙ w and C = Σ c, computed once per launch on the device (no host sync);
+# where the backward writes (a new tensor, or a buffer that may be the logits).
+from lsce.reference import class_coefficients, grad_buffer
 
 __all__ = ["forward", "backward"]
 
@@ -246,7 +247,7 @@ def _backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
-    grad_row_ptr = grad_ptr + row * K  # the gradient is a new contiguous buffer
+    grad_row_ptr = grad_ptr + row * K  # the gradient is contiguous (grad_buffer)
     col0 = split * cols_per_split
 
     y = tl.load(target_ptr + row)
@@ -361,18 +362,20 @@ def forward(
 def backward(
     grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
     weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, out: Optional[Tensor] = None,
 ) -> Tensor:
     """Gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` with respect to ``logits``,
     as ``lsce.reference.rows_backward``.
 
     ``grad_loss`` / ``grad_lse`` (N,) or None for ``grad_lse``, any stride
     (an expanded scalar has stride 0); ``lse`` from :func:`forward`. Returns
-    a new contiguous (N, K) tensor in the logits' dtype.
+    a new contiguous (N, K) tensor in the logits' dtype, or ``out``
+    (``lsce.reference.grad_buffer``): each program loads a block of its row
+    and stores that same block, so ``out`` may be the logits themselves.
     """
     acc, tl_acc = _check(logits, target)
     N, K = logits.shape
-    grad = torch.empty((N, K), dtype=logits.dtype, device=logits.device)
+    grad = grad_buffer(logits, out)
     if N == 0:
         return grad
     eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
