@@ -222,8 +222,10 @@ def timeit(stages, dev, repeats: int, budget_s: float, min_repeats: int = 3):
         marks, out = [], None
         for stage in stages:
             start = clock()
-            out = stage(out)  # the previous result is freed here, after the stage and before the next clock
+            result = stage(out)
             marks.append((start, clock()))
+            out = result  # frees the previous result here, between two timings: freeing a large
+            del result  # tensor (munmap) costs tens of ms, which belong to no stage
         del out
         if cuda:
             torch.cuda.synchronize()
@@ -277,12 +279,16 @@ def _inference(fn, z, y):
 
 
 def step_peaks(fn, z, y, meter):
-    """Peak bytes above what was held before: (the forward alone, a forward + backward step)."""
+    """Peak bytes above what was held before: (the forward alone, a forward + backward step).
+    lsce's cache of freed gradients is emptied first, so that the step allocates its gradient
+    as a first step does and the peak counts it (between steps the cache keeps it)."""
     gc.collect()
+    lsce.empty_cache()
     base = meter.reset()
     _inference(fn, z, y)
     fwd = meter.peak() - base
     gc.collect()
+    lsce.empty_cache()
     base = meter.reset()
     loss = fn(z, y)
     grad = torch.autograd.grad(loss, z)
@@ -338,7 +344,10 @@ def bench_shape(cases, providers, args, dev, progress):
     """
     z, y, _ = make_inputs(cases[0], dev)
     flat = z.detach()
-    stages = [lambda _: flat.sum(), lambda _: flat.clone()]  # the floors: one read; a read and a write
+    warm = flat.clone()
+    # The floors: one read; a read and a write into new memory (clone, whose page faults a fresh
+    # gradient pays too); a read and a write into memory already mapped (copy_: bandwidth alone).
+    stages = [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
     entries = []  # (case, provider, status, index of its forward stage or None)
     for case in cases:
         kw = case_kwargs(case, dev)
@@ -389,6 +398,9 @@ def bench_shape(cases, providers, args, dev, progress):
                 row.update(repeats=len(t), median_ms=med * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
                            min_ms=t.min() * 1e3, max_ms=t.max() * 1e3, gbps=gbps, floor_ms=floor * 1e3,
                            pct_copy=100 * gbps / floor_gbps, x_floor=med / floor)
+                if mode != "fwd":
+                    copy = float(np.median(times[:, 2]))
+                    row.update(copy_ms=copy * 1e3, x_copy=med / copy)
             rows.append(row)
     return rows
 
@@ -430,11 +442,11 @@ COLUMNS = [  # (csv field, table heading, format)
     ("option", "option", "{}"), ("median_ms", "ms", "{:.2f}"), ("q1_ms", "q1", "{:.2f}"), ("q3_ms", "q3", "{:.2f}"),
     ("repeats", "n", "{}"), ("gbps", "GB/s", "{:.1f}"), ("floor_ms", "floor_ms", "{:.2f}"),
     ("pct_copy", "%copy", "{:.0f}%"),
-    ("x_floor", "x_floor", "{:.2f}"), ("vs_torch", "vs_torch", "{:.2f}x"), ("vs_compile", "vs_compile", "{:.2f}x"),
+    ("x_floor", "x_floor", "{:.2f}"), ("x_copy", "x_copy", "{:.2f}"), ("vs_torch", "vs_torch", "{:.2f}x"), ("vs_compile", "vs_compile", "{:.2f}x"),
     ("x_plain", "x_plain", "{:.2f}"), ("peak_mb", "peak_MB", "{:.0f}"), ("x_logits", "x_logits", "{:.2f}"),
     ("status", "status", "{}"),
 ]
-CSV_FIELDS = [c[0] for c in COLUMNS] + ["min_ms", "max_ms", "floor", "N", "K", "logits_mb", "device"]
+CSV_FIELDS = [c[0] for c in COLUMNS] + ["min_ms", "max_ms", "copy_ms", "floor", "N", "K", "logits_mb", "device"]
 
 
 def _fmt(value, fmt):
@@ -540,8 +552,9 @@ def environment(dev) -> str:
 
 METHOD = """\
 timing:   median and quartiles (q1, q3) of n timed runs (at most --repeats; fewer once --budget s per
-          provider have passed, never fewer than 3) after warm-up. One run = logits.sum() and
-          logits.clone() (the floors, same tensor), then each provider's forward alone (under
+          provider have passed, never fewer than 3) after warm-up. One run = logits.sum(),
+          logits.clone() and a copy_ of the logits into a buffer made before (the floors, same
+          tensor), then each provider's forward alone (under
           torch.no_grad, as in evaluation: the fwd rows), a training step's forward and its backward
           (torch.autograd.grad) in turn, every stage timed alone with a {clock} on each side: all
           providers of a case and its floors are measured in the same runs. fwd+bwd = the training
@@ -549,9 +562,13 @@ timing:   median and quartiles (q1, q3) of n timed runs (at most --repeats; fewe
           pass over the logits), so its bwd is nearly free: compare fwd+bwd. torch.compile time is
           excluded (it compiles in the correctness check).
 floors:   fwd is compared with logits.sum() (reads N*K*b bytes), bwd and fwd+bwd with logits.clone()
-          (reads and writes). GB/s counts N*K*b (fwd), 2*N*K*b (bwd), 3*N*K*b (fwd+bwd) bytes;
+          (reads and writes into new memory, so it pays the page faults a new gradient pays);
+          x_copy compares bwd and fwd+bwd with the copy_ into mapped memory (bandwidth alone).
+          GB/s counts N*K*b (fwd), 2*N*K*b (bwd), 3*N*K*b (fwd+bwd) bytes;
           %copy = GB/s / floor's GB/s; x_floor = time / floor's time; vs_X = X's time / this time;
-          x_plain = time / lsce's time with plain label smoothing.
+          x_plain = time / lsce's time with plain label smoothing. Freeing a stage's result is
+          not timed. lsce's CPU gradients come from its cache of freed gradients (lsce/cache.py)
+          after the first step, so they pay no page faults.
 memory:   {memory}
           x_logits = peak / size of the logits; the gradient alone is 1.00.
 check:    loss and gradient against lsce.reference before timing (fp64 ground truth for bf16/fp16,

@@ -4,11 +4,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <list>
+#include <mutex>
+#include <new>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "lsce_api.h"
 
@@ -16,24 +16,101 @@ namespace py = pybind11;
 
 namespace {
 
-// Asks Linux to back a fresh output buffer with 2 MiB pages where it can
-// (transparent huge pages in "madvise" mode): the first write into a new
-// N x K gradient otherwise takes one page fault per 4 KiB, which costs more
-// than computing the gradient. Only whole 2 MiB pages inside the buffer are
-// advised; a refusal changes nothing.
-void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
+// Gradient buffers that outlive one step. A new N x K gradient takes one page
+// fault per 4 KiB on first write, and on the VMs this was measured on those
+// faults cost 3-4x the kernel itself (fp32 4096 x 32000: 40 ms into a warm
+// buffer, 170 ms into fresh memory). Liger-Kernel avoids them by writing into
+// the logits; lsce instead keeps the last freed gradients, as PyTorch's CUDA
+// caching allocator does on the GPU. A Buffer is handed to Python, wrapped by
+// torch.frombuffer, whose storage holds it: its destructor runs when the last
+// tensor using the memory is gone, never earlier, and returns it here.
+// (2 MiB pages were tried instead: on these VMs a fresh huge page is
+// sometimes backed lazily by the host and the step took 2-10x longer.)
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: buffers may die after static destructors
+    return *pool;
+  }
+  void* take(size_t bytes, size_t& capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Best fit among the free buffers, wasting at most a quarter.
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->second >= bytes && it->second - bytes <= bytes / 4 && (best == free_.end() || it->second < best->second))
+          best = it;
+      if (best != free_.end()) {
+        void* p = best->first;
+        capacity = best->second;
+        free_bytes_ -= capacity;
+        free_.erase(best);
+        return p;
+      }
+    }
+    capacity = bytes;
+    return ::operator new(bytes, std::align_val_t(64));
+  }
+  void give(void* p, size_t capacity) {
+    std::vector<std::pair<void*, size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.emplace_front(p, capacity);
+      free_bytes_ += capacity;
+      while (!free_.empty() && (free_.size() > kMaxFree || free_bytes_ > limit_)) {  // oldest first
+        drop.push_back(free_.back());
+        free_bytes_ -= free_.back().second;
+        free_.pop_back();
+      }
+    }
+    for (auto& d : drop) ::operator delete(d.first, std::align_val_t(64));
+  }
+  size_t set_limit(size_t bytes) {
+    size_t old;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      old = limit_;
+      limit_ = bytes;
+    }
+    trim();
+    return old;
+  }
+  size_t cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return free_bytes_;
+  }
+  void trim() {  // frees what the limit no longer allows (everything at limit 0)
+    std::lock_guard<std::mutex> lock(mu_);
+    while (!free_.empty() && free_bytes_ > limit_) {
+      free_bytes_ -= free_.back().second;
+      ::operator delete(free_.back().first, std::align_val_t(64));
+      free_.pop_back();
+    }
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& f : free_) ::operator delete(f.first, std::align_val_t(64));
+    free_.clear();
+    free_bytes_ = 0;
+  }
 
-const int kItemSize[] = {4, 8, 2, 2};  // bytes per element, by lsce::Dtype
+ private:
+  static constexpr size_t kMaxFree = 2;  // a training loop needs one; a last, smaller batch a second
+  std::mutex mu_;
+  std::list<std::pair<void*, size_t>> free_;  // most recently freed first
+  size_t free_bytes_ = 0;
+  size_t limit_ = size_t(4) << 30;
+};
+
+// bytes of writable memory, given back to the Pool when Python drops it.
+struct Buffer {
+  void* p;
+  size_t bytes, capacity;
+  explicit Buffer(size_t n) : bytes(n) { p = Pool::get().take(n, capacity); }
+  ~Buffer() { Pool::get().give(p, capacity); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
 
 // Class coefficients c_k = prior_k * w_k (prior defaults to 1/K) and their sum.
 template <typename A>
@@ -102,7 +179,6 @@ std::string forward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t r
   a.grad_loss = reinterpret_cast<const void*>(grad_loss);
   a.grad_loss_stride = grad_loss_stride;
   py::gil_scoped_release release;
-  if (a.grad) advise_huge_pages(a.grad, size_t(N) * size_t(K) * size_t(kItemSize[dtype]));
   return lsce::forward(a);
 }
 
@@ -122,7 +198,6 @@ std::string backward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
   a.grad_lse_stride = grad_lse_stride;
   a.grad = reinterpret_cast<void*>(grad);
   py::gil_scoped_release release;
-  advise_huge_pages(a.grad, size_t(N) * size_t(K) * size_t(kItemSize[dtype]));
   return lsce::backward(a);
 }
 
@@ -143,6 +218,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("z_loss"), py::arg("softcap"), py::arg("lse"),
         py::arg("grad_loss"), py::arg("grad_loss_stride"), py::arg("grad_lse"),
         py::arg("grad_lse_stride"), py::arg("grad"), py::arg("nthreads"));
+  py::class_<Buffer>(m, "Buffer", py::buffer_protocol(),
+                     "writable bytes from lsce's gradient cache; back to the cache when the last user is gone")
+      .def(py::init<size_t>(), py::arg("bytes"))
+      .def_buffer([](Buffer& b) {
+        return py::buffer_info(b.p, 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(b.bytes)}, {1});
+      });
+  m.def("set_cache_limit", [](size_t bytes) { return Pool::get().set_limit(bytes); },
+        "bytes of freed gradients to keep (0: none); returns the previous limit", py::arg("bytes"));
+  m.def("cached_bytes", [] { return Pool::get().cached(); }, "bytes held by freed, cached gradients");
+  m.def("empty_cache", [] { Pool::get().clear(); }, "frees every cached gradient");
   m.def("set_isa", [](const std::string& s) { return lsce::set_isa(s.c_str()); },
         "force 'avx512', 'avx2', 'generic' or 'auto'; False if unavailable", py::arg("name"));
   m.def("active_isa", [] { return std::string(lsce::active_isa()); });

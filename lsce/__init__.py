@@ -9,6 +9,7 @@ from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from . import distributed  # noqa: E402  (lsce.distributed.vocab_parallel_*)
+from .cache import empty_cache
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "empty_cache"]
 __version__ = "0.1.0"

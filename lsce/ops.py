@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cache, reference
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -60,7 +60,7 @@ class _Cpp:
         """The logits' gradient, in a new tensor or in ``out`` (reference.grad_buffer; may be ``logits``)."""
         from . import _C
 
-        grad = reference.grad_buffer(logits, out)
+        grad = reference.grad_buffer(logits, out) if out is not None else cache.empty(logits.shape, logits.dtype)
         _C.backward(**_Cpp._common(logits, target, weight, prior, ignore_index, eps, z_loss, softcap),
                     lse=_ptr(lse), grad_loss=_ptr(grad_loss), grad_loss_stride=grad_loss.stride(0),
                     grad_lse=_ptr(grad_lse), grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0),
@@ -211,7 +211,7 @@ class FusedStep(torch.autograd.Function):
         _check_values(target, prior, logits.shape[1], ignore_index)
         logits, target, weight, prior = _kernel_layout(logits, target, weight, prior)
         ctx.options = (ignore_index, eps, z_loss, softcap)
-        ctx.grad = torch.empty(logits.shape, dtype=logits.dtype)
+        ctx.grad = cache.empty(logits.shape, logits.dtype)
         loss, lse = FusedStep._fused(logits, target, weight, prior, ctx.options, expected, ctx.grad)
         ctx.save_for_backward(logits, target, weight, prior, lse, expected)
         ctx.set_materialize_grads(False)
@@ -225,7 +225,7 @@ class FusedStep(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
         fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
         if grad is None:
-            grad = torch.empty(logits.shape, dtype=logits.dtype)
+            grad = cache.empty(logits.shape, logits.dtype)
             if fused:
                 FusedStep._fused(logits, target, weight, prior, ctx.options, expected, grad)
         if not fused:

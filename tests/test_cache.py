@@ -1,0 +1,107 @@
+"""lsce's cache of freed CPU gradients (lsce/cache.py): a gradient still in use
+is never handed out again, a freed one is reused, and reused memory holds
+exactly the new gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsce
+from lsce import cache
+
+from _util import make_problem
+
+SHAPE = (64, 8192)  # 2 MiB in fp32: above the size the cache starts at
+
+
+def _grad(logits, target, **kw):
+    x = logits.detach().requires_grad_()
+    (g,) = torch.autograd.grad(lsce.cross_entropy(x, target, label_smoothing=0.1, **kw), x)
+    return g
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    lsce.empty_cache()
+    yield
+    lsce.empty_cache()
+
+
+def test_gradient_in_use_is_not_handed_out_again():
+    logits, target = make_problem(SHAPE, torch.float32)
+    g1 = _grad(logits, target)
+    before = g1.clone()
+    g2 = _grad(2 * logits, target)
+    assert g2.data_ptr() != g1.data_ptr()
+    assert torch.equal(g1, before)
+
+
+def test_a_view_keeps_the_memory_in_use():
+    logits, target = make_problem(SHAPE, torch.float32)
+    g1 = _grad(logits, target)
+    ptr, row = g1.data_ptr(), g1[5:7].clone()
+    view = g1[5:7]
+    del g1
+    g2 = _grad(3 * logits, target)
+    assert g2.data_ptr() != ptr
+    assert torch.equal(view, row)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_freed_gradient_is_reused_and_fully_overwritten(dtype):
+    logits, target = make_problem(SHAPE, dtype, ignore_frac=0.3)
+    g1 = _grad(logits, target)
+    ptr = g1.data_ptr()
+    g1.fill_(float("nan"))  # stale values must not survive into the next gradient
+    del g1
+    assert cache.cached_bytes() >= SHAPE[0] * SHAPE[1] * dtype.itemsize
+    other = make_problem(SHAPE, dtype, ignore_frac=0.3, seed=7)[0]
+    g2 = _grad(other, target)
+    assert g2.data_ptr() == ptr
+    x = other.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(F.cross_entropy(x, target, label_smoothing=0.1), x)
+    torch.testing.assert_close(g2.double(), want, rtol=0, atol=4 * 2.0 ** -8 * want.abs().max().item())
+
+
+def test_smaller_gradient_reuses_a_larger_buffer_and_larger_does_not():
+    logits, target = make_problem(SHAPE, torch.float32)
+    g1 = _grad(logits, target)
+    ptr = g1.data_ptr()
+    del g1
+    g2 = _grad(logits[:60], target[:60])  # 94% of the buffer
+    assert g2.data_ptr() == ptr and g2.shape == (60, SHAPE[1])
+    del g2
+    big, big_target = make_problem((70, SHAPE[1]), torch.float32)
+    assert _grad(big, big_target).data_ptr() != ptr
+
+
+def test_limit_zero_keeps_nothing_and_empty_cache_frees():
+    logits, target = make_problem(SHAPE, torch.float32)
+    del_me = _grad(logits, target)
+    del del_me
+    assert cache.cached_bytes() > 0
+    lsce.empty_cache()
+    assert cache.cached_bytes() == 0
+    old = cache.set_limit(0)
+    try:
+        g = _grad(logits, target)
+        del g
+        assert cache.cached_bytes() == 0
+    finally:
+        cache.set_limit(old)
+    with pytest.raises(ValueError, match="cache limit"):
+        cache.set_limit(-1)
+
+
+def test_cached_gradients_accumulate_into_grad_and_behave_as_tensors():
+    logits, target = make_problem(SHAPE, torch.float32)
+    x = logits.clone().requires_grad_()
+    for _ in range(3):
+        lsce.cross_entropy(x, target, label_smoothing=0.1).backward()
+    want = 3 * _grad(logits, target)
+    torch.testing.assert_close(x.grad, want)
+    x.grad.mul_(0.5).add_(1.0)  # in place on the .grad autograd kept
+    assert x.grad.is_contiguous() and x.grad.shape == SHAPE
+    x.grad = None
