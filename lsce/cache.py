@@ -1,6 +1,6 @@
 """lsce's cache of freed CPU gradients (see csrc/binding.cpp, ``Pool``).
 
-A training step's N×K gradient is new memory each time, and its first write
+A training step's N×K gradient (and lsce.linear's chunk buffer) is new memory each time, and its first write
 takes a page fault per 4 KiB page, which on the machines measured costs 3-4×
 the kernel itself. The CPU kernels therefore write large gradients into
 buffers from a small cache: a buffer goes back to the cache only when the last
@@ -34,12 +34,13 @@ def _c():
     return _C
 
 
-def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor for a gradient, from the cache when large."""
+def empty(shape, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """An uninitialised contiguous tensor for a gradient (or lsce.linear's chunk
+    buffer): on the CPU from the cache when large, elsewhere from torch.empty."""
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    if nbytes < _MIN_BYTES:
-        return torch.empty(shape, dtype=dtype)
+    if torch.device(device).type != "cpu" or nbytes < _MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     return torch.frombuffer(_c().Buffer(nbytes), dtype=dtype, count=count).view(shape)
 
 
