@@ -334,10 +334,13 @@ static void forward_impl(const Args& a) {
     for (int64_t i = 0; i < N; ++i) finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K));
     return;
   }
-  // Split rows: per-block statistics first, then one merge per row.
+  // Split rows: per-block statistics first, then one merge per row. Blocks
+  // are taken dynamically: on a VM an idle thread can wake hundreds of µs late,
+  // and with a static split the other thread then waits for its half (N = 8,
+  // K = 256000: 490 µs on 2 threads, 515 on 1; dynamic: 349).
   const int64_t bw = block_width(a, nb);
   Part<A>* parts = new Part<A>[N * nb];
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic)
   for (int64_t t = 0; t < N * nb; ++t) {
     const int64_t i = t / nb, k0 = (t % nb) * bw;
     const int64_t k1 = k0 + bw < K ? k0 + bw : K;
@@ -475,7 +478,8 @@ static void backward_impl(const Args& a) {
   const int64_t N = a.N, K = a.K;
   const int64_t nb = blocks_per_row(a);
   const int64_t bw = block_width(a, nb);
-#pragma omp parallel for num_threads(a.nthreads) schedule(static) if (parallel_worth(a))
+  // Dynamic, as the split forward's blocks, for the same late-waking threads.
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic) if (parallel_worth(a))
   for (int64_t t = 0; t < N * nb; ++t) {
     const int64_t i = t / nb, k0 = (t % nb) * bw;
     const int64_t k1 = k0 + bw < K ? k0 + bw : K;
