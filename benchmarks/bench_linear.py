@@ -196,7 +196,9 @@ def time_worker(spec: dict) -> dict:
 
 def in_subprocess(kind: str, spec: dict) -> dict:
     """A worker in a fresh interpreter; {"error": ...} if it fails."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # The lsce this process imported (an installed one, with its compiled _C, before the checkout's source).
+    lsce_root = str(Path(lsce.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [lsce_root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, __file__, f"--{kind}-worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
