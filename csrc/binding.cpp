@@ -51,19 +51,22 @@ class Pool {
     capacity = bytes;
     return ::operator new(bytes, std::align_val_t(64));
   }
-  void give(void* p, size_t capacity) {
-    std::vector<std::pair<void*, size_t>> drop;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
+  // Called from ~Buffer: allocates nothing but the list node (a failure there
+  // frees the buffer instead of throwing out of a destructor).
+  void give(void* p, size_t capacity) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    try {
       free_.emplace_front(p, capacity);
-      free_bytes_ += capacity;
-      while (!free_.empty() && (free_.size() > kMaxFree || free_bytes_ > limit_)) {  // oldest first
-        drop.push_back(free_.back());
-        free_bytes_ -= free_.back().second;
-        free_.pop_back();
-      }
+    } catch (...) {
+      ::operator delete(p, std::align_val_t(64));
+      return;
     }
-    for (auto& d : drop) ::operator delete(d.first, std::align_val_t(64));
+    free_bytes_ += capacity;
+    while (!free_.empty() && (free_.size() > kMaxFree || free_bytes_ > limit_)) {  // oldest first
+      free_bytes_ -= free_.back().second;
+      ::operator delete(free_.back().first, std::align_val_t(64));
+      free_.pop_back();
+    }
   }
   size_t set_limit(size_t bytes) {
     size_t old;

@@ -1,6 +1,6 @@
 """lsce's cache of freed CPU gradients (see csrc/binding.cpp, ``Pool``).
 
-A training step's N×K gradient (and lsce.linear's chunk buffer) is new memory each time, and its first write
+A training step's N×K gradient is new memory each time, and its first write
 takes a page fault per 4 KiB page, which on the machines measured costs 3-4×
 the kernel itself. The CPU kernels therefore write large gradients into
 buffers from a small cache: a buffer goes back to the cache only when the last
@@ -8,7 +8,14 @@ tensor that uses its memory is gone (torch.frombuffer's storage holds it), so
 a gradient still in use is never handed out twice. Between steps the cache
 holds at most two freed gradients and at most ``limit`` bytes (4 GiB unless
 ``LSCE_GRAD_CACHE_MB`` says otherwise; 0 turns it off), as PyTorch's CUDA
-caching allocator holds freed blocks on the GPU.
+caching allocator holds freed blocks on the GPU. (lsce.linear's chunk buffer
+does not use it: a cached chunk buffer would stay resident while a bf16 step
+rounds its fp32 weight-gradient sum, its peak, and the chunk's matmuls cost
+far more than its page faults.)
+
+Such a gradient is an ordinary tensor except that its storage cannot be
+resized (``resize_`` to a larger size raises), as for any tensor made by
+``torch.frombuffer``; copy it (``.clone()``) first if that is needed.
 """
 
 from __future__ import annotations
@@ -27,20 +34,25 @@ def _c():
     from . import _C
 
     if not _configured:
-        _configured = True
         mb = os.environ.get("LSCE_GRAD_CACHE_MB")
         if mb is not None:
-            _C.set_cache_limit(int(float(mb) * (1 << 20)))
+            try:
+                limit = float(mb)
+            except ValueError:
+                limit = -1.0
+            if not limit >= 0:
+                raise ValueError(f"lsce: LSCE_GRAD_CACHE_MB must be a number of MiB >= 0, got {mb!r}")
+            _C.set_cache_limit(int(limit * (1 << 20)))
+        _configured = True
     return _C
 
 
-def empty(shape, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """An uninitialised contiguous tensor for a gradient (or lsce.linear's chunk
-    buffer): on the CPU from the cache when large, elsewhere from torch.empty."""
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor for a gradient, from the cache when large."""
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes < _MIN_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
+    if nbytes < _MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(_c().Buffer(nbytes), dtype=dtype, count=count).view(shape)
 
 

@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import cache, ops  # noqa: F401  (ops registers torch.ops.lsce.cross_entropy_*)
+from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
 from .functional import (_FLOAT_DTYPES, _check_arguments, as_ignore_index, check_out_dtype, mean_denominators,
                          reduce_rows)
 from .ops import _check_values, _kernel_layout, _kernels
@@ -112,7 +112,7 @@ class _Chunks:
     def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
                  prior: Optional[Tensor], options: tuple, chunk_size: int):
         self.x, self.W, self.b, self.chunk_size = x, W, b, chunk_size
-        buffer = cache.empty((min(chunk_size, x.shape[0]), W.shape[0]), x.dtype, x.device)
+        buffer = x.new_empty((min(chunk_size, x.shape[0]), W.shape[0]))
         self.buffer, self.y, self.weight, self.prior = _kernel_layout(buffer, y, weight, prior)
         self.options = options  # (ignore_index, label_smoothing, z_loss, softcap)
         self.kernels = _kernels(_BACKEND, x.device)

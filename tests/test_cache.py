@@ -24,9 +24,21 @@ def _grad(logits, target, **kw):
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
+    old = cache.set_limit(4 << 30)  # the default, whatever LSCE_GRAD_CACHE_MB says
     lsce.empty_cache()
     yield
+    cache.set_limit(old)
     lsce.empty_cache()
+
+
+def _poison_reused_memory(nbytes):
+    """Leaves a freed, NaN-filled buffer of nbytes in the cache: the next
+    gradient of that size is written over it."""
+    stale = cache.empty((nbytes // 4,), torch.float32)
+    stale.fill_(float("nan"))
+    ptr = stale.data_ptr()
+    del stale
+    return ptr
 
 
 def test_gradient_in_use_is_not_handed_out_again():
@@ -105,3 +117,70 @@ def test_cached_gradients_accumulate_into_grad_and_behave_as_tensors():
     x.grad.mul_(0.5).add_(1.0)  # in place on the .grad autograd kept
     assert x.grad.is_contiguous() and x.grad.shape == SHAPE
     x.grad = None
+
+
+def _reference_grad(logits, target, upstream=None, **kw):
+    x = logits.detach().double().requires_grad_()
+    loss = F.cross_entropy(x, target, label_smoothing=0.1, **kw)
+    (g,) = torch.autograd.grad(loss, x, upstream)
+    return g
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (8, 65536)], ids=["rows", "split-rows"])
+def test_reused_memory_fully_overwritten_by_the_backward_kernel(shape):
+    """reduction='none' with a random upstream: the backward kernel (not the
+    fused forward) writes the gradient, on whole rows and on rows split
+    across threads."""
+    logits, target = make_problem(shape, torch.float32, ignore_frac=0.25)
+    upstream = torch.randn(shape[0], dtype=torch.float64)
+    ptr = _poison_reused_memory(shape[0] * shape[1] * 4)
+    x = logits.detach().requires_grad_()
+    (g,) = torch.autograd.grad(lsce.cross_entropy(x, target, label_smoothing=0.1, reduction="none"), x,
+                               upstream.float())
+    assert g.data_ptr() == ptr
+    want = _reference_grad(logits, target, upstream, reduction="none")
+    torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_split_rows_fused_step_overwrites_reused_memory():
+    logits, target = make_problem((8, 65536), torch.float32, ignore_frac=0.25)
+    ptr = _poison_reused_memory(8 * 65536 * 4)
+    g = _grad(logits, target)
+    assert g.data_ptr() == ptr
+    torch.testing.assert_close(g.double(), _reference_grad(logits, target), rtol=1e-4, atol=1e-7)
+
+
+def test_memory_held_through_numpy_is_not_handed_out():
+    logits, target = make_problem(SHAPE, torch.float32)
+    g1 = _grad(logits, target)
+    arr = g1.numpy()
+    before = arr.copy()
+    del g1
+    g2 = _grad(2 * logits, target)
+    assert g2.data_ptr() != arr.ctypes.data
+    assert (arr == before).all()
+
+
+def test_last_reference_dropped_on_another_thread():
+    import threading
+
+    logits, target = make_problem(SHAPE, torch.float32)
+    box = [_grad(logits, target)]
+    ptr = box[0].data_ptr()
+    worker = threading.Thread(target=box.clear)
+    worker.start()
+    worker.join()
+    assert _grad(logits, target).data_ptr() == ptr
+
+
+def test_environment_limit_is_checked(monkeypatch):
+    monkeypatch.setattr(cache, "_configured", False)
+    monkeypatch.setenv("LSCE_GRAD_CACHE_MB", "-3")
+    with pytest.raises(ValueError, match="LSCE_GRAD_CACHE_MB"):
+        cache.cached_bytes()
+    monkeypatch.setenv("LSCE_GRAD_CACHE_MB", "0")
+    cache.cached_bytes()
+    logits, target = make_problem(SHAPE, torch.float32)
+    g = _grad(logits, target)
+    del g
+    assert cache.cached_bytes() == 0
