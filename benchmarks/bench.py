@@ -375,13 +375,20 @@ def bench_shape(cases, providers, args, dev, progress):
             entries.append([case, provider, status, own])
             progress.update()
         del truth
-    # lsce's stages (plain ε and every option) run next to each other, before the other
-    # providers': the stage after a provider that freed several N×K tensors runs slower
-    # (measured: whichever lsce option came first after torch.compile took 1.2-1.6x longer,
-    # the same option 1.0-1.1x elsewhere in the run), which would blur the options' x_plain.
+    # The stage right after one that freed several N×K tensors runs slower (measured: whichever
+    # lsce option came first after torch.compile took 1.2-1.6x longer, the same option 1.0-1.1x
+    # elsewhere in the run; with lsce first, plain lsce after the floors). So every provider's
+    # stages start after a settling stage (one more logits.sum(), not reported), and lsce's
+    # (plain ε and every option) run next to each other.
+    previous = None
     for entry in sorted(entries, key=lambda e: e[1].name != "lsce"):
-        own, entry[3] = entry[3], (len(stages) if entry[3] else None)
-        stages.extend(own)
+        own, entry[3] = entry[3], None
+        if own:
+            if entry[1] is not previous:
+                stages.append(lambda _: flat.sum())
+                previous = entry[1]
+            entry[3] = len(stages)
+            stages.extend(own)
     timed = sum(first is not None for *_, first in entries)
     progress.set_postfix_str(f"{cases[0].shape} {cases[0].dtype}: timing {timed} together")
     times = timeit(stages, dev, args.repeats, args.budget * timed) if timed else None
