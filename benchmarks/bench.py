@@ -345,10 +345,14 @@ def bench_shape(cases, providers, args, dev, progress):
     z, y, _ = make_inputs(cases[0], dev)
     flat = z.detach()
     warm = flat.clone()
+
+    def read(_):
+        return flat.sum()
+
     # The floors: one read; a read and a write into new memory (clone, whose page faults a fresh
     # gradient pays too); a read and a write into memory already mapped (copy_: bandwidth alone).
-    stages = [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
-    entries = []  # [case, provider, status, its stages; then the index of its forward stage or None]
+    stages = [read, lambda _: flat.clone(), lambda _: warm.copy_(flat)]
+    entries = []  # (case, provider, status, its stages: none unless its check passed)
     for case in cases:
         kw = case_kwargs(case, dev)
         truth = ground_truth(z, y, kw)
@@ -372,7 +376,7 @@ def bench_shape(cases, providers, args, dev, progress):
                 if any(m != "fwd" for m in args.modes):
                     own.append(lambda _, fn=fn, zp=zp: fn(zp, y))
                     own.append(lambda loss, zp=zp: torch.autograd.grad(loss, zp))
-            entries.append([case, provider, status, own])
+            entries.append((case, provider, status, own))
             progress.update()
         del truth
     # The stage right after one that freed several N×K tensors runs slower (measured: whichever
@@ -380,22 +384,23 @@ def bench_shape(cases, providers, args, dev, progress):
     # elsewhere in the run; with lsce first, plain lsce after the floors). So every provider's
     # stages start after a settling stage (one more logits.sum(), not reported), and lsce's
     # (plain ε and every option) run next to each other.
-    previous = None
-    for entry in sorted(entries, key=lambda e: e[1].name != "lsce"):
-        own, entry[3] = entry[3], None
+    firsts, previous = {}, None  # entry index -> index of its forward stage
+    for i in sorted(range(len(entries)), key=lambda i: entries[i][1].name != "lsce"):
+        provider, own = entries[i][1], entries[i][3]
         if own:
-            if entry[1] is not previous:
-                stages.append(lambda _: flat.sum())
-                previous = entry[1]
-            entry[3] = len(stages)
+            if provider is not previous:
+                stages.append(read)
+                previous = provider
+            firsts[i] = len(stages)
             stages.extend(own)
-    timed = sum(first is not None for *_, first in entries)
+    timed = len(firsts)
     progress.set_postfix_str(f"{cases[0].shape} {cases[0].dtype}: timing {timed} together")
     times = timeit(stages, dev, args.repeats, args.budget * timed) if timed else None
     progress.update()
 
     rows = []
-    for case, provider, status, first in entries:
+    for i, (case, provider, status, _) in enumerate(entries):
+        first = firsts.get(i)
         for mode in args.modes:
             row = dict(device=dev.type, case=case.shape, N=case.N, K=case.K, dtype=case.dtype,
                        option=case.option, provider=provider.name, mode=mode, status=status,

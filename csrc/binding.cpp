@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <list>
 #include <mutex>
 #include <new>
@@ -62,39 +61,22 @@ class Pool {
       return;
     }
     free_bytes_ += capacity;
-    while (!free_.empty() && (free_.size() > kMaxFree || free_bytes_ > limit_)) {  // oldest first
-      free_bytes_ -= free_.back().second;
-      ::operator delete(free_.back().first, std::align_val_t(64));
-      free_.pop_back();
-    }
+    evict(limit_, kMaxFree);
   }
   size_t set_limit(size_t bytes) {
-    size_t old;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      old = limit_;
-      limit_ = bytes;
-    }
-    trim();
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t old = limit_;
+    limit_ = bytes;
+    evict(limit_, kMaxFree);  // frees what the new limit no longer allows
     return old;
   }
   size_t cached() {
     std::lock_guard<std::mutex> lock(mu_);
     return free_bytes_;
   }
-  void trim() {  // frees what the limit no longer allows (everything at limit 0)
-    std::lock_guard<std::mutex> lock(mu_);
-    while (!free_.empty() && free_bytes_ > limit_) {
-      free_bytes_ -= free_.back().second;
-      ::operator delete(free_.back().first, std::align_val_t(64));
-      free_.pop_back();
-    }
-  }
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
-    for (auto& f : free_) ::operator delete(f.first, std::align_val_t(64));
-    free_.clear();
-    free_bytes_ = 0;
+    evict(0, 0);
   }
 
  private:
@@ -103,6 +85,15 @@ class Pool {
   std::list<std::pair<void*, size_t>> free_;  // most recently freed first
   size_t free_bytes_ = 0;
   size_t limit_ = size_t(4) << 30;
+
+  // Frees the oldest free buffers until at most max_count and max_bytes remain; mu_ held.
+  void evict(size_t max_bytes, size_t max_count) {
+    while (!free_.empty() && (free_.size() > max_count || free_bytes_ > max_bytes)) {
+      free_bytes_ -= free_.back().second;
+      ::operator delete(free_.back().first, std::align_val_t(64));
+      free_.pop_back();
+    }
+  }
 };
 
 // bytes of writable memory, given back to the Pool when Python drops it.

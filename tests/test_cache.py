@@ -41,6 +41,13 @@ def _poison_reused_memory(nbytes):
     return ptr
 
 
+def _reference_grad(logits, target, upstream=None, **kw):
+    x = logits.detach().double().requires_grad_()
+    loss = F.cross_entropy(x, target, label_smoothing=0.1, **kw)
+    (g,) = torch.autograd.grad(loss, x, upstream)
+    return g
+
+
 def test_gradient_in_use_is_not_handed_out_again():
     logits, target = make_problem(SHAPE, torch.float32)
     g1 = _grad(logits, target)
@@ -72,8 +79,7 @@ def test_freed_gradient_is_reused_and_fully_overwritten(dtype):
     other = make_problem(SHAPE, dtype, ignore_frac=0.3, seed=7)[0]
     g2 = _grad(other, target)
     assert g2.data_ptr() == ptr
-    x = other.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(F.cross_entropy(x, target, label_smoothing=0.1), x)
+    want = _reference_grad(other, target)
     torch.testing.assert_close(g2.double(), want, rtol=0, atol=4 * 2.0 ** -8 * want.abs().max().item())
 
 
@@ -117,13 +123,6 @@ def test_cached_gradients_accumulate_into_grad_and_behave_as_tensors():
     x.grad.mul_(0.5).add_(1.0)  # in place on the .grad autograd kept
     assert x.grad.is_contiguous() and x.grad.shape == SHAPE
     x.grad = None
-
-
-def _reference_grad(logits, target, upstream=None, **kw):
-    x = logits.detach().double().requires_grad_()
-    loss = F.cross_entropy(x, target, label_smoothing=0.1, **kw)
-    (g,) = torch.autograd.grad(loss, x, upstream)
-    return g
 
 
 @pytest.mark.parametrize("shape", [SHAPE, (8, 65536)], ids=["rows", "split-rows"])
