@@ -1,0 +1,138 @@
+"""The per-row kernel interface: what every backend implements, and what every
+caller (lsce.ops, lsce.linear, lsce.distributed) hands it.
+
+A backend is any object with the two functions of :class:`RowKernels`. Three
+implement it: the C++/OpenMP kernels (``lsce.cpu``), the Triton kernels
+(``lsce.triton_kernels.cross_entropy``) and the pure-PyTorch reference
+(``lsce.reference.ROWS``). Each works on 2-D rows ``(N, K)`` with unit column
+stride and any row stride; everything above it (shapes, argument and value
+checks, class coefficients, reductions) is computed once by the caller.
+
+For row ``i`` with target ``y = target[i]``, ``zc = softcap·tanh(z/softcap)``
+(``zc = z`` when ``softcap`` is 0), ``lse = logsumexp(zc)``, ``p = softmax(zc)``,
+``own = 0 <= y < K`` and the coefficients ``(w, c, C)`` of :class:`Coefficients`::
+
+    loss = (1 − ε)·w_y·(lse − zc_y)·[own] + ε·(C·lse − Σ_k c_k·zc_k) + λ·lse²
+
+    A        = g·((1 − ε)·w_y·[own] + ε·C + 2·λ·lse) + h
+    ∂/∂zc_k  = A·p_k − g·ε·c_k − g·(1 − ε)·w_y·[k = y]
+    ∂/∂z_k   = ∂/∂zc_k · (1 − (zc_k/softcap)²)       (softcap only)
+
+with ``g``, ``h`` the upstream gradients of the row's loss and lse. A row whose
+target is ``ignore_index`` has loss 0 and ``g = 0`` (its lse is still computed,
+and ``h`` still reaches its gradient). A target outside ``[0, K)`` that is not
+``ignore_index`` means that the row's true class lies outside these columns (a
+vocabulary slice, lsce.distributed): the row gets no true-class term. Callers
+range-check targets where they must lie inside (lsce.checks.check_values).
+
+For full rows with the uniform prior and no weight, ``c_k = 1/K`` and ``C = 1``,
+and the gradient is ``g·(p − y_ls)`` with ``y_ls = (1 − ε)·onehot(y) + ε/K``.
+Everything is accumulated in fp32 (fp64 for fp64 logits): per-row outputs are
+in that dtype, the gradient in the logits' dtype, with the true-class term
+subtracted before the one rounding (Liger-Kernel issue 1329).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Protocol, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["RowOptions", "Coefficients", "RowKernels", "coefficients", "grad_buffer", "acc_dtype", "fixed_sum"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp64 for fp64 input, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class RowOptions(NamedTuple):
+    """The scalar options of one call."""
+
+    ignore_index: int
+    label_smoothing: float  # ε in [0, 1]
+    z_loss: float  # λ >= 0
+    softcap: float  # > 0, or 0 for none
+
+
+class Coefficients(NamedTuple):
+    """The class vectors of one call, in the accumulation dtype, on the logits' device."""
+
+    weight: Optional[Tensor]  # (K,): w, whose w_y scales the true-class term; None: w ≡ 1
+    c: Optional[Tensor]  # (K,): c_k of the smoothing term; None: uniform, c_k = 1 / uniform_over
+    C: Union[Tensor, float]  # the coefficient of lse in the smoothing term (Σ c for a full row)
+    uniform_over: int  # classes the uniform prior spreads over (the full vocabulary)
+
+
+def fixed_sum(x: Tensor, chunk: int = 16384) -> Tensor:
+    """x.sum(), bitwise the same for any torch thread count: torch.sum of more than
+    32768 elements splits them across threads, each split rounding differently."""
+    n = x.numel()
+    if n <= chunk:
+        return x.sum()
+    return torch.nn.functional.pad(x.reshape(-1), (0, (-n) % chunk)).view(-1, chunk).sum(1).sum()
+
+
+def coefficients(K: int, weight: Optional[Tensor], prior: Optional[Tensor], label_smoothing: float,
+                 dtype: torch.dtype, device: torch.device) -> Coefficients:
+    """``c = π ⊙ w`` (π = ``prior``, or uniform ``1/K``) and ``C = Σ c`` for full rows of K classes.
+
+    ``c`` is None, and the kernels take their uniform path, without weight and
+    prior or without smoothing (the smoothing term is then absent). ``C`` is
+    summed in fp64 in fixed blocks, then rounded once: the same bits on every
+    backend and for any thread count. No host synchronisation.
+    """
+    w = None if weight is None else weight.to(dtype).contiguous()
+    if not label_smoothing or (weight is None and prior is None):
+        return Coefficients(w, None, 1.0, K)
+    c = torch.full((K,), 1.0 / K, dtype=dtype, device=device) if prior is None else prior.to(dtype)
+    if w is not None:
+        c = c * w
+    return Coefficients(w, c.contiguous(), fixed_sum(c.double()).to(dtype), K)
+
+
+def grad_buffer(logits: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Where a backward kernel writes the gradient of 2-D ``logits``: a new
+    contiguous tensor, or ``out``. ``out`` may be the logits themselves (every
+    kernel reads each element before it writes that element and never reads
+    it again), which is how lsce.linear keeps one buffer per chunk; it must
+    then be contiguous, as the gradient always is. A partial overlap, or any
+    other layout, is refused: the kernels would read values already replaced.
+    Only lsce's private buffers are ever passed here."""
+    if out is None:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:
+        raise ValueError(f"lsce: gradient buffer {tuple(out.shape)} {out.dtype} on {out.device} does not match "
+                         f"the logits {tuple(logits.shape)} {logits.dtype} on {logits.device}")
+    if not out.is_contiguous():
+        raise ValueError("lsce: the gradient buffer must be contiguous")
+    same = out.data_ptr() == logits.data_ptr() and logits.is_contiguous()
+    if not same and out.numel() and logits.numel():
+        o0, l0 = out.data_ptr(), logits.data_ptr()
+        o1 = o0 + out.numel() * out.element_size()
+        l1 = l0 + ((logits.shape[0] - 1) * logits.stride(0) + logits.shape[1]) * logits.element_size()
+        if o0 < l1 and l0 < o1:
+            raise ValueError("lsce: the gradient buffer overlaps the logits without being exactly them")
+    return out
+
+
+class RowKernels(Protocol):
+    """The two functions every backend implements (see the module docstring).
+
+    Shapes: ``logits`` (N, K), unit column stride, any row stride >= 0 (an
+    expanded row has stride 0); ``target`` (N,) int64, contiguous; the class
+    vectors of ``coef`` contiguous (K,); ``lse``, ``grad_loss``, ``grad_lse``
+    (N,) in the accumulation dtype, ``grad_loss``/``grad_lse`` any stride (an
+    expanded scalar has stride 0).
+    """
+
+    def forward(self, logits: Tensor, target: Tensor, coef: Coefficients,
+                opts: RowOptions) -> Tuple[Tensor, Tensor]:
+        """Per-row ``(loss, lse)``, each (N,) in the accumulation dtype, from one read of the logits."""
+
+    def backward(self, grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+                 coef: Coefficients, opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """The gradient of ``Σ g·loss + Σ h·lse`` with respect to the logits, in
+        their dtype, from one read of them and one write: into ``out`` when given
+        (:func:`grad_buffer`; it may be the logits), else into a new tensor."""
