@@ -31,11 +31,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  (registers torch.ops.lsce.cross_entropy_*)
-from .functional import (_FLOAT_DTYPES, _check_arguments, as_ignore_index, check_out_dtype, mean_denominators,
-                         reduce_rows)
-from .ops import _check_values, _kernel_layout, _kernels
-from .reference import acc_dtype
+from . import checks, ops
+from .functional import mean_denominators, reduce_rows
+from .interface import RowOptions, acc_dtype, coefficients
 
 # Each chunk's three matmuls stream all of W, and the chunk reads and writes
 # the K×H fp32 weight-gradient sum once: a cost ∝ K·H per chunk against matmul
@@ -57,7 +55,6 @@ _MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024,
 # enough that the block's product is still in cache when it is added to the
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
 _CLASS_BLOCK = 2048
-_BACKEND = "auto"
 
 
 def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = None) -> int:
@@ -83,56 +80,53 @@ def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = No
     return -(-N // chunks)
 
 
-def _row_chunks(N: int, chunk_size: int):
-    for start in range(0, N, chunk_size):
-        yield start, min(start + chunk_size, N)
+class LogitChunks:
+    """The row chunks of the logits ``x @ W.T + b``, each computed into the
+    front rows of one private (chunk_size, K) buffer, which the next chunk
+    reuses. Iterating gives ``(start, end, z)``. A chunk's logit gradient may
+    then be written over ``z`` (every kernel reads each logit before it stores
+    that element's gradient; lsce.interface.grad_buffer), so a chunk holds one
+    K-wide row block, not two. Serves lsce.linear and lsce.distributed."""
 
-
-def _chunk_logits(buffer: Tensor, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``x @ W.T + b`` written into the front rows of a reused private buffer."""
-    out = buffer[: x.shape[0]]
-    if b is None:
-        return torch.mm(x, W.t(), out=out)
-    return torch.addmm(b, x, W.t(), out=out)
-
-
-class _Chunks:
-    """The row chunks of one call and their one private (chunk_size, K) buffer.
-
-    Iterating gives ``(start, end, z)`` with ``z`` the chunk's logits
-    ``x @ W.T + b``, computed into the front rows of the buffer. ``backward``
-    then writes the chunk's logit gradient over ``z`` (every kernel reads each
-    logit before it stores that element's gradient; lsce.reference.grad_buffer),
-    so a chunk holds one K-wide row block, not two. The kernels are called
-    directly rather than through ``torch.ops.lsce.cross_entropy_*``: those ops
-    must not write into their inputs, whereas this buffer belongs to the
-    enclosing linear op, which is opaque to autograd and torch.compile.
-    """
-
-    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
-                 prior: Optional[Tensor], options: tuple, chunk_size: int):
+    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], chunk_size: int):
         self.x, self.W, self.b, self.chunk_size = x, W, b, chunk_size
-        buffer = x.new_empty((min(chunk_size, x.shape[0]), W.shape[0]))
-        self.buffer, self.y, self.weight, self.prior = _kernel_layout(buffer, y, weight, prior)
-        self.options = options  # (ignore_index, label_smoothing, z_loss, softcap)
-        self.kernels = _kernels(_BACKEND, x.device)
+        self.buffer = x.new_empty((min(chunk_size, x.shape[0]), W.shape[0]))
 
     def __iter__(self):
-        for s, e in _row_chunks(self.x.shape[0], self.chunk_size):
-            yield s, e, _chunk_logits(self.buffer, self.x[s:e], self.W, self.b)
+        for s in range(0, self.x.shape[0], self.chunk_size):
+            e = min(s + self.chunk_size, self.x.shape[0])
+            out = self.buffer[: e - s]
+            if self.b is None:
+                yield s, e, torch.mm(self.x[s:e], self.W.t(), out=out)
+            else:
+                yield s, e, torch.addmm(self.b, self.x[s:e], self.W.t(), out=out)
+
+
+class _Chunks(LogitChunks):
+    """LogitChunks with the per-row kernels of one call. The kernels are called
+    directly (lsce.ops.row_kernels) rather than through
+    ``torch.ops.lsce.cross_entropy_*``: those ops must not write into their
+    inputs, whereas this buffer belongs to the enclosing linear op, which is
+    opaque to autograd and torch.compile."""
+
+    def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
+                 prior: Optional[Tensor], opts: RowOptions, chunk_size: int):
+        super().__init__(x, W, b, chunk_size)
+        self.y, self.opts = y, opts
+        self.coef = coefficients(W.shape[0], weight, prior, opts.label_smoothing, acc_dtype(x.dtype), x.device)
+        self.kernels = ops.row_kernels("auto", x.device)
 
     def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
         """The chunk's per-row (loss, lse)."""
-        return self.kernels.forward(z, self.y[s:e], self.weight, self.prior, *self.options)
+        return self.kernels.forward(z, self.y[s:e], self.coef, self.opts)
 
     def backward(self, z: Tensor, s: int, e: int, grad_loss: Tensor, grad_lse: Optional[Tensor],
                  lse: Tensor) -> Tensor:
         """The chunk's logit gradient, written over its logits ``z``."""
-        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.weight, self.prior, lse,
-                                     *self.options, out=z)
+        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.coef, self.opts, lse, out=z)
 
 
-class _GradSums:
+class GradSums:
     """Where each chunk's logit gradient ``d`` goes: its rows of grad_input, and
     running sums (fp32; fp64 for fp64) of the weight and bias gradients."""
 
@@ -206,19 +200,18 @@ def _reduced_impl(
     grad_weight, grad_bias); the last two are sums in the accumulation dtype."""
     N, K = x.shape[0], W.shape[0]
     acc = acc_dtype(x.dtype)
-    _check_values(y, prior, K, ignore_index)
+    checks.check_values(y, prior, K, ignore_index)
     valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
-    options = (ignore_index, label_smoothing, z_loss, softcap)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
-    grads = _GradSums(x, W, b, grad_mask)
+    grads = GradSums(x, W, b, grad_mask)
     one = torch.ones((), dtype=acc, device=x.device)
     # The chunks get upstream 1 per row; mean's 1/Σw is applied in backward
     # (keeps fp16 chunk gradients clear of underflow). With class weights the
     # z-loss is averaged over the count, not Σw: the lse gradient makes up
     # the difference, (Σw/count − 1)·2λ·lse.
     lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
-    chunks = _Chunks(x, W, b, y, weight, prior, options, chunk_size)
+    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     for s, e, z in chunks:
         loss[s:e], lse[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
@@ -236,10 +229,10 @@ def _rows_impl(
     """Per-row (loss, lse) of the logits ``x @ W.T + b``, chunk by chunk."""
     N, K = x.shape[0], W.shape[0]
     acc = acc_dtype(x.dtype)
-    _check_values(y, prior, K, ignore_index)
+    checks.check_values(y, prior, K, ignore_index)
     loss = torch.empty(N, dtype=acc, device=x.device)
     lse = torch.empty(N, dtype=acc, device=x.device)
-    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     for s, e, z in chunks:
         loss[s:e], lse[s:e] = chunks.forward(z, s, e)
     return loss, lse
@@ -253,8 +246,8 @@ def _rows_backward_impl(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
     bias), recomputing each chunk's logits; empty where grad_mask is False."""
-    grads = _GradSums(x, W, b, grad_mask)
-    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    grads = GradSums(x, W, b, grad_mask)
+    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     lse = lse.contiguous()  # the kernels index it as a plain vector
     for s, e, z in chunks:
         h = None if grad_lse is None else grad_lse[s:e]
@@ -357,16 +350,21 @@ def _rows_backward(ctx, grad_loss, grad_lse):
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
 
 
-def _check_linear_arguments(input, linear_weight, target, linear_bias, chunk_size) -> Tuple[int, int]:
-    """The checks lsce.functional does not cover: the hidden states, the
-    linear layer and the chunk size. Returns (K, H)."""
-    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+def _check_like_input(name: str, t: Tensor, input: Tensor) -> None:
+    if t.dtype != input.dtype:
+        raise TypeError(f"lsce: {name} is {t.dtype} but input is {input.dtype}; they must match")
+    if t.device != input.device:
+        raise ValueError(f"lsce: {name} is on {t.device} but input is on {input.device}")
+
+
+def check_linear_arguments(input, linear_weight, target, linear_bias) -> Tuple[int, int]:
+    """The tensor checks of a fused head: hidden states ``(..., H)``, the
+    linear layer ``(K, H)`` and ``(K,)``, targets of shape ``input.shape[:-1]``.
+    Returns (K, H)."""
+    for name, t in (("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"lsce: input must be float32, float64, bfloat16 or float16 hidden states, got {input.dtype}")
-    if input.dim() < 1:
-        raise ValueError("lsce: input must have at least 1 dimension (the features), got a scalar")
+    checks.check_float("input", input, "hidden states", "features")
     if linear_weight.dim() != 2:
         raise ValueError(
             f"lsce: linear_weight must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)}")
@@ -377,26 +375,19 @@ def _check_linear_arguments(input, linear_weight, target, linear_bias, chunk_siz
         raise ValueError(
             f"lsce: input has {input.shape[-1]} features (its last dimension) but linear_weight "
             f"{tuple(linear_weight.shape)} expects {H}")
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(f"lsce: linear_weight is {linear_weight.dtype} but input is {input.dtype}; they must match")
-    if linear_weight.device != input.device:
-        raise ValueError(f"lsce: linear_weight is on {linear_weight.device} but input is on {input.device}")
+    _check_like_input("linear_weight", linear_weight, input)
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor):
             raise TypeError(f"lsce: linear_bias must be a Tensor or None, got {type(linear_bias).__name__}")
         if tuple(linear_bias.shape) != (K,):
             raise ValueError(f"lsce: linear_bias must have shape ({K},) (one value per class), "
                              f"got {tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(f"lsce: linear_bias is {linear_bias.dtype} but input is {input.dtype}; they must match")
-        if linear_bias.device != input.device:
-            raise ValueError(f"lsce: linear_bias is on {linear_bias.device} but input is on {input.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        _check_like_input("linear_bias", linear_bias, input)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(
             f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"expected {tuple(input.shape[:-1])} (input's shape without the feature dimension)")
+    checks.check_target(target, input.device)
     return K, H
 
 
@@ -440,17 +431,16 @@ def linear_cross_entropy(
     fp32 (fp64) and rounded once. Gradients flow to input, linear_weight and
     linear_bias; class ``weight`` and ``smoothing_prior`` are constants.
     """
-    ignore_index = -100 if ignore_index is None else as_ignore_index(ignore_index)
-    K, H = _check_linear_arguments(input, linear_weight, target, linear_bias, chunk_size)
+    ignore_index = -100 if ignore_index is None else checks.as_ignore_index(ignore_index)
+    K, H = check_linear_arguments(input, linear_weight, target, linear_bias)
+    checks.check_chunk_size(chunk_size)
+    checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    checks.check_out_dtype(out_dtype)
     N = target.numel()
-    # The logits-side checks of lsce.cross_entropy, on a zero-cost (N, K) stand-in.
-    logits_stand_in = torch.empty((), dtype=input.dtype, device=input.device).expand(N, K)
-    _check_arguments(logits_stand_in, target.reshape(-1), weight, reduction, label_smoothing, z_loss, softcap,
-                     smoothing_prior, _BACKEND)
-    check_out_dtype(out_dtype)
     acc = acc_dtype(input.dtype)
     x = input.reshape(-1, H)
-    y = target.reshape(-1).to(torch.int64)
+    y = target.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
     chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lsce
-from lsce import linear, reference
+from lsce import interface, linear, reference
 from _util import (
     ULP, assert_close_to_truth, assert_no_worse_than_torch, make_options, make_problem, torch_cross_entropy,
     torch_supports,
@@ -284,22 +284,24 @@ def test_backward_over_its_own_logits(backend, dtype, shape, options):
         pytest.skip("the C++ kernel runs on CPU tensors")
     if backend == "triton":
         pytest.importorskip("triton")
-    kernels = lsce.ops._kernels(backend, torch.device(DEVICE))
+    kernels = lsce.ops.row_kernels(backend, torch.device(DEVICE))
     logits, target = make_problem(shape, dtype, ignore_frac=0.3, device=DEVICE)
-    acc = reference.acc_dtype(dtype)
+    acc = interface.acc_dtype(dtype)
     opts = {k: v.to(acc) if isinstance(v, torch.Tensor) else v for k, v in make_options(shape[1], options).items()}
     w, prior = (None if opts.get(k) is None else opts[k].to(DEVICE) for k in ("weight", "smoothing_prior"))
-    options = (-100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0))
-    loss, lse = kernels.forward(logits, target, w, prior, *options)
+    options = (interface.coefficients(shape[1], w, prior, 0.1, acc, logits.device),
+               interface.RowOptions(-100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0)))
+    loss, lse = kernels.forward(logits, target, *options)
     g = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     h = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     for grad_lse in (None, h):
-        expected = kernels.backward(g, grad_lse, logits, target, w, prior, lse, *options)
+        expected = kernels.backward(g, grad_lse, logits, target, *options, lse)
         buffer = logits.clone()
-        got = kernels.backward(g, grad_lse, buffer, target, w, prior, lse, *options, out=buffer)
+        got = kernels.backward(g, grad_lse, buffer, target, *options, lse, out=buffer)
         assert got.data_ptr() == buffer.data_ptr()
         assert torch.equal(got, expected)
-        truth = reference.rows_backward(g, grad_lse, logits.double(), target, w, prior, lse.double(), *options)
+        coef64 = interface.coefficients(shape[1], w, prior, 0.1, torch.float64, logits.device)
+        truth = reference.rows_backward(g, grad_lse, logits.double(), target, coef64, options[1], lse.double())
         torch.testing.assert_close(got, truth.to(dtype), atol=1e-6, rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
 
 
@@ -309,17 +311,17 @@ def test_gradient_buffer_must_be_the_logits_or_apart_from_them():
     would have the kernel read values it has already replaced."""
     store = torch.zeros(5 * 8)
     logits = store[: 4 * 8].view(4, 8)
-    assert reference.grad_buffer(logits, logits) is logits
-    assert reference.grad_buffer(logits, torch.empty(4, 8)).shape == (4, 8)
+    assert interface.grad_buffer(logits, logits) is logits
+    assert interface.grad_buffer(logits, torch.empty(4, 8)).shape == (4, 8)
     with pytest.raises(ValueError, match="overlaps"):
-        reference.grad_buffer(logits, store[8:].view(4, 8))
+        interface.grad_buffer(logits, store[8:].view(4, 8))
     strided = store.view(5, 8)[:, :7]
     with pytest.raises(ValueError, match="overlaps"):
-        reference.grad_buffer(strided, store[: 5 * 7].view(5, 7))
+        interface.grad_buffer(strided, store[: 5 * 7].view(5, 7))
     with pytest.raises(ValueError, match="contiguous"):
-        reference.grad_buffer(logits, torch.empty(8, 4).t())
+        interface.grad_buffer(logits, torch.empty(8, 4).t())
     with pytest.raises(ValueError, match="does not match"):
-        reference.grad_buffer(logits, torch.empty(4, 8, dtype=torch.float64))
+        interface.grad_buffer(logits, torch.empty(4, 8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

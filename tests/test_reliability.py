@@ -139,7 +139,7 @@ def no_kernel(monkeypatch):
         calls.append(backend)
         raise AssertionError(f"a kernel was reached (backend={backend!r}) before the argument error")
 
-    monkeypatch.setattr(lsce.ops, "_kernels", refuse)
+    monkeypatch.setattr(lsce.ops, "row_kernels", refuse)
     return calls
 
 

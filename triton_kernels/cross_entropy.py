@@ -1,8 +1,8 @@
 """Fused label-smoothed cross-entropy: Triton forward and backward kernels.
 
-Per row ``z`` of the 2-D logits (N, K) with target ``y``, these compute what
-``lsce.reference.rows_forward`` / ``rows_backward`` compute (their docstring
-has the formulas): the forward gives each row's loss and ``lse`` in fp32
+Per row ``z`` of the 2-D logits (N, K) with target ``y``, these implement the
+per-row kernel interface of ``lsce/interface.py`` (its docstring has the
+formulas): the forward gives each row's loss and ``lse`` in fp32
 (fp64 for fp64 logits) from one read of the row; the backward gives the
 gradient, in the logits' dtype, from one read and one write per element. Any
 reduction over rows happens in the caller (``lsce/functional.py``).
@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# c = π ⊙ w and C = Σ c, computed once per launch on the device (no host sync);
-# where the backward writes (a new tensor, or a buffer that may be the logits).
-from lsce.reference import class_coefficients, grad_buffer
+# The per-row kernel interface these kernels implement (lsce/interface.py).
+from lsce.interface import Coefficients, RowOptions, grad_buffer
 
 __all__ = ["forward", "backward"]
 
@@ -112,7 +111,7 @@ def _finite_or_zero(m):
 @triton.jit
 def _store_row(
     row, m, sumexp, dot, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
-    K, ignore_index, eps, z_loss, softcap,
+    K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -120,19 +119,20 @@ def _store_row(
     lse = _finite_or_zero(m) + tl.log(sumexp)
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
-    # Targets are range-checked by the op before launch; this only keeps the
-    # loads below inside the row whatever the target holds.
-    y_safe = tl.where(valid & (y >= 0) & (y < K), y, 0)
+    # A target outside [0, K) that is not ignore_index: the true class is in
+    # another vocabulary slice, and the row has no true-class term.
+    own = valid & (y >= 0) & (y < K)
+    y_safe = tl.where(own, y, 0)
     zc_y, _ = _capped(tl.load(row_ptr + y_safe).to(ACC), softcap, HAS_SOFTCAP)
     loss = lse - zc_y
     if HAS_WEIGHT:
         loss = loss * tl.load(weight_ptr + y_safe).to(ACC)
-    loss = loss * (1.0 - eps)
+    loss = tl.where(own, loss * (1.0 - eps), 0.0)
     if HAS_SMOOTHING:
         if HAS_COEF:
             loss += eps * (tl.load(coef_sum_ptr).to(ACC) * lse - dot)
         else:
-            loss += eps * (lse - dot / K)
+            loss += eps * (uniform_c * lse - dot / uniform_over)
     if HAS_ZLOSS:
         loss += z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
@@ -148,7 +148,7 @@ def _store_row(
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, loss_ptr, lse_ptr, partial_ptr,
     N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
-    cols_per_split, n_splits,
+    uniform_c_arg: tl.float64, uniform_over, cols_per_split, n_splits,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -157,6 +157,7 @@ def _forward_kernel(
     eps = tl.full((), eps_arg, ACC)
     z_loss = tl.full((), z_loss_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
+    uniform_c = tl.full((), uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)  # int64: row * row_stride passes 2**31 on large N·K
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
@@ -196,7 +197,7 @@ def _forward_kernel(
         tl.store(partial_ptr + 2 * plane + idx, dot_sum)
     else:
         _store_row(row, m, sumexp, dot_sum, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
-                   K, ignore_index, eps, z_loss, softcap,
+                   K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
                    ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
 
 
@@ -206,13 +207,14 @@ def _forward_kernel(
 def _combine_kernel(
     partial_ptr, logits_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
     N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
-    n_splits,
+    uniform_c_arg: tl.float64, uniform_over, n_splits,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
     eps = tl.full((), eps_arg, ACC)
     z_loss = tl.full((), z_loss_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
+    uniform_c = tl.full((), uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, SPLITS_BLOCK)
     mask = idx < n_splits
@@ -225,7 +227,7 @@ def _combine_kernel(
     # A split whose max is −inf has Σexp = 0: exp(−inf − shift) = 0 keeps it at 0.
     sumexp = tl.sum(sumexp_part * tl.exp(m_part - _finite_or_zero(m)), 0)
     _store_row(row, m, sumexp, tl.sum(dot_part, 0), logits_ptr + row * row_stride, target_ptr, weight_ptr,
-               coef_sum_ptr, loss_ptr, lse_ptr, K, ignore_index, eps, z_loss, softcap,
+               coef_sum_ptr, loss_ptr, lse_ptr, K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
                ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
 
 
@@ -237,13 +239,14 @@ def _backward_kernel(
     grad_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride,
     logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, lse_ptr,
     K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
-    cols_per_split,
+    uniform_c_arg: tl.float64, uniform_over, cols_per_split,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     eps = tl.full((), eps_arg, ACC)
     z_loss = tl.full((), z_loss_arg, ACC)
     softcap = tl.full((), softcap_arg, ACC)
+    uniform_c = tl.full((), uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
@@ -252,14 +255,15 @@ def _backward_kernel(
 
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
-    y_safe = tl.where(valid & (y >= 0) & (y < K), y, 0)
+    own = valid & (y >= 0) & (y < K)  # else no true-class term (see _store_row)
+    y_safe = tl.where(own, y, -1)  # -1 matches no column
     # g and h may be a scalar expanded to (N,): stride 0 reads the one value.
     g = tl.where(valid, tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC), 0.0)
     lse = tl.load(lse_ptr + row).to(ACC)
     if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + y_safe).to(ACC)
+        w_y = tl.where(own, tl.load(weight_ptr + tl.maximum(y_safe, 0)).to(ACC), 0.0)
     else:
-        w_y = tl.full((), 1.0, ACC)
+        w_y = tl.where(own, 1.0, 0.0).to(ACC)
     true_coef = g * (1.0 - eps) * w_y  # subtracted at k = y
     p_coef = (1.0 - eps) * w_y  # A = g·((1 − ε)·w_y + ε·C + 2λ·lse) + h multiplies p
     if HAS_SMOOTHING:
@@ -267,8 +271,8 @@ def _backward_kernel(
             p_coef += eps * tl.load(coef_sum_ptr).to(ACC)
             smooth_coef = g * eps
         else:
-            p_coef += eps
-            smooth_coef = g * eps / K
+            p_coef += eps * uniform_c
+            smooth_coef = g * eps / uniform_over
     if HAS_ZLOSS:
         p_coef += 2.0 * z_loss * lse
     p_coef = g * p_coef
@@ -309,26 +313,28 @@ def _check(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
     return _ACC_DTYPE[logits.dtype]
 
 
-def _coefficients(K, weight, prior, acc, device, eps):
-    """(c, C) as device tensors for the kernels; (None, None) without smoothing or for the
-    uniform unweighted prior (the kernels' constant path)."""
-    c, C = class_coefficients(K, weight, prior, acc, device) if eps else (None, None)
-    return (c, C) if c is not None else (None, None)
+def _options(coef: Coefficients, opts: RowOptions, tl_acc) -> Tuple[tuple, dict]:
+    """The kernels' scalar arguments after ``ignore_index`` (eps, z_loss, softcap,
+    uniform_c, uniform_over) and their compile-time switches. ``coef.C`` is a
+    device tensor when ``coef.c`` is given (read by the kernels: no host sync)
+    and a number on the uniform path."""
+    eps, z_loss, softcap = float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap)
+    has_coef = coef.c is not None
+    scalars = (eps, z_loss, softcap, 0.0 if has_coef else float(coef.C), coef.uniform_over)
+    flags = dict(ACC=tl_acc, HAS_WEIGHT=coef.weight is not None, HAS_COEF=has_coef, HAS_SMOOTHING=eps != 0.0,
+                 HAS_ZLOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0)
+    return scalars, flags
 
 
 def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def forward(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-) -> Tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse)`` of 2-D ``logits``, as ``lsce.reference.rows_forward``.
+def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(loss, lse)`` of 2-D ``logits``: lsce.interface.RowKernels.forward.
 
     ``logits`` (N, K) with unit column stride and any row stride; ``target``
-    (N,) int64; ``weight`` / ``prior`` None or (K,); ``softcap`` 0 for none.
-    Both outputs are (N,) fp32 (fp64 for fp64 logits).
+    (N,) int64. Both outputs are (N,) fp32 (fp64 for fp64 logits).
     """
     acc, tl_acc = _check(logits, target)
     N, K = logits.shape
@@ -336,41 +342,36 @@ def forward(
     lse = torch.empty(N, dtype=acc, device=logits.device)
     if N == 0:
         return loss, lse
-    eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
-    coef, coef_sum = _coefficients(K, weight, prior, acc, logits.device, eps)
+    scalars, flags = _options(coef, opts, tl_acc)
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
-    flags = dict(
-        ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_COEF=coef is not None, HAS_SMOOTHING=eps != 0.0,
-        HAS_ZLOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0,
-    )
     partials = torch.empty((3, N, n_splits), dtype=acc, device=logits.device) if n_splits > 1 else None
+    coef_sum = coef.C if coef.c is not None else None
     with _device_guard(logits):
         _forward_kernel[(N, n_splits)](
-            logits, target, weight, coef, coef_sum, loss, lse, partials,
-            N, K, logits.stride(0), ignore_index, eps, z_loss, softcap, cols_per_split, n_splits,
+            logits, target, coef.weight, coef.c, coef_sum, loss, lse, partials,
+            N, K, logits.stride(0), opts.ignore_index, *scalars, cols_per_split, n_splits,
             SPLIT=n_splits > 1, BLOCK=block, num_warps=num_warps, **flags,
         )
         if n_splits > 1:
             _combine_kernel[(N,)](
-                partials, logits, target, weight, coef_sum, loss, lse,
-                N, K, logits.stride(0), ignore_index, eps, z_loss, softcap, n_splits,
+                partials, logits, target, coef.weight, coef_sum, loss, lse,
+                N, K, logits.stride(0), opts.ignore_index, *scalars, n_splits,
                 SPLITS_BLOCK=max(2, triton.next_power_of_2(n_splits)), num_warps=1, **flags,
             )
     return loss, lse
 
 
 def backward(
-    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
-    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, out: Optional[Tensor] = None,
+    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, coef: Coefficients,
+    opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None,
 ) -> Tensor:
-    """Gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` with respect to ``logits``,
-    as ``lsce.reference.rows_backward``.
+    """Gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` with respect to ``logits``:
+    lsce.interface.RowKernels.backward.
 
     ``grad_loss`` / ``grad_lse`` (N,) or None for ``grad_lse``, any stride
     (an expanded scalar has stride 0); ``lse`` from :func:`forward`. Returns
     a new contiguous (N, K) tensor in the logits' dtype, or ``out``
-    (``lsce.reference.grad_buffer``): each program loads a block of its row
+    (``lsce.interface.grad_buffer``): each program loads a block of its row
     and stores that same block, so ``out`` may be the logits themselves.
     """
     acc, tl_acc = _check(logits, target)
@@ -378,16 +379,13 @@ def backward(
     grad = grad_buffer(logits, out)
     if N == 0:
         return grad
-    eps, z_loss, softcap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
-    coef, coef_sum = _coefficients(K, weight, prior, acc, logits.device, eps)
+    scalars, flags = _options(coef, opts, tl_acc)
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
     with _device_guard(logits):
         _backward_kernel[(N, n_splits)](
             grad, grad_loss, grad_loss.stride(0), grad_lse, 0 if grad_lse is None else grad_lse.stride(0),
-            logits, target, weight, coef, coef_sum, lse,
-            K, logits.stride(0), ignore_index, eps, z_loss, softcap, cols_per_split,
-            ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_COEF=coef is not None, HAS_SMOOTHING=eps != 0.0,
-            HAS_ZLOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0, HAS_GRAD_LSE=grad_lse is not None,
-            BLOCK=block, num_warps=num_warps,
+            logits, target, coef.weight, coef.c, coef.C if coef.c is not None else None, lse,
+            K, logits.stride(0), opts.ignore_index, *scalars, cols_per_split,
+            HAS_GRAD_LSE=grad_lse is not None, BLOCK=block, num_warps=num_warps, **flags,
         )
     return grad

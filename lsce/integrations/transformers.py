@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..functional import _check_arguments, cross_entropy
+from .. import checks
+from ..functional import cross_entropy
 from ..linear import linear_cross_entropy
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
@@ -84,19 +85,16 @@ def causal_lm_loss(
     return loss
 
 
-def _check_options(label_smoothing, options, K: int = 1, device=None, dtype=torch.float32) -> None:
+def _check_options(label_smoothing, options, K: int = 1, device=None) -> None:
     """lsce's own argument checks, run once when the loss is set up rather
     than in the middle of a training step."""
     unknown = sorted(set(options) - set(LOSS_OPTIONS))
     if unknown:
         raise TypeError(f"lsce: unknown loss option(s) {unknown}; accepted: {LOSS_OPTIONS}")
-    stand_in = torch.empty((), dtype=dtype, device=device).expand(1, K)  # no memory
-    _check_arguments(stand_in, torch.zeros(1, dtype=torch.int64, device=device), options.get("weight"), "mean",
-                     label_smoothing, options.get("z_loss", 0.0), options.get("softcap"),
-                     options.get("smoothing_prior"), "auto")
-    chunk_size = options.get("chunk_size")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    checks.check_options(K, torch.device(device or "cpu"), weight=options.get("weight"),
+                         smoothing_prior=options.get("smoothing_prior"), label_smoothing=label_smoothing,
+                         z_loss=options.get("z_loss", 0.0), softcap=options.get("softcap"))
+    checks.check_chunk_size(options.get("chunk_size"))
 
 
 def _logits(outputs) -> Tensor:
@@ -245,7 +243,7 @@ def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: boo
     if loss_options.get("softcap") is not None and getattr(model.config, "final_logit_softcapping", None):
         raise ValueError("lsce: this model already softcaps its logits (config.final_logit_softcapping); "
                          "do not pass softcap")
-    _check_options(label_smoothing, loss_options, head.out_features, head.weight.device, head.weight.dtype)
+    _check_options(label_smoothing, loss_options, head.out_features, head.weight.device)
     state = getattr(model, "_lsce", None)
     if state is None:
         state = _LsceState(model, label_smoothing, fused_linear, dict(loss_options))

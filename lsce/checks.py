@@ -1,0 +1,154 @@
+"""Argument checks of every entry point, before any kernel runs (nothing the caller passed is modified).
+
+Three kinds, each usable without the others:
+
+* on the tensors: :func:`check_logits` (``lsce.cross_entropy``'s input and target),
+  :func:`check_target`; lsce.linear and lsce.distributed check their own inputs
+  and call :func:`check_target`;
+* on the options, given the number of classes K: :func:`check_options`;
+* on tensor values (targets in range, a prior that is a probability vector):
+  :func:`check_values`, which the registered ops run, since it reads the values
+  (a host sync on CPU, an asynchronous device assert on CUDA).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "cpu", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_target(target, device: torch.device) -> None:
+    """Class indices of an integer dtype, on ``device``."""
+    if not isinstance(target, Tensor):
+        raise TypeError("lsce: input and target must be Tensors")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(
+            f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
+            "class-probability targets are not supported"
+        )
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"lsce: target is on {target.device} but input is on {device}")
+
+
+def check_float(name: str, t, what: str, last_dim: str) -> None:
+    """``t`` is a Tensor of one of lsce's float dtypes with at least one dimension (``last_dim``)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lsce: {name} must be float32, float64, bfloat16 or float16 {what}, got {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"lsce: {name} must have at least 1 dimension (the {last_dim}), got a scalar")
+
+
+def check_logits(input, target) -> int:
+    """``lsce.cross_entropy``'s logits ((K,), (N, K) or (N, K, d1, ...)) and targets; returns K."""
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("lsce: input and target must be Tensors")
+    check_float("input", input, "logits", "classes")
+    check_target(target, input.device)
+    expected = () if input.dim() == 1 else input.shape[:1] + input.shape[2:]
+    if tuple(target.shape) != tuple(expected):
+        raise ValueError(
+            f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected {tuple(expected)} (input's shape without the class dimension {0 if input.dim() == 1 else 1})"
+        )
+    K = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if K < 1:
+        raise ValueError(f"lsce: input has {K} classes; at least 1 is needed")
+    return K
+
+
+def _check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device: torch.device) -> None:
+    """None, or a (K,) float vector on ``device`` that needs no gradient; any length when K is None."""
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"lsce: {name} must be a Tensor or None, got {type(v).__name__}")
+    if v.dim() != 1 or (K is not None and v.shape[0] != K):
+        raise ValueError(f"lsce: {name} must have shape ({K or 'K'},) (one value per class), got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
+    if v.requires_grad:
+        raise ValueError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
+    if v.device != device:
+        raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
+
+
+def _finite(v) -> bool:
+    """math.isfinite without the call: under torch.compile(dynamic=True) a float
+    argument is a SymFloat, which math.isfinite cannot trace; comparisons can.
+    False for NaN (every comparison with it is False) and ±inf."""
+    return abs(v) < float("inf")
+
+
+def check_options(K: Optional[int], device: torch.device, *, weight=None, smoothing_prior=None, reduction="mean",
+                  label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto") -> None:
+    """The options of a call on logits of K classes on ``device`` (K None: class vectors of any length)."""
+    _check_class_vector("weight", weight, K, device)
+    _check_class_vector("smoothing_prior", smoothing_prior, K, device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"lsce: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not _finite(z_loss) or z_loss < 0:
+        raise ValueError(f"lsce: z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not _finite(softcap) or softcap <= 0):
+        raise ValueError(f"lsce: softcap must be None or a finite number > 0, got {softcap!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"lsce: backend='cpu' runs the C++ kernel on CPU tensors; input is on {device}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"lsce: backend='triton' needs CUDA tensors (input is on {device}), "
+            "or TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter"
+        )
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lsce: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def as_ignore_index(value) -> int:
+    """An int, numpy integer or 0-d integer tensor, as F.cross_entropy takes;
+    not a float (1.5 would silently become 1) nor a string."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"lsce: ignore_index must be an int, got {type(value).__name__}") from None
+
+
+def check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: int) -> None:
+    """Targets in [0, K) or ignore_index; a prior that is a probability vector.
+    A host sync on CPU, an asynchronous device assert on CUDA."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= K))
+    bad_prior = None
+    if prior is not None:
+        bad_prior = (prior < 0).any() | ((prior.sum() - 1).abs() > 1e-4) | ~torch.isfinite(prior).all()
+    if target.device.type == "cuda":
+        torch._assert_async(~bad.any(), "lsce: target holds a class id out of [0, K) that is not ignore_index")
+        if bad_prior is not None:
+            torch._assert_async(~bad_prior, "lsce: smoothing_prior must be non-negative and sum to 1")
+        return
+    if bad.any():
+        first = target[bad][0].item()
+        raise IndexError(f"lsce: target {first} is out of bounds for {K} classes (and is not ignore_index={ignore_index})")
+    if bad_prior is not None and bad_prior.item():
+        raise ValueError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")

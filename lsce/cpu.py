@@ -1,0 +1,69 @@
+"""The C++/OpenMP backend (lsce._C) of the per-row kernel interface (lsce/interface.py).
+
+Marshalling only: the kernels take data pointers, sizes, strides and a dtype
+code, and run without the GIL. Large gradients come from lsce's cache of freed
+gradients (lsce/cache.py): a fresh N×K buffer pays a page fault per 4 KiB.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import cache
+from .interface import Coefficients, RowOptions, acc_dtype, grad_buffer
+
+__all__ = ["forward", "fused_forward", "backward"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _args(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> dict:
+    """The keywords that lsce._C.forward and .backward share."""
+    N, K = logits.shape
+    return dict(
+        dtype=_DTYPE_CODE[logits.dtype], logits=_ptr(logits), N=N, K=K, row_stride=logits.stride(0),
+        target=_ptr(target), ignore_index=opts.ignore_index, weight=_ptr(coef.weight), c=_ptr(coef.c),
+        C=float(coef.C), uniform_over=coef.uniform_over, eps=opts.label_smoothing, z_loss=opts.z_loss,
+        softcap=opts.softcap, nthreads=torch.get_num_threads(),
+    )
+
+
+def _forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, **grad) -> Tuple[Tensor, Tensor]:
+    from . import _C
+
+    acc = acc_dtype(logits.dtype)
+    loss, lse = torch.empty(logits.shape[0], dtype=acc), torch.empty(logits.shape[0], dtype=acc)
+    _C.forward(**_args(logits, target, coef, opts), loss=_ptr(loss), lse=_ptr(lse), **grad)
+    return loss, lse
+
+
+def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(loss, lse)``; see lsce.interface.RowKernels."""
+    return _forward(logits, target, coef, opts)
+
+
+def fused_forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, grad: Tensor,
+                  upstream: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`forward`, and in the same pass the gradient for the upstream
+    ``upstream`` of every row's loss (a 1-element tensor: the reduction's
+    scale) into ``grad`` ((N, K) contiguous): the fused training step."""
+    return _forward(logits, target, coef, opts, grad=_ptr(grad), grad_loss=_ptr(upstream), grad_loss_stride=0)
+
+
+def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, coef: Coefficients,
+             opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The logits' gradient, in ``out`` or a new (cached) tensor; see lsce.interface.RowKernels."""
+    from . import _C
+
+    grad = grad_buffer(logits, out) if out is not None else cache.empty(logits.shape, logits.dtype)
+    _C.backward(**_args(logits, target, coef, opts), lse=_ptr(lse), grad_loss=_ptr(grad_loss),
+                grad_loss_stride=grad_loss.stride(0), grad_lse=_ptr(grad_lse),
+                grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0), grad=_ptr(grad))
+    return grad
