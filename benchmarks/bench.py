@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Speed and memory sweep: lsce against F.cross_entropy (eager), torch.compile and Liger-Kernel.
 
-    python benchmarks/bench.py            # the default sweep for this machine (CUDA if present, else CPU)
-    python benchmarks/bench.py --quick    # tiny shapes, few repeats: a smoke test
-    python benchmarks/bench.py --cases 4096x32000 --dtypes bf16 --modes fwd+bwd --providers lsce,torch
+    bash run.sh bench            # from the repository root: .venv with lsce installed, then this sweep
+    bash run.sh bench --quick    # tiny shapes, few repeats: a smoke test
+    .venv/bin/python benchmarks/bench.py --cases 4096x32000 --dtypes bf16 --modes fwd+bwd --providers lsce,torch
 
 Writes a table to the terminal and to OUT/table.txt, one CSV row per measurement
 to OUT/results.csv and plots to OUT/*.png. benchmarks/README.md explains the

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Communication volume and time of lsce.distributed.vocab_parallel_cross_entropy.
 
-    python benchmarks/bench_distributed.py                      # N=4096, K=128256 over 2 and 4 ranks
-    python benchmarks/bench_distributed.py --rows 512 --vocab 32000 --repeats 2   # a quick run
+    .venv/bin/python benchmarks/bench_distributed.py                      # N=4096, K=128256 over 2 and 4 ranks
+    .venv/bin/python benchmarks/bench_distributed.py --rows 512 --vocab 32000 --repeats 2   # a quick run
 
 Compares, per training step (forward + backward), the bytes this design moves
 between ranks (per-row scalars) with gathering the logits (N·K·b), both as

@@ -2,10 +2,10 @@
 """The LM head plus loss, forward+backward: lsce.linear_cross_entropy against the
 same loss on materialised logits.
 
-    python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
-    python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
-    python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
-    python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
+    .venv/bin/python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
+    .venv/bin/python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
+    .venv/bin/python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
+    .venv/bin/python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
 
 Providers (reduction="mean"; label_smoothing=0.1 except where noted):
     lsce_linear         lsce.linear_cross_entropy (chunked, no N×K logits)
