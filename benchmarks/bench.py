@@ -76,6 +76,10 @@ class Provider:
     writes_logits: bool = False  # stores its gradient in the logits: gets a private copy
     required: bool = False  # the subject: where it cannot run, the run fails instead of skipping it
 
+    def logits_for(self, z):
+        """The logits it runs on: its own copy if it writes its gradient into them, else z."""
+        return z.detach().clone().requires_grad_() if self.writes_logits else z
+
 
 def _missing(module: str) -> Optional[str]:
     try:
@@ -223,9 +227,7 @@ def case_peaks(provider: Provider, case: Case, dev, meter: PeakMemory):
     """(forward peak, step peak) of one case, after one untimed warm-up step: the forward
     alone (no_grad), then a forward + backward step."""
     z, y, kw = make_inputs(case, dev)
-    if provider.writes_logits:
-        z = z.detach().clone().requires_grad_()
-    fn = provider.make(kw)
+    z, fn = provider.logits_for(z), provider.make(kw)
     torch.autograd.grad(fn(z, y), z)  # warm-up: compilation, thread pools, lazy initialisation
     return (peak_above(meter, lambda: _inference(fn, z, y)),
             peak_above(meter, lambda: torch.autograd.grad(fn(z, y), z)))
@@ -280,7 +282,7 @@ def torch_error(case: Case, kw, z, y, truth):
 def check_provider(provider: Provider, case: Case, kw, z, y, truth, base):
     """(status, loss function, the logits it runs on): 'ok' or 'FAILED (...)' from one
     checked forward + backward; a provider that raises is reported, not fatal."""
-    zp = z.detach().clone().requires_grad_() if provider.writes_logits else z
+    zp = provider.logits_for(z)
     fn = None
     try:
         fn = provider.make(kw)

@@ -52,9 +52,7 @@ def test_fwd_bwd(benchmark, provider, case):
     if case.option and not p.extensions:
         pytest.skip(f"{provider} has no {case.option}; the options group is lsce only")
     z, y, kw = _setup(benchmark, case)
-    if p.writes_logits:
-        z = z.detach().clone().requires_grad_()
-    fn = p.make(kw)
+    z, fn = p.logits_for(z), p.make(kw)
 
     def step():
         loss = fn(z, y)
