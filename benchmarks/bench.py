@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Speed and memory sweep: lsce against F.cross_entropy (eager), torch.compile and Liger-Kernel.
 
-    python benchmarks/bench.py            # the default sweep for this machine (CUDA if present, else CPU)
-    python benchmarks/bench.py --quick    # tiny shapes, few repeats: a smoke test
-    python benchmarks/bench.py --cases 4096x32000 --dtypes bf16 --modes fwd+bwd --providers lsce,torch
+    bash run.sh bench            # from the repository root: .venv with lsce installed, then this sweep
+    bash run.sh bench --quick    # tiny shapes, few repeats: a smoke test
+    .venv/bin/python benchmarks/bench.py --cases 4096x32000 --dtypes bf16 --modes fwd+bwd --providers lsce,torch
 
 Writes a table to the terminal and to OUT/table.txt, one CSV row per measurement
 to OUT/results.csv and plots to OUT/*.png. benchmarks/README.md explains the
@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ except ImportError:  # run from a checkout without PYTHONPATH: use the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce import reference
+from measure import Clock, PeakMemory, WorkerError, reply, run_worker, time_stages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LOW_PRECISION = ("bf16", "fp16")
@@ -74,6 +74,11 @@ class Provider:
     unavailable: Callable[[torch.device], Optional[str]] = lambda dev: None  # why it cannot run here
     extensions: bool = False  # takes z_loss / softcap / smoothing_prior: runs the options group
     writes_logits: bool = False  # stores its gradient in the logits: gets a private copy
+    required: bool = False  # the subject: where it cannot run, the run fails instead of skipping it
+
+    def logits_for(self, z):
+        """The logits it runs on: its own copy if it writes its gradient into them, else z."""
+        return z.detach().clone().requires_grad_() if self.writes_logits else z
 
 
 def _missing(module: str) -> Optional[str]:
@@ -109,7 +114,8 @@ def _liger(kw):
 PROVIDERS = {
     p.name: p
     for p in [
-        Provider("lsce", lambda kw: lambda z, y: lsce.cross_entropy(z, y, **kw), _lsce_unavailable, extensions=True),
+        Provider("lsce", lambda kw: lambda z, y: lsce.cross_entropy(z, y, **kw), _lsce_unavailable, extensions=True,
+                 required=True),
         Provider("torch", lambda kw: lambda z, y: F.cross_entropy(z, y, **kw)),
         Provider("compile", _compiled),
         Provider(
@@ -198,79 +204,7 @@ def check(errs, truth, case: Case, base) -> str:
     return f"FAILED ({'; '.join(bad)})" if bad else "ok"
 
 
-# ----------------------------------------------------------------------------- timing
-def timeit(stages, dev, repeats: int, budget_s: float, min_repeats: int = 3):
-    """Seconds of each stage per timed run, an array of shape (runs, stages).
-
-    One run calls the stages in order, each on the previous stage's result (the first on None);
-    each stage is timed alone, and the result it no longer needs is freed between two timings.
-    Warm-up: untimed runs for at least one run and 0.25 s (at most 10). Then up to `repeats`
-    timed runs, stopping early once `min_repeats` are done and `budget_s` has passed. On CUDA
-    the clock is a pair of CUDA events per stage, read after a synchronize at the end of the run;
-    CPU ops are synchronous.
-    """
-    cuda = dev.type == "cuda"
-
-    def clock():
-        if not cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def run():
-        marks, out = [], None
-        for stage in stages:
-            start = clock()
-            result = stage(out)
-            marks.append((start, clock()))
-            out = result  # frees the previous result here, between two timings: freeing a large
-            del result  # tensor (munmap) costs tens of ms, which belong to no stage
-        del out
-        if cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in marks]
-        return [b - a for a, b in marks]
-
-    start, n = time.perf_counter(), 0
-    while n < 1 or (n < 10 and time.perf_counter() - start < 0.25):
-        run()
-        n += 1
-    samples, start = [], time.perf_counter()
-    while len(samples) < repeats and (len(samples) < min_repeats or time.perf_counter() - start < budget_s):
-        samples.append(run())
-    return np.array(samples)
-
-
 # ----------------------------------------------------------------------------- peak memory
-class _RssMeter:
-    """CPU: the process's resident set (VmRSS) and its high-water mark (VmHWM), in bytes."""
-
-    @staticmethod
-    def _read(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-    def reset(self):  # clear_refs "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return self._read("VmRSS:")
-
-    def peak(self):
-        return self._read("VmHWM:")
-
-
-class _CudaMeter:
-    def reset(self):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-
-    def peak(self):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-
-
 def _inference(fn, z, y):
     """The forward alone, as in evaluation: no graph, no gradient (lsce's CPU
     training forward also writes the gradient, which its backward then hands over)."""
@@ -278,38 +212,31 @@ def _inference(fn, z, y):
         return fn(z, y)
 
 
-def step_peaks(fn, z, y, meter):
-    """Peak bytes above what was held before: (the forward alone, a forward + backward step).
-    lsce's cache of freed gradients is emptied first, so that the step allocates its gradient
-    as a first step does and the peak counts it (between steps the cache keeps it)."""
+def peak_above(meter: PeakMemory, action) -> int:
+    """Peak bytes above what was held before, while `action()` runs. lsce's cache of freed
+    gradients is emptied first, so that a step allocates its gradient as a first step does
+    and the peak counts it (between steps the cache keeps it)."""
     gc.collect()
     lsce.empty_cache()
-    base = meter.reset()
-    _inference(fn, z, y)
-    fwd = meter.peak() - base
-    gc.collect()
-    lsce.empty_cache()
-    base = meter.reset()
-    loss = fn(z, y)
-    grad = torch.autograd.grad(loss, z)
-    step = meter.peak() - base
-    del loss, grad
-    return max(fwd, 0), max(step, 0)  # RSS read just after the reset can exceed it by a few pages
+    meter.start()
+    action()
+    return max(meter.peak(), 0)  # RSS read just after the reset can exceed it by a few pages
+
+
+def case_peaks(provider: Provider, case: Case, dev, meter: PeakMemory):
+    """(forward peak, step peak) of one case, after one untimed warm-up step: the forward
+    alone (no_grad), then a forward + backward step."""
+    z, y, kw = make_inputs(case, dev)
+    z, fn = provider.logits_for(z), provider.make(kw)
+    torch.autograd.grad(fn(z, y), z)  # warm-up: compilation, thread pools, lazy initialisation
+    return (peak_above(meter, lambda: _inference(fn, z, y)),
+            peak_above(meter, lambda: torch.autograd.grad(fn(z, y), z)))
 
 
 def probe(provider: Provider, cases, dev):
-    """[(forward peak, step peak)] of each case in turn, each after one untimed warm-up step."""
-    meter = _CudaMeter() if dev.type == "cuda" else _RssMeter()
-    peaks = []
-    for case in cases:
-        z, y, kw = make_inputs(case, dev)
-        if provider.writes_logits:
-            z = z.detach().clone().requires_grad_()
-        fn = provider.make(kw)
-        torch.autograd.grad(fn(z, y), z)  # warm-up: compilation, thread pools, lazy initialisation
-        peaks.append(step_peaks(fn, z, y, meter))
-        del z, y, kw, fn
-    return peaks
+    """[case_peaks()] of each case in turn (the inputs of one are freed before the next)."""
+    meter = PeakMemory(dev)
+    return [case_peaks(provider, case, dev, meter) for case in cases]
 
 
 def measure_memory(provider: Provider, cases, dev):
@@ -322,105 +249,146 @@ def measure_memory(provider: Provider, cases, dev):
     if dev.type == "cuda":
         return probe(provider, cases, dev)
     spec = json.dumps({"provider": provider.name, "cases": [asdict(c) for c in cases]})
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    res = None
     try:
-        res = subprocess.run([sys.executable, __file__, "--probe", spec], env=env, capture_output=True,
-                             text=True, timeout=1800)
-        return [tuple(p) for p in json.loads(res.stdout.strip().splitlines()[-1])]
-    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:  # report, do not stop the sweep
-        why = (res.stderr.strip().splitlines() or ["?"])[-1] if res else repr(e)
-        print(f"\nmemory probe of {provider.name} failed: {why}", file=sys.stderr)
+        return [tuple(p) for p in run_worker(__file__, ["--probe", spec], env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+                                             timeout=1800)]
+    except WorkerError as e:  # report, do not stop the sweep
+        print(f"\nmemory probe of {provider.name} failed: {e}", file=sys.stderr)
         return [(math.nan, math.nan)] * len(cases)
 
 
 # ----------------------------------------------------------------------------- the sweep
-def bench_shape(cases, providers, args, dev, progress):
-    """Rows (dicts) of cases that share N, K and dtype (the plain case and its options).
-
-    Each (provider, case) is checked first; those that pass are then timed together: one run
-    is the two floors, then every provider's forward and backward in turn, so that all of them
-    and the floors see the same (shared, noisy) machine.
-    """
-    z, y, _ = make_inputs(cases[0], dev)
+def floor_stages(z):
+    """The floors' stages, first in every run (columns FLOOR_COLUMN): one read of the logits;
+    a read and a write into new memory (clone, whose page faults a fresh gradient pays too); a
+    read and a write into memory already mapped (copy_: bandwidth alone)."""
     flat = z.detach()
     warm = flat.clone()
+    return [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
 
-    def read(_):
-        return flat.sum()
 
-    # The floors: one read; a read and a write into new memory (clone, whose page faults a fresh
-    # gradient pays too); a read and a write into memory already mapped (copy_: bandwidth alone).
-    stages = [read, lambda _: flat.clone(), lambda _: warm.copy_(flat)]
-    entries = []  # (case, provider, status, its stages: none unless its check passed)
+FLOOR_COLUMN = {"sum": 0, "clone": 1, "copy": 2}
+
+
+def torch_error(case: Case, kw, z, y, truth):
+    """PyTorch's own (loss, grad) error at a low-precision dtype, which the check allows on
+    top of its tolerance; None where it does not apply (fp32/fp64, or an option torch lacks)."""
+    torch_expressible = not any(k in kw for k in ("z_loss", "softcap", "smoothing_prior"))
+    if case.dtype in LOW_PRECISION and torch_expressible:
+        return errors(PROVIDERS["torch"].make(kw), z, y, truth)
+    return None
+
+
+def check_provider(provider: Provider, case: Case, kw, z, y, truth, base):
+    """(status, loss function, the logits it runs on): 'ok' or 'FAILED (...)' from one
+    checked forward + backward; a provider that raises is reported, not fatal."""
+    zp = provider.logits_for(z)
+    fn = None
+    try:
+        fn = provider.make(kw)
+        errs = base if provider.name == "torch" and base is not None else errors(fn, zp, y, truth)
+        status = check(errs, truth, case, base or (0.0, 0.0))
+    except Exception as e:  # noqa: BLE001
+        status = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+    return status, fn, zp
+
+
+def provider_stages(fn, zp, y, modes):
+    """A provider's stages: its forward alone (no_grad), then, unless only fwd is reported,
+    a training step's forward and its backward (on the forward's loss)."""
+    own = [lambda _: _inference(fn, zp, y)]
+    if any(m != "fwd" for m in modes):
+        own += [lambda _: fn(zp, y), lambda loss: torch.autograd.grad(loss, zp)]
+    return own
+
+
+def check_cases(cases, providers, z, y, modes, dev, progress):
+    """Entries (case, provider, status, its stages: none unless its check passed) of every
+    provider that runs each case (the options group: lsce only)."""
+    entries = []
     for case in cases:
         kw = case_kwargs(case, dev)
         truth = ground_truth(z, y, kw)
-        known, base = {}, (0.0, 0.0)
-        torch_expressible = not any(k in kw for k in ("z_loss", "softcap", "smoothing_prior"))
-        if case.dtype in LOW_PRECISION and torch_expressible:  # PyTorch's own error at this dtype
-            base = known["torch"] = errors(PROVIDERS["torch"].make(kw), z, y, truth)
+        base = torch_error(case, kw, z, y, truth)
         for provider in providers:
             if case.option and not provider.extensions:
                 continue
             progress.set_postfix_str(f"{case.shape} {case.dtype} {case.option or 'plain'} {provider.name}: check")
-            zp = z.detach().clone().requires_grad_() if provider.writes_logits else z
-            try:
-                fn = provider.make(kw)
-                status = check(known.get(provider.name) or errors(fn, zp, y, truth), truth, case, base)
-            except Exception as e:  # noqa: BLE001 (a provider that raises is reported, not fatal)
-                status = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
-            own = []
-            if status == "ok":  # stages: the forward alone (no_grad), then a training step's forward, backward
-                own.append(lambda _, fn=fn, zp=zp: _inference(fn, zp, y))
-                if any(m != "fwd" for m in args.modes):
-                    own.append(lambda _, fn=fn, zp=zp: fn(zp, y))
-                    own.append(lambda loss, zp=zp: torch.autograd.grad(loss, zp))
-            entries.append((case, provider, status, own))
+            status, fn, zp = check_provider(provider, case, kw, z, y, truth, base)
+            entries.append((case, provider, status, provider_stages(fn, zp, y, modes) if status == "ok" else []))
             progress.update()
         del truth
-    # The stage right after one that freed several N×K tensors runs slower (measured: whichever
-    # lsce option came first after torch.compile took 1.2-1.6x longer, the same option 1.0-1.1x
-    # elsewhere in the run; with lsce first, plain lsce after the floors). So every provider's
-    # stages start after a settling stage (one more logits.sum(), not reported), and lsce's
-    # (plain ε and every option) run next to each other.
-    firsts, previous = {}, None  # entry index -> index of its forward stage
+    return entries
+
+
+def schedule(entries, stages):
+    """Appends the checked entries' stages to `stages`; returns {entry index: its first stage}.
+
+    The stage right after one that freed several N×K tensors runs slower (measured: whichever
+    lsce option came first after torch.compile took 1.2-1.6x longer, the same option 1.0-1.1x
+    elsewhere in the run; with lsce first, plain lsce after the floors). So every provider's
+    stages start after a settling stage (one more logits.sum(), not reported), and lsce's
+    (plain ε and every option) run next to each other, first.
+    """
+    settle = stages[FLOOR_COLUMN["sum"]]
+    firsts, previous = {}, None
     for i in sorted(range(len(entries)), key=lambda i: entries[i][1].name != "lsce"):
         provider, own = entries[i][1], entries[i][3]
         if own:
             if provider is not previous:
-                stages.append(read)
+                stages.append(settle)
                 previous = provider
             firsts[i] = len(stages)
             stages.extend(own)
-    timed = len(firsts)
-    progress.set_postfix_str(f"{cases[0].shape} {cases[0].dtype}: timing {timed} together")
-    times = timeit(stages, dev, args.repeats, args.budget * timed) if timed else None
-    progress.update()
+    return firsts
 
+
+def timing_fields(case: Case, mode: str, times, first: int) -> dict:
+    """A row's time columns from the runs' stage times; `first` is the provider's first stage."""
+    infer = times[:, first]
+    t = infer if mode == "fwd" else times[:, first + 2] if mode == "bwd" else times[:, first + 1] + times[:, first + 2]
+    floor = float(np.median(times[:, FLOOR_COLUMN[FLOOR[mode]]]))
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    gbps = PASSES[mode] * case.logits_bytes / med / 1e9
+    floor_gbps = FLOOR_PASSES[FLOOR[mode]] * case.logits_bytes / floor / 1e9
+    fields = dict(repeats=len(t), median_ms=med * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, min_ms=t.min() * 1e3,
+                  max_ms=t.max() * 1e3, gbps=gbps, floor_ms=floor * 1e3, pct_copy=100 * gbps / floor_gbps,
+                  x_floor=med / floor)
+    if mode != "fwd":
+        copy = float(np.median(times[:, FLOOR_COLUMN["copy"]]))
+        fields.update(copy_ms=copy * 1e3, x_copy=med / copy)
+    return fields
+
+
+def result_rows(entries, firsts, times, modes, dev):
+    """One row (dict) per entry and mode; the time columns only where the entry was timed."""
     rows = []
     for i, (case, provider, status, _) in enumerate(entries):
-        first = firsts.get(i)
-        for mode in args.modes:
+        for mode in modes:
             row = dict(device=dev.type, case=case.shape, N=case.N, K=case.K, dtype=case.dtype,
                        option=case.option, provider=provider.name, mode=mode, status=status,
                        logits_mb=case.logits_bytes / MIB, floor=FLOOR[mode])
-            if first is not None:
-                infer = times[:, first]
-                train_fwd, bwd = (times[:, first + 1], times[:, first + 2]) if mode != "fwd" else (None, None)
-                t = infer if mode == "fwd" else bwd if mode == "bwd" else train_fwd + bwd
-                floor = float(np.median(times[:, 0 if FLOOR[mode] == "sum" else 1]))
-                q1, med, q3 = np.percentile(t, [25, 50, 75])
-                gbps = PASSES[mode] * case.logits_bytes / med / 1e9
-                floor_gbps = FLOOR_PASSES[FLOOR[mode]] * case.logits_bytes / floor / 1e9
-                row.update(repeats=len(t), median_ms=med * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
-                           min_ms=t.min() * 1e3, max_ms=t.max() * 1e3, gbps=gbps, floor_ms=floor * 1e3,
-                           pct_copy=100 * gbps / floor_gbps, x_floor=med / floor)
-                if mode != "fwd":
-                    copy = float(np.median(times[:, 2]))
-                    row.update(copy_ms=copy * 1e3, x_copy=med / copy)
+            if i in firsts:
+                row.update(timing_fields(case, mode, times, firsts[i]))
             rows.append(row)
     return rows
+
+
+def bench_shape(cases, providers, args, dev, progress):
+    """Rows (dicts) of cases that share N, K and dtype (the plain case and its options).
+
+    Each (provider, case) is checked first; those that pass are then timed together: one run
+    is the floors, then every provider's stages in turn, so that all of them and the floors
+    see the same (shared, noisy) machine.
+    """
+    z, y, _ = make_inputs(cases[0], dev)
+    entries = check_cases(cases, providers, z, y, args.modes, dev, progress)
+    stages = floor_stages(z)
+    firsts = schedule(entries, stages)
+    progress.set_postfix_str(f"{cases[0].shape} {cases[0].dtype}: timing {len(firsts)} together")
+    times = time_stages(stages, dev, args.repeats, args.budget * len(firsts)) if firsts else None
+    progress.update()
+    return result_rows(entries, firsts, times, args.modes, dev)
 
 
 def add_memory(rows, providers, dev, progress):
@@ -481,15 +449,28 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+# The floor each time panel draws: the one the tables' ratios read. fwd: logits.sum() (floor_ms);
+# bwd and fwd+bwd: the copy_ into memory already mapped (copy_ms, x_copy), bandwidth alone.
+# Not clone() (floor_ms there), which pays the page faults of new memory and so can sit above
+# a provider whose gradient comes from mapped memory (lsce's cache on CPU).
+PLOT_FLOOR = {"fwd": ("floor_ms", "logits.sum() (one read)"),
+              "bwd": ("copy_ms", "copy_ into mapped memory (read + write)"),
+              "fwd+bwd": ("copy_ms", "copy_ into mapped memory (read + write)")}
+CPU_BWD_NOTE = ("on CPU lsce's fused step does the backward's work in the forward,\n"
+                "so its backward only hands the gradient over: compare forward + backward")
+
+
 def plot(rows, out: Path, dtypes, modes) -> list:
-    """Per dtype: time_<device>_<dtype>.png (one panel per mode, log time) and memory_<...>.png
-    (forward and training-step peak as a multiple of the logits), one line per provider."""
+    """Per dtype: time_<device>_<dtype>.png (one panel per mode, log time, with the floor
+    of PLOT_FLOOR) and memory_<...>.png (forward and training-step peak as a multiple of the
+    logits), one line per provider. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     main = [r for r in rows if not r["option"]]
+    device = rows[0]["device"]
     cases = list(dict.fromkeys(r["case"] for r in main))
     providers = list(dict.fromkeys(r["provider"] for r in main))
     x = np.arange(len(cases))
@@ -509,27 +490,29 @@ def plot(rows, out: Path, dtypes, modes) -> list:
         for kind, panels, ylabel in figs:
             if not panels or (kind == "memory" and not any("x_logits" in r for r in main)):
                 continue
-            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False,
+                                     layout="constrained")
             for ax, mode in zip(axes[0], panels):
                 field = "median_ms" if kind == "time" else "x_logits"
                 for p in providers:
                     ax.plot(x, series(dtype, mode, field, p), label=p, **style[p])
                 if kind == "time":
-                    ax.plot(x, series(dtype, mode, "floor_ms"), "k--", label=f"logits.{FLOOR[mode]}()")
+                    ax.plot(x, series(dtype, mode, PLOT_FLOOR[mode][0]), "k--", label=PLOT_FLOOR[mode][1])
                     ax.set_yscale("log")
                 else:
                     ax.axhline(1.0, color="k", linestyle=":", label="1 × logits (the gradient)")
                     ax.set_ylim(bottom=0)
                 name = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward + backward"}[mode]
-                ax.set_title(f"{name}, {dtype}")
+                if (device, mode) == ("cpu", "bwd"):
+                    ax.set_title(f"{name}, {dtype}\n{CPU_BWD_NOTE}", fontsize=9)
+                else:
+                    ax.set_title(f"{name}, {dtype}")
                 ax.set_xticks(x, [c.replace("x", " × ") for c in cases], rotation=15)
                 ax.set_xlabel("N × K (rows × classes)")
                 ax.set_ylabel(ylabel)
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
-            device = rows[0]["device"]
             fig.suptitle(f"lsce benchmark on {device}: {'time' if kind == 'time' else 'peak memory'} ({dtype})")
-            fig.tight_layout()
             path = out / f"{kind}_{device}_{dtype}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -640,21 +623,17 @@ def main(argv=None):
     if args.probe:  # the memory child process of measure_memory
         spec = json.loads(args.probe)
         cases = [Case(**c) for c in spec["cases"]]
-        return print(json.dumps(probe(PROVIDERS[spec["provider"]], cases, torch.device("cpu"))))
+        return reply(probe(PROVIDERS[spec["provider"]], cases, torch.device("cpu")))
     from tqdm import tqdm
 
     dev = torch.device(args.device)
-    started = time.perf_counter()
+    clock = Clock()
+    started = clock.now()
     header = environment(dev) + "\n" + METHOD.format(
         clock="CUDA event (read after torch.cuda.synchronize())" if dev.type == "cuda" else "clock read",
         memory=MEMORY[dev.type] if args.memory else "not measured (--no-memory)")
     print(header, flush=True)
-
-    providers, skipped = [], []
-    for name in args.providers:
-        why = PROVIDERS[name].unavailable(dev)
-        (skipped.append(f"{name} ({why})") if why else providers.append(PROVIDERS[name]))
-    print(f"providers: {', '.join(p.name for p in providers)}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    providers = available_providers(args.providers, dev)
 
     # Cases sharing N, K and dtype are timed together: the options group joins its plain case.
     groups = {(n, k, d): [Case(n, k, d)] for n, k in args.cases for d in args.dtypes}
@@ -677,18 +656,42 @@ def main(argv=None):
             add_memory(rows, providers, dev, progress)
     add_ratios(rows)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
+    # The table and the CSV first: plotting needs matplotlib, which a run may lack.
+    elapsed = clock.since(started)
+    write_results(rows, header, args.out, elapsed)
+    try:
+        pngs = plot(rows, args.out, args.dtypes, args.modes)
+        print("plots: " + ", ".join(str(p) for p in pngs))
+    except ImportError as e:
+        print(f"no plots: {e} (pip install matplotlib, then run again)")
+
+
+def available_providers(names, dev):
+    """The providers that can run here; the others are printed with the reason. One marked
+    `required` (lsce) that cannot run ends the run: a sweep without it measures nothing."""
+    providers, skipped = [], []
+    for name in names:
+        why = PROVIDERS[name].unavailable(dev)
+        if why and PROVIDERS[name].required:
+            sys.exit(f"{name} cannot run on {dev.type}: {why}. Install lsce into the environment that runs "
+                     "this (bash run.sh bench does), rather than importing the source folder.")
+        (skipped.append(f"{name} ({why})") if why else providers.append(PROVIDERS[name]))
+    print(f"providers: {', '.join(p.name for p in providers)}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    return providers
+
+
+def write_results(rows, header, out: Path, elapsed):
+    """Prints the table; writes it (with the header) to OUT/table.txt and the rows to OUT/results.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    pngs = plot(rows, args.out, args.dtypes, args.modes)
-    elapsed = time.perf_counter() - started
-    (args.out / "table.txt").write_text(f"{header}\n\n{format_table(rows)}\n\ntotal time {elapsed:.0f} s\n")
-    print("\n" + format_table(rows))
-    print(f"\nwrote {args.out / 'results.csv'}, {args.out / 'table.txt'}, " + ", ".join(p.name for p in pngs))
-    print(f"total time {elapsed:.0f} s")
-
+    table = format_table(rows)
+    (out / "table.txt").write_text(f"{header}\n\n{table}\n\ntotal time {elapsed:.0f} s\n")
+    print("\n" + table)
+    print(f"\nwrote {out / 'results.csv'}, {out / 'table.txt'}")
+    print(f"total time {elapsed:.0f} s", flush=True)
 
 if __name__ == "__main__":
     main()

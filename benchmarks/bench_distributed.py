@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Communication volume and time of lsce.distributed.vocab_parallel_cross_entropy.
 
-    python benchmarks/bench_distributed.py                      # N=4096, K=128256 over 2 and 4 ranks
-    python benchmarks/bench_distributed.py --rows 512 --vocab 32000 --repeats 2   # a quick run
+    .venv/bin/python benchmarks/bench_distributed.py                      # N=4096, K=128256 over 2 and 4 ranks
+    .venv/bin/python benchmarks/bench_distributed.py --rows 512 --vocab 32000 --repeats 2   # a quick run
 
 Compares, per training step (forward + backward), the bytes this design moves
 between ranks (per-row scalars) with gathering the logits (N·K·b), both as
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ except ImportError:  # run from a checkout without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce.distributed import vocab_parallel_cross_entropy
+from measure import free_port, time_stages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 EPS = 0.1
@@ -88,9 +88,10 @@ class CollectiveCounter:
 
         return call
 
-    def totals(self):
-        return (len(self.calls), sum(c[1] for c in self.calls), sum(c[2] for c in self.calls),
-                sum(c[3] for c in self.calls))
+    def totals(self, first=0):
+        """(count, bytes sent, bytes received, seconds) of the calls from index `first` on."""
+        calls = self.calls[first:]
+        return len(calls), sum(c[1] for c in calls), sum(c[2] for c in calls), sum(c[3] for c in calls)
 
 
 def gather_logits_step(local_logits, target, rank, world):
@@ -108,22 +109,25 @@ def gather_logits_step(local_logits, target, rank, world):
 def _timed_steps(steps, repeats):
     """Per method, the median wall time (s) of a step and its collectives (count,
     bytes sent, bytes received, median seconds inside them). The methods take
-    turns, so that the machine's slow spells fall on all of them."""
-    for step in steps.values():
-        step()  # warm-up (first touch of the gradient's pages), not counted
-    times = {name: [] for name in steps}
+    turns, each round starting one later, after a barrier each, so that the
+    machine's slow spells fall on all of them; one untimed round first (first
+    touch of the gradient's pages). Every rank runs the same rounds in the same
+    order, as its collectives require."""
     counts = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            with CollectiveCounter() as counter:
-                dist.barrier()
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
-            counts[name].append(counter.totals())
+
+    def counted(name, step):
+        def stage(_):
+            first = len(counter.calls)
+            step()
+            counts[name].append(counter.totals(first))
+        return stage
+
+    with CollectiveCounter() as counter:
+        times = time_stages([counted(name, step) for name, step in steps.items()], "cpu", repeats,
+                            min_repeats=repeats, warmup_s=0, rotate=True, before=dist.barrier)
     return {
-        name: (statistics.median(times[name]), *counts[name][-1][:3], statistics.median(c[3] for c in counts[name]))
-        for name in steps
+        name: (float(statistics.median(t)), *counts[name][-1][:3], statistics.median(c[3] for c in counts[name][1:]))
+        for name, t in zip(steps, times.T)
     }
 
 
@@ -161,12 +165,6 @@ def _worker(rank, world, port, args, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def computed_bytes(method, world, N, K, dtype):
     """Bytes each rank receives per step (gathers include its own part), from the formula."""
     acc = 8 if dtype == torch.float64 else 4
@@ -179,7 +177,7 @@ def computed_bytes(method, world, N, K, dtype):
 
 def run_world(world, args):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), args, tmp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), args, tmp), nprocs=world, join=True)
         result = torch.load(Path(tmp) / "result.pt")
     dtype = DTYPES[args.dtype]
     out = []

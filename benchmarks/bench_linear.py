@@ -2,10 +2,10 @@
 """The LM head plus loss, forward+backward: lsce.linear_cross_entropy against the
 same loss on materialised logits.
 
-    python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
-    python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
-    python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
-    python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
+    .venv/bin/python benchmarks/bench_linear.py            # N=4096,H=1024,K=32000 and N=2048,H=2048,K=128256; fp32, bf16
+    .venv/bin/python benchmarks/bench_linear.py --quick    # small sizes: a smoke test
+    .venv/bin/python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
+    .venv/bin/python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
 
 Providers (reduction="mean"; label_smoothing=0.1 except where noted):
     lsce_linear         lsce.linear_cross_entropy (chunked, no N×K logits)
@@ -39,14 +39,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +53,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH: use the repository's package
     sys.path.insert(0, str(ROOT))
     import lsce
+from measure import PeakMemory, WorkerError, reply, run_worker, time_stages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 0.1
@@ -94,38 +92,6 @@ def loss_fn(name: str):
 
 
 # ---------------------------------------------------------------- worker side
-
-
-class PeakMemory:
-    """Peak bytes above the current level: CUDA allocator stats, or the peak
-    resident set of this process on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status_kb(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise RuntimeError(f"no {field} in /proc/self/status")
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-                f.write("5")
-            self.base = self._status_kb("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return self._status_kb("VmHWM") * 1024 - self.base
 
 
 def make_inputs(N: int, H: int, K: int, dtype: torch.dtype, device: torch.device):
@@ -171,24 +137,15 @@ def memory_worker(spec: dict) -> dict:
 
 def time_worker(spec: dict) -> dict:
     """Step times of all providers on the same inputs, interleaved round by round
-    (after one untimed step each), so that a change in the machine's load
-    falls on every provider alike."""
+    (after one untimed round), each round starting one provider later, so that a
+    change in the machine's load falls on every provider alike."""
     device = torch.device(spec["device"])
     x, W, y = make_inputs(spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]], device)
-    fns = {name: loss_fn(name) for name in spec["providers"]}
-    times = {name: [] for name in fns}
-    for rep in range(spec["reps"] + 1):
-        order = list(fns)[rep % len(fns):] + list(fns)[: rep % len(fns)]
-        for name in order:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss_step(fns[name], x, W, y)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    return {name: dict(time_ms=1e3 * statistics.median(t), time_min_ms=1e3 * min(t)) for name, t in times.items()}
+    names = spec["providers"]
+    stages = [lambda _, fn=loss_fn(name): loss_step(fn, x, W, y) for name in names]
+    times = time_stages(stages, device, spec["reps"], min_repeats=spec["reps"], warmup_s=0, rotate=True)
+    return {name: dict(time_ms=1e3 * float(np.median(t)), time_min_ms=1e3 * float(t.min()))
+            for name, t in zip(names, times.T)}
 
 
 # ---------------------------------------------------------------- driver side
@@ -196,14 +153,10 @@ def time_worker(spec: dict) -> dict:
 
 def in_subprocess(kind: str, spec: dict) -> dict:
     """A worker in a fresh interpreter; {"error": ...} if it fails."""
-    # The lsce this process imported (an installed one, with its compiled _C, before the checkout's source).
-    lsce_root = str(Path(lsce.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [lsce_root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__, f"--{kind}-worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        return dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_worker(__file__, [f"--{kind}-worker", json.dumps(spec)])
+    except WorkerError as e:
+        return dict(error=str(e))
 
 
 def parse_case(text: str):
@@ -225,11 +178,9 @@ def main() -> None:
     ap.add_argument("--time-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
-        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
-        return
+        return reply(memory_worker(json.loads(args.memory_worker)))
     if args.time_worker:
-        print(json.dumps(time_worker(json.loads(args.time_worker))))
-        return
+        return reply(time_worker(json.loads(args.time_worker)))
 
     cases = [parse_case(c) for c in args.cases.split(",")] if args.cases else (QUICK_CASES if args.quick else FULL_CASES)
     reps = args.reps or (2 if args.quick else 3)

@@ -1,13 +1,18 @@
 """pytest-benchmark suite: forward + backward of every provider on the cases of bench.py.
 
-Not part of the normal test run (pyproject.toml's testpaths is ["tests"]); run it explicitly:
+Not part of the normal test run (pyproject.toml's testpaths is ["tests"]); run it
+explicitly, with the pytest of the environment lsce is installed in (`bash run.sh bench`
+makes .venv; plain `pytest`, not `python -m pytest`, which would put the repository root,
+lsce's source without its compiled _C, first on sys.path):
 
-    PYTHONPATH=. pytest benchmarks/test_bench.py                    # small shapes (bench.py --quick's)
-    LSCE_BENCH_FULL=1 PYTHONPATH=. pytest benchmarks/test_bench.py  # the full default cases of bench.py
-    PYTHONPATH=. pytest benchmarks/test_bench.py -k "lsce or clone" --benchmark-columns=median,iqr,rounds
+    .venv/bin/pytest benchmarks/test_bench.py                    # small shapes (bench.py --quick's)
+    LSCE_BENCH_FULL=1 .venv/bin/pytest benchmarks/test_bench.py  # the full default cases of bench.py
+    .venv/bin/pytest benchmarks/test_bench.py -k "lsce or clone" --benchmark-columns=median,iqr,rounds
 
 Each case is its own benchmark group, holding the providers and the logits.clone() floor.
 The device is CUDA when available, else CPU. Providers, cases and inputs come from bench.py.
+An optional provider that cannot run here is skipped; lsce (bench.py's required provider)
+fails instead, e.g. when its compiled lsce._C does not import.
 """
 
 import os
@@ -16,17 +21,13 @@ import pytest
 import torch
 
 import bench
+from measure import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = os.environ.get("LSCE_BENCH_FULL", "0") not in ("", "0")
 SHAPES = bench.DEFAULT_CASES[DEVICE.type] if FULL else bench.QUICK_CASES
 CASES = [bench.Case(n, k, dtype) for n, k in SHAPES for dtype in bench.DEFAULT_DTYPES[DEVICE.type]]
 CASES += [bench.Case(*SHAPES[0], "fp32", option) for option in bench.OPTIONS]
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _case_id(case):
@@ -45,18 +46,18 @@ def _setup(benchmark, case):
 def test_fwd_bwd(benchmark, provider, case):
     p = bench.PROVIDERS[provider]
     if why := p.unavailable(DEVICE):
+        if p.required:  # the subject: a broken install (no lsce._C) must not pass as a skip
+            pytest.fail(f"{provider} cannot run on {DEVICE.type}: {why}")
         pytest.skip(why)
     if case.option and not p.extensions:
         pytest.skip(f"{provider} has no {case.option}; the options group is lsce only")
     z, y, kw = _setup(benchmark, case)
-    if p.writes_logits:
-        z = z.detach().clone().requires_grad_()
-    fn = p.make(kw)
+    z, fn = p.logits_for(z), p.make(kw)
 
     def step():
         loss = fn(z, y)
         (grad,) = torch.autograd.grad(loss, z)
-        _sync()
+        synchronize(DEVICE)
         return loss, grad
 
     loss, grad = step()  # compiles (torch.compile) and warms up outside the timing
@@ -72,7 +73,7 @@ def test_floor_clone(benchmark, case):
 
     def copy():
         out = flat.clone()
-        _sync()
+        synchronize(DEVICE)
         return out
 
     benchmark(copy)

@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,9 @@ except ImportError as exc:  # pragma: no cover - exercised by the test's message
              f"({exc}); install them with: pip install \"lsce[examples]\"")
 
 import lsce
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmarks/measure.py
+from measure import Clock  # noqa: E402
 
 NUM_CLASSES = 10
 N_BINS = 15
@@ -179,7 +181,8 @@ def run(args):
     per_seed = {c: [] for c in cols}           # column → list of metric dicts
     pooled = {c: [] for c in cols}             # column → list of test logits (for the pictures)
     kept = {}                                  # seed-0 models for the projection picture
-    t0 = time.perf_counter()
+    clock = Clock()
+    t0 = clock.now()
     for s in range(args.seeds):
         seed = args.seed0 + s
         torch.manual_seed(seed)
@@ -200,7 +203,7 @@ def run(args):
                 pooled[col_name(0.0, ts=True)].append(logits / T)
             if s == 0:
                 kept[eps] = model
-        print(f"seed {seed}: trained {len(args.eps)} models ({time.perf_counter() - t0:.1f} s so far)",
+        print(f"seed {seed}: trained {len(args.eps)} models ({clock.since(t0):.1f} s so far)",
               file=sys.stderr, flush=True)
     return data, cols, per_seed, {c: torch.cat(v) for c, v in pooled.items()}, kept
 
@@ -385,7 +388,8 @@ def main(argv=None):
     if any(len(t) != 3 or len(set(t)) != 3 or not all(0 <= k < NUM_CLASSES for k in t) for t in triples):
         p.error("--triples: each triple needs three different digits in 0..9")
 
-    t0 = time.perf_counter()
+    clock = Clock()
+    t0 = clock.now()
     data, cols, per_seed, pooled, kept = run(args)
     table = tables(cols, per_seed, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +399,7 @@ def main(argv=None):
     for t in triples:
         plot_projection(args.out / projection_name(t), kept, data, t)
     plot_sweep(args.out / "sweep.png", args.eps, per_seed, args.seeds)
-    elapsed = time.perf_counter() - t0
+    elapsed = clock.since(t0)
 
     n = {k: len(v[1]) for k, v in data.items()}
     header = (f"digits (scikit-learn), train/val/test = {n['train']}/{n['val']}/{n['test']}; "

@@ -27,16 +27,17 @@ peak of ``torch.cuda.max_memory_allocated`` above the memory allocated then.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmarks/measure.py
+from measure import Clock, PeakMemory, WorkerError, reply, run_worker  # noqa: E402
 
 VARIANTS = ("transformers", "lsce fused", "lsce logits")
 SUCCESSORS = 8
@@ -88,34 +89,6 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class _Memory:
-    """Peak memory above the level when training starts (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-    def start(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:  # "5" resets the high-water mark (VmHWM)
-                f.write("5")
-            self.base = self._status("VmRSS:")
-
-    def peak_above_start(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return self._status("VmHWM:") - self.base
-
-
 def run_one(variant: str, args) -> dict:
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -134,12 +107,11 @@ def run_one(variant: str, args) -> dict:
         apply_lsce(model, label_smoothing=args.eps, fused_linear=variant == "lsce fused")
 
     step_ends = []
+    clock = Clock(device)
 
-    class Clock(TrainerCallback):
+    class StepClock(TrainerCallback):
         def on_step_end(self, *_, **__):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_ends.append(time.perf_counter())
+            step_ends.append(clock.now())
 
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
@@ -149,11 +121,11 @@ def run_one(variant: str, args) -> dict:
             dataloader_num_workers=0, label_smoothing_factor=args.eps if variant == "transformers" else 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = Trainer(model=model, args=training, train_dataset=_Rows(ids), callbacks=[Clock()])
-            memory = _Memory(device)
+            trainer = Trainer(model=model, args=training, train_dataset=_Rows(ids), callbacks=[StepClock()])
+            memory = PeakMemory(device)
             memory.start()
             trainer.train()
-    peak = memory.peak_above_start()
+    peak = memory.peak()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     timed_steps = len(step_ends) - 1  # from the end of step 1: compilation and first-touch excluded
     tokens_per_s = timed_steps * args.batch * args.seq / (step_ends[-1] - step_ends[0])
@@ -201,18 +173,16 @@ def main(argv=None):
     if args.fast:
         args.vocab, args.hidden, args.seq, args.batch, args.steps = 4000, 64, 64, 4, 6
     if args.variant:
-        print(json.dumps(run_one(args.variant, args)))
-        return
+        return reply(run_one(args.variant, args))
     results = []
     settings = ("vocab", "hidden", "layers", "seq", "batch", "steps", "lr", "eps", "device")
     child = [a for name in settings for a in (f"--{name}", str(getattr(args, name)))] + ["--bf16"] * args.bf16
     for variant in VARIANTS:
         print(f"training with {variant} ...", flush=True)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--variant", variant],
-                              capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"the {variant} run failed:\n{done.stderr}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            results.append(run_worker(os.path.abspath(__file__), [*child, "--variant", variant]))
+        except WorkerError as e:
+            sys.exit(f"the {variant} run failed: {e}\n{e.stderr}")
     print(report(results, args))
 
 

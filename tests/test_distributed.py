@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,9 @@ import lsce
 from lsce import reference
 
 from _util import assert_close_to_truth, make_options, make_problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmarks/measure.py
+from measure import free_port  # noqa: E402
 
 # Unequal slices of K = 37 classes.
 WIDTHS = {2: [13, 24], 4: [5, 12, 9, 11]}
@@ -301,15 +303,9 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, tmp_path):
     """Runs _worker on ``world`` processes; returns each rank's results."""
-    port = _free_port()
+    port = free_port()
     here = Path(__file__).resolve().parent
     # The workers import the lsce this process imported, and _util from here.
     paths = [str(here), str(Path(lsce.__file__).resolve().parent.parent)] + [os.path.abspath(p) for p in sys.path]
