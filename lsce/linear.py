@@ -35,20 +35,10 @@ from . import checks, ops
 from .functional import mean_denominators, reduce_rows
 from .interface import RowOptions, acc_dtype, coefficients
 
-# Each chunk's three matmuls stream all of W, and the chunk reads and writes
-# the K×H fp32 weight-gradient sum once: a cost ∝ K·H per chunk against matmul
-# work ∝ rows·K·H, so fewer rows per chunk means more of it. A bf16/fp16
-# matmul (AMX on CPU) is several times faster than an fp32 one, so it needs
-# more rows to hide the same passes. Measured on a 2-core AVX-512/AMX CPU,
-# forward+backward against the materialised path: fp32 at K=128256, H=2048,
-# 256 rows per chunk 1.35×, 512 rows 1.04× (1024: no gain), and 384 rows the
-# same as 512 at both benchmark sizes (process CPU time on a loaded machine);
-# bf16 at K=128256, H=2048 (same conditions): 384 rows 1.60×, 512 rows 1.35×,
-# 1024 rows 1.18×; at K=32000, H=1024 (benchmarks/bench_linear.py, loaded
-# machine) 512 rows 1.76×, 1024 rows 1.24×. For bf16/fp16 the larger chunk
-# costs little memory: the step's peak is the fp32 weight sum with its
-# rounded copy (6 bytes per weight), and 1024 rows of K logits are no larger
-# than that copy once H >= 1024 (measured peak: +2% at K=32000, H=1024).
+# Rows per chunk, at least: each chunk's matmuls stream all of W and its
+# weight-gradient sum, a cost ∝ K·H per chunk that more rows hide; a bf16/fp16
+# matmul is faster and needs more rows (measurements: benchmarks/RESULTS.md,
+# "Chunk floors of lsce.linear").
 MIN_CHUNK_ROWS = 512  # when the dtype is not given
 _MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024, torch.float16: 1024}
 # Classes per block of a low-precision chunk's weight-gradient product: small
