@@ -24,6 +24,10 @@ python -m pip install -q ".[$extra]"
 case "$job" in
   bench) exec python benchmarks/bench.py "$@" ;;
   # Plain `pytest` (not `python -m pytest`) so that the installed lsce, with
-  # its compiled lsce._C, is imported rather than the source folder.
-  test) exec pytest tests -q "$@" ;;
+  # its compiled lsce._C, is imported rather than the source folder. The
+  # whole suite unless a test path is given (`bash run.sh test tests/x.py`).
+  test)
+    paths=tests
+    for a in "$@"; do case "$a" in tests*|benchmarks*) paths= ;; esac; done
+    exec pytest $paths -q "$@" ;;
 esac
