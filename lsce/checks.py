@@ -116,6 +116,11 @@ def check_options(K: Optional[int], device: torch.device, *, weight=None, smooth
         )
 
 
+def check_deprecated(size_average, reduce) -> None:
+    if size_average is not None or reduce is not None:
+        raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+
+
 def check_out_dtype(out_dtype) -> None:
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"lsce: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")

@@ -107,8 +107,7 @@ def cross_entropy(
     Class-probability (soft) targets are not supported; ``size_average`` and
     ``reduce`` (deprecated in PyTorch) raise.
     """
-    if size_average is not None or reduce is not None:
-        raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+    checks.check_deprecated(size_average, reduce)
     K = checks.check_logits(input, target)
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)

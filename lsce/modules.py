@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import checks
 from .functional import cross_entropy
 
 
@@ -31,8 +32,7 @@ class CrossEntropyLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if size_average is not None or reduce is not None:
-            raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+        checks.check_deprecated(size_average, reduce)
         self.register_buffer("weight", weight)
         self.register_buffer("smoothing_prior", smoothing_prior)
         self.ignore_index = ignore_index

@@ -60,10 +60,6 @@ def _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap):
     return logits, target.contiguous(), coef, RowOptions(ignore_index, eps, z_loss, softcap)
 
 
-def _acc_empty(n: int, logits: Tensor) -> Tensor:
-    return torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device)
-
-
 @torch.library.custom_op("lsce::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
@@ -77,8 +73,7 @@ def cross_entropy_forward(
 
 @cross_entropy_forward.register_fake
 def _(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap, backend):
-    n = logits.shape[0]
-    return _acc_empty(n, logits), _acc_empty(n, logits)
+    return tuple(logits.new_empty(logits.shape[:1], dtype=acc_dtype(logits.dtype)) for _ in range(2))
 
 
 @torch.library.custom_op("lsce::cross_entropy_backward", mutates_args=())
@@ -117,16 +112,13 @@ cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class FusedStep(torch.autograd.Function):
     """The fused training step on CPU, in eager mode (lsce.functional decides
-    when): the forward kernel also writes the gradient for the per-row upstream
-    that the reduction will send back (``expected``: 1/Σw for mean, 1 for sum,
-    a 1-element tensor), one read of the logits and one exp per element instead
-    of two of each. Backward returns that gradient when the upstream is the
-    expected one (an O(N) comparison on the host, no N×K pass); otherwise
-    (a scaled loss, a differentiated lse) the backward kernel computes it, into
-    the same buffer. A second backward (retain_graph) gets a new buffer with
-    the same bits as the first. Peak memory stays logits + gradient: the buffer
-    is the gradient, allocated a little earlier. torch.compile and
-    torch.export trace the registered ops instead."""
+    when): the forward kernel also writes the gradient for the upstream that
+    the reduction will send back (``expected``: 1/Σw for mean, 1 for sum), one
+    read of the logits and one exp per element instead of two of each.
+    Backward hands it out when the upstream is the expected one (an O(N)
+    comparison), else the backward kernel recomputes it into the same buffer;
+    a second backward (retain_graph) gets a new buffer with the same bits.
+    torch.compile and torch.export trace the registered ops instead."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, prior, ignore_index, eps, z_loss, softcap, expected):
