@@ -117,6 +117,21 @@ static inline A capped(A v, A cap, A inv_cap) {
 // the build has them (it cannot stay in the caches anyway).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
+// What the backward loops need of one row (row_grad fills it): over a range
+// of its columns,
+//   grad[k] = (coef_p · p_k − (coef_c · c_k or uniform) − [k = y] · tcls) · dcap_k
+// with p_k = exp(zc_k − lse) and, with softcap, dcap_k = 1 − (zc_k / cap)².
+// The true-class term `tcls` is subtracted in acc before the one store: p_y − 1
+// must not be rounded to bf16 first (Liger-Kernel issue 1329). The fused
+// forward's loops take a copy per block, with coef_p and y relative to it.
+template <typename A> struct RowGrad {
+  A lse, coef_p, coef_c, uniform, tcls;
+  A cap, inv_cap;  // softcap and 1 / softcap (0 without)
+  int64_t y;       // the true class, relative to the range at hand; -1: none in it
+  bool zeros;      // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
+  bool stream;     // a gradient of at least kStreamBytes: non-temporal stores where the build has them
+};
+
 // Wide<T>: the hand-vectorised loops of the AVX-512 build (lsce_avx512.h),
 // used for fp32/bf16/fp16 where `on`; elsewhere the plain loops below.
 #ifdef LSCE_AVX512
@@ -356,20 +371,12 @@ static void forward_impl(const Args& a) {
 }
 
 // ---------------------------------------------------------------------------
-// Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k) · dcap_k, then the
-// true-class term −g_i · (1 − ε) · w_y at k = y (see lsce/reference.py).
+// Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k − [k = y] · g_i · (1 − ε) · w_y) · dcap_k
+// (lsce/interface.py), as RowGrad holds it.
 
-// A row's coefficients of that formula. The true-class term `tcls` is
-// subtracted in acc before the one store: p_y − 1 must not be rounded to bf16
-// first (Liger-Kernel issue 1329).
-template <typename A> struct RowGrad {
-  A lse, coef_p, coef_c, uniform, tcls;
-  int64_t y;   // the true class, or -1 for an ignored row
-  bool zeros;  // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
-};
-
-template <typename A>
-static inline RowGrad<A> row_grad(const Args& a, int64_t i) {
+template <typename T>
+static inline RowGrad<typename Io<T>::acc> row_grad(const Args& a, int64_t i) {
+  using A = typename Io<T>::acc;
   const A eps = A(a.eps);
   const int64_t y = a.target[i];
   const bool valid = y != a.ignore_index;
@@ -385,6 +392,9 @@ static inline RowGrad<A> row_grad(const Args& a, int64_t i) {
   r.tcls = g * (A(1) - eps) * wy;
   r.y = valid ? y : -1;
   r.zeros = r.coef_p == A(0) && g == A(0) && r.lse - r.lse == A(0);
+  r.cap = A(a.softcap);
+  r.inv_cap = a.softcap != 0.0 ? A(1) / r.cap : A(0);
+  r.stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
   return r;
 }
 
@@ -396,20 +406,19 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
   const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
   T* out = static_cast<T*>(a.grad) + i * a.K;
   const A* c = static_cast<const A*>(a.c);
-  const A cap = A(a.softcap), inv_cap = CAP ? A(1) / cap : A(0);
-  const RowGrad<A> r = row_grad<A>(a, i);
+  RowGrad<A> r = row_grad<T>(a, i);
   if (r.zeros) {
     const T zero = Io<T>::store(A(0));
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;
   }
-  const bool has_y = r.y >= k0 && r.y < k1;
+  if (r.y < k0 || r.y >= k1) r.y = -1;  // the true class of this range only
   if constexpr (Wide<T>::on) {
-    const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
-    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, r.lse, r.coef_p, r.coef_c, r.uniform, has_y ? r.y : -1,
-                                      r.tcls, cap, stream);
+    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, r);
     return;
   }
+  const A cap = r.cap, inv_cap = r.inv_cap;
+  const bool has_y = r.y >= 0;
   const A vy = has_y ? capped<CAP>(Io<T>::load(z[r.y]), cap, inv_cap) : A(0);
   // In steps of 256, each after prefetching z 2 KiB ahead (as Wide<T>::grad).
   for (int64_t j0 = k0; j0 < k1; j0 += 256) {
@@ -440,25 +449,27 @@ static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::a
   using A = typename Io<T>::acc;
   T* out = static_cast<T*>(a.grad) + i * a.K;
   const A* c = static_cast<const A*>(a.c);
-  const A inv_cap = CAP ? A(1) / A(a.softcap) : A(0);
-  const RowGrad<A> r = row_grad<A>(a, i);
+  const RowGrad<A> r = row_grad<T>(a, i);
   if (r.zeros) {
     const T zero = Io<T>::store(A(0));
     for (int64_t k = 0; k < a.K; ++k) out[k] = zero;
     return;
   }
-  const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
+  const A inv_cap = r.inv_cap;
   for (int64_t b = 0; b < a.K; b += kBlock) {
     const int64_t n = (a.K - b < kBlock) ? a.K - b : kBlock;
-    const A cp = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    RowGrad<A> rb = r;  // this block's: p_k = e[k] · exp(bmax − lse), y relative to b
+    rb.coef_p = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    rb.y = r.y >= b && r.y < b + n ? r.y - b : -1;
     const A* e = keep.e + b;
     const A* v = CAP ? keep.v + b : nullptr;
     const A* cb = COEF ? c + b : nullptr;
-    const int64_t yb = r.y >= b && r.y < b + n ? r.y - b : -1;
     if constexpr (Wide<T>::on) {
-      Wide<T>::template kept_grad<CAP, COEF>(e, v, cb, out + b, n, cp, r.coef_c, r.uniform, yb, r.tcls, inv_cap, stream);
+      Wide<T>::template kept_grad<CAP, COEF>(e, v, cb, out + b, n, rb);
       continue;
     }
+    const A cp = rb.coef_p;
+    const int64_t yb = rb.y;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A d = cp * e[j] - (COEF ? r.coef_c * cb[j] : r.uniform);
@@ -468,7 +479,7 @@ static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::a
     if (yb >= 0) {
       A d = cp * e[yb] - (COEF ? r.coef_c * cb[yb] : r.uniform) - r.tcls;
       if (CAP) d *= A(1) - (v[yb] * inv_cap) * (v[yb] * inv_cap);
-      out[r.y] = Io<T>::store(d);
+      out[b + yb] = Io<T>::store(d);
     }
   }
 }
