@@ -50,6 +50,7 @@ lsce::Args make_args(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
   a.softcap = softcap;
   a.nthreads = nthreads > 0 ? nthreads : 1;
   a.C = 1.0;
+  a.uniform_over = K;
   // The coefficients only enter the smoothing term: without smoothing the
   // plain path runs (w_y still comes from `weight`).
   if ((weight || prior) && eps > 0) {

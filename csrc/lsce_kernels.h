@@ -7,7 +7,7 @@
 // instantiated under a wider target could be folded by the linker into the
 // generic build and crash an older CPU.
 //
-// Data flow per row i (design.md §2):
+// Data flow per row i (docs/design.md §2):
 //   forward : one read of z[i, :]       -> loss[i], lse[i]      (acc)
 //   backward: one read of z[i, :], one write of grad[i, :]      (logits' dtype)
 // with the row split across threads into vocabulary blocks when N is small.
@@ -270,7 +270,12 @@ static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64
   return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c), keep);
 }
 
-// Turns a row's statistics into its loss and lse (design.md §1).
+// Whether a target y (not ignore_index) is one of these columns. One outside
+// [0, K) is a true class in another slice of the vocabulary (lsce.distributed):
+// its row gets no true-class term, and neither w_y nor z[y] is read.
+static inline bool owns_target(const Args& a, int64_t y) { return y >= 0 && y < a.K; }
+
+// Turns a row's statistics into its loss and lse (docs/design.md §1).
 template <typename T, bool CAP, bool COEF>
 static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T>::acc>& p) {
   using A = typename Io<T>::acc;
@@ -279,13 +284,16 @@ static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T
   A loss = A(0);
   const int64_t y = a.target[i];
   if (y != a.ignore_index) {
-    const A cap = A(a.softcap), eps = A(a.eps);
-    const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
-    const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
-    const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
-    loss = (A(1) - eps) * wy * (lse - zy);
+    const A eps = A(a.eps);
+    if (owns_target(a, y)) {
+      const A cap = A(a.softcap);
+      const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
+      const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
+      const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+      loss = (A(1) - eps) * wy * (lse - zy);
+    }
     if (a.eps > 0) {
-      const A dot = COEF ? p.dot : p.dot / A(a.K);
+      const A dot = COEF ? p.dot : p.dot / A(a.uniform_over);
       loss += eps * (A(a.C) * lse - dot);
     }
     if (a.z_loss > 0) loss += A(a.z_loss) * lse * lse;
@@ -379,18 +387,19 @@ static inline RowGrad<typename Io<T>::acc> row_grad(const Args& a, int64_t i) {
   using A = typename Io<T>::acc;
   const A eps = A(a.eps);
   const int64_t y = a.target[i];
-  const bool valid = y != a.ignore_index;
+  const bool valid = y != a.ignore_index, own = valid && owns_target(a, y);
   RowGrad<A> r;
   r.lse = static_cast<const A*>(a.lse)[i];
   const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
   const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
-  const A wy = valid && a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+  // w_y·[own]: 0 leaves out the true-class term of a row whose class is not in these columns.
+  const A wy = !own ? A(0) : a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
   r.coef_p = h;  // coefficient of p_k
   if (valid) r.coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * r.lse);
-  r.coef_c = g * eps;            // times c_k (COEF)
-  r.uniform = g * eps / A(a.K);  // otherwise
+  r.coef_c = g * eps;                       // times c_k (COEF)
+  r.uniform = g * eps / A(a.uniform_over);  // otherwise
   r.tcls = g * (A(1) - eps) * wy;
-  r.y = valid ? y : -1;
+  r.y = own ? y : -1;
   r.zeros = r.coef_p == A(0) && g == A(0) && r.lse - r.lse == A(0);
   r.cap = A(a.softcap);
   r.inv_cap = a.softcap != 0.0 ? A(1) / r.cap : A(0);
