@@ -71,6 +71,8 @@ def _fused_upstream(z, y, w, ignore_index, z_loss, reduction, backend) -> Option
     return one / total_weight  # the same division as the backward of reduce_rows' mean
 
 
+# The signature mirrors torch.nn.functional.cross_entropy on purpose (a drop-in);
+# lsce.CrossEntropyLoss and lsce.distributed.vocab_parallel_cross_entropy repeat its options.
 def cross_entropy(
     input: Tensor,
     target: Tensor,

@@ -381,6 +381,8 @@ def check_linear_arguments(input, linear_weight, target, linear_bias) -> Tuple[i
     return K, H
 
 
+# The signature mirrors torch.nn.functional.linear_cross_entropy on purpose (a drop-in);
+# LinearCrossEntropyLoss holds the same options, as torch.nn.LinearCrossEntropyLoss does.
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,

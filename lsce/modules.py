@@ -11,6 +11,7 @@ from . import checks
 from .functional import cross_entropy
 
 
+# The constructor mirrors torch.nn.CrossEntropyLoss on purpose (a drop-in).
 class CrossEntropyLoss(nn.Module):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` (same positional arguments), plus
     lsce's keyword-only extensions. ``weight`` and ``smoothing_prior`` are

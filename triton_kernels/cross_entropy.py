@@ -102,6 +102,12 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _acc_options(eps, z_loss, softcap, uniform_c, ACC: tl.constexpr):
+    """The float options in ACC. They arrive as fp64 so that fp64 logits get them unrounded."""
+    return tl.full((), eps, ACC), tl.full((), z_loss, ACC), tl.full((), softcap, ACC), tl.full((), uniform_c, ACC)
+
+
+@triton.jit
 def _finite_or_zero(m):
     """The shift to subtract before exp: a running max of ±inf would make exp(inf − inf) = NaN
     (flash-attention issue 1930), so such a max is replaced by 0 — exp(−inf) is then 0 and exp(inf) inf."""
@@ -152,12 +158,7 @@ def _forward_kernel(
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # The float options arrive as fp64 so that fp64 logits get them unrounded;
-    # everything else computes in ACC.
-    eps = tl.full((), eps_arg, ACC)
-    z_loss = tl.full((), z_loss_arg, ACC)
-    softcap = tl.full((), softcap_arg, ACC)
-    uniform_c = tl.full((), uniform_c_arg, ACC)
+    eps, z_loss, softcap, uniform_c = _acc_options(eps_arg, z_loss_arg, softcap_arg, uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)  # int64: row * row_stride passes 2**31 on large N·K
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
@@ -211,10 +212,7 @@ def _combine_kernel(
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
-    eps = tl.full((), eps_arg, ACC)
-    z_loss = tl.full((), z_loss_arg, ACC)
-    softcap = tl.full((), softcap_arg, ACC)
-    uniform_c = tl.full((), uniform_c_arg, ACC)
+    eps, z_loss, softcap, uniform_c = _acc_options(eps_arg, z_loss_arg, softcap_arg, uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, SPLITS_BLOCK)
     mask = idx < n_splits
@@ -243,10 +241,7 @@ def _backward_kernel(
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    eps = tl.full((), eps_arg, ACC)
-    z_loss = tl.full((), z_loss_arg, ACC)
-    softcap = tl.full((), softcap_arg, ACC)
-    uniform_c = tl.full((), uniform_c_arg, ACC)
+    eps, z_loss, softcap, uniform_c = _acc_options(eps_arg, z_loss_arg, softcap_arg, uniform_c_arg, ACC)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * row_stride
