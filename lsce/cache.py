@@ -1,21 +1,13 @@
-"""lsce's cache of freed CPU gradients (see csrc/binding.cpp, ``Pool``).
+"""lsce's cache of freed CPU gradients (csrc/grad_cache.cpp).
 
-A training step's N×K gradient is new memory each time, and its first write
-takes a page fault per 4 KiB page, which on the machines measured costs 3-4×
-the kernel itself. The CPU kernels therefore write large gradients into
-buffers from a small cache: a buffer goes back to the cache only when the last
-tensor that uses its memory is gone (torch.frombuffer's storage holds it), so
-a gradient still in use is never handed out twice. Between steps the cache
-holds at most two freed gradients and at most ``limit`` bytes (4 GiB unless
-``LSCE_GRAD_CACHE_MB`` says otherwise; 0 turns it off), as PyTorch's CUDA
-caching allocator holds freed blocks on the GPU. (lsce.linear's chunk buffer
-does not use it: a cached chunk buffer would stay resident while a bf16 step
-rounds its fp32 weight-gradient sum, its peak, and the chunk's matmuls cost
-far more than its page faults.)
-
-Such a gradient is an ordinary tensor except that its storage cannot be
-resized (``resize_`` to a larger size raises), as for any tensor made by
-``torch.frombuffer``; copy it (``.clone()``) first if that is needed.
+A new N×K gradient pays a page fault per 4 KiB on its first write, 3-4× the
+kernel itself on the machines measured; so large CPU gradients come from a
+small cache, as PyTorch's CUDA allocator caches freed blocks on the GPU. A
+buffer goes back to it only when the last tensor using its memory is gone
+(torch.frombuffer's storage holds it). Between steps it keeps at most two
+freed gradients and ``limit`` bytes (4 GiB; ``LSCE_GRAD_CACHE_MB``, in MiB,
+says otherwise; 0 turns it off). Such a gradient's storage cannot be
+``resize_``d larger (as for any torch.frombuffer tensor): ``.clone()`` it first.
 """
 
 from __future__ import annotations

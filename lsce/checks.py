@@ -1,14 +1,8 @@
-"""Argument checks of every entry point, before any kernel runs (nothing the caller passed is modified).
+"""Argument checks of every entry point, before any kernel runs; nothing the caller passed is modified.
 
-Three kinds, each usable without the others:
-
-* on the tensors: :func:`check_logits` (``lsce.cross_entropy``'s input and target),
-  :func:`check_target`; lsce.linear and lsce.distributed check their own inputs
-  and call :func:`check_target`;
-* on the options, given the number of classes K: :func:`check_options`;
-* on tensor values (targets in range, a prior that is a probability vector):
-  :func:`check_values`, which the registered ops run, since it reads the values
-  (a host sync on CPU, an asynchronous device assert on CUDA).
+On the tensors (:func:`check_logits`, :func:`check_target`, :func:`check_float`),
+on the options given the number of classes K (:func:`check_options`), and on
+tensor values (:func:`check_values`, run by the ops: it reads the values).
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 def check_target(target, device: torch.device) -> None:
     """Class indices of an integer dtype, on ``device``."""
     if not isinstance(target, Tensor):
-        raise TypeError("lsce: input and target must be Tensors")
+        raise TypeError(f"lsce: target must be a Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex():
         raise TypeError(
             f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
@@ -53,8 +47,6 @@ def check_float(name: str, t, what: str, last_dim: str) -> None:
 
 def check_logits(input, target) -> int:
     """``lsce.cross_entropy``'s logits ((K,), (N, K) or (N, K, d1, ...)) and targets; returns K."""
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("lsce: input and target must be Tensors")
     check_float("input", input, "logits", "classes")
     check_target(target, input.device)
     expected = () if input.dim() == 1 else input.shape[:1] + input.shape[2:]
@@ -86,9 +78,8 @@ def _check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device
 
 
 def _finite(v) -> bool:
-    """math.isfinite without the call: under torch.compile(dynamic=True) a float
-    argument is a SymFloat, which math.isfinite cannot trace; comparisons can.
-    False for NaN (every comparison with it is False) and ±inf."""
+    """math.isfinite by a comparison (False for NaN and ±inf): under
+    torch.compile(dynamic=True) a float is a SymFloat, which math.isfinite cannot trace."""
     return abs(v) < float("inf")
 
 
@@ -132,8 +123,7 @@ def check_chunk_size(chunk_size) -> None:
 
 
 def as_ignore_index(value) -> int:
-    """An int, numpy integer or 0-d integer tensor, as F.cross_entropy takes;
-    not a float (1.5 would silently become 1) nor a string."""
+    """An int, numpy integer or 0-d integer tensor, as F.cross_entropy takes; not a float (1.5 → 1)."""
     try:
         return operator.index(value)
     except TypeError:
@@ -141,8 +131,7 @@ def as_ignore_index(value) -> int:
 
 
 def check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: int) -> None:
-    """Targets in [0, K) or ignore_index; a prior that is a probability vector.
-    A host sync on CPU, an asynchronous device assert on CUDA."""
+    """Targets in [0, K) or ignore_index; a probability vector as prior (async assert on CUDA)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= K))
     bad_prior = None
     if prior is not None:

@@ -45,16 +45,12 @@ is elsewhere (no true-class term); -2 marks ignored rows. The rest is O(N):
   gradient, true-class term included; its coefficient of ``p`` lacks
   ``g·(1 − ε)·w_y`` on rows whose target is elsewhere, which ``h`` makes up.
 
-Costs per call: 2 all_gathers in forward (8·W int64, and 2·N·W values in
-fp32, fp64 for fp64 logits), none in backward (the linear variant adds one
-all_reduce of the input's gradient; see its docstring). Gathering the logits
-instead would move ``N·K·b`` bytes. The checks' all_gather runs on the CPU
-when the group has a CPU backend (gloo, or
-``init_process_group("cpu:gloo,cuda:nccl")``) and waits for no GPU work; on
-an NCCL-only group it is a device-to-host copy of 8·W integers, the one host
-sync of a call. Target values and the prior are checked as
-``lsce.cross_entropy`` checks them (asynchronously on CUDA). Ranks must pass
-the same target, weight and prior; that is not verified.
+Costs per call: 2 all_gathers in forward (8·W int64, and 2·N·W per-row
+values), none in backward (the linear variant adds one all_reduce of the
+input's gradient). The checks' all_gather runs on the CPU when the group has
+a CPU backend (gloo, or "cpu:gloo,cuda:nccl"); on an NCCL-only group it is the
+one host sync of a call. Ranks must pass the same target, weight and prior;
+that is not verified.
 
 These are ``torch.autograd.Function``s calling ``torch.distributed``:
 ``torch.compile`` graph-breaks at the collective.
@@ -119,13 +115,13 @@ def _meta_device(group, device: Optional[torch.device]) -> torch.device:
 def _check_slice(local_logits, target) -> None:
     """This rank's logits (classes last) and global targets."""
     checks.check_float("local_logits", local_logits, "logits", "its vocabulary slice")
-    if tuple(getattr(target, "shape", ())) != tuple(local_logits.shape[:-1]):
+    checks.check_target(target, local_logits.device)
+    if tuple(target.shape) != tuple(local_logits.shape[:-1]):
         raise ValueError(
-            f"lsce: target shape {tuple(getattr(target, 'shape', ()))} does not match local_logits shape "
+            f"lsce: target shape {tuple(target.shape)} does not match local_logits shape "
             f"{tuple(local_logits.shape)}: expected {tuple(local_logits.shape[:-1])} (classes are the last dimension)")
     if local_logits.shape[-1] < 1:
         raise ValueError("lsce: local_logits has an empty vocabulary slice (last dimension 0); at least 1 is needed")
-    checks.check_target(target, local_logits.device)
 
 
 def _fingerprint(options) -> int:

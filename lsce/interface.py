@@ -25,11 +25,10 @@ and ``h`` still reaches its gradient). A target outside ``[0, K)`` that is not
 vocabulary slice, lsce.distributed): the row gets no true-class term. Callers
 range-check targets where they must lie inside (lsce.checks.check_values).
 
-For full rows with the uniform prior and no weight, ``c_k = 1/K`` and ``C = 1``,
-and the gradient is ``g·(p − y_ls)`` with ``y_ls = (1 − ε)·onehot(y) + ε/K``.
-Everything is accumulated in fp32 (fp64 for fp64 logits): per-row outputs are
-in that dtype, the gradient in the logits' dtype, with the true-class term
-subtracted before the one rounding (Liger-Kernel issue 1329).
+Without weight or prior the gradient is ``g·(p − y_ls)``, ``y_ls = (1 − ε)·onehot(y) + ε/K``.
+Everything is accumulated in fp32 (fp64 for fp64 logits); the gradient is
+stored in the logits' dtype, the true-class term subtracted before that
+rounding (Liger-Kernel issue 1329).
 """
 
 from __future__ import annotations
@@ -66,8 +65,7 @@ class Coefficients(NamedTuple):
 
 
 def fixed_sum(x: Tensor, chunk: int = 16384) -> Tensor:
-    """x.sum(), bitwise the same for any torch thread count: torch.sum of more than
-    32768 elements splits them across threads, each split rounding differently."""
+    """x.sum() in fixed blocks: bitwise the same for any thread count (torch.sum splits > 32768 elements)."""
     n = x.numel()
     if n <= chunk:
         return x.sum()
@@ -94,12 +92,9 @@ def coefficients(K: int, weight: Optional[Tensor], prior: Optional[Tensor], labe
 
 def grad_buffer(logits: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Where a backward kernel writes the gradient of 2-D ``logits``: a new
-    contiguous tensor, or ``out``. ``out`` may be the logits themselves (every
-    kernel reads each element before it writes that element and never reads
-    it again), which is how lsce.linear keeps one buffer per chunk; it must
-    then be contiguous, as the gradient always is. A partial overlap, or any
-    other layout, is refused: the kernels would read values already replaced.
-    Only lsce's private buffers are ever passed here."""
+    contiguous tensor, or ``out``, which may be the contiguous logits themselves
+    (every kernel reads an element before it writes it, and never after; how
+    lsce.linear keeps one buffer per chunk) but may not overlap them otherwise."""
     if out is None:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device:

@@ -100,11 +100,15 @@ class _Chunks(LogitChunks):
     opaque to autograd and torch.compile."""
 
     def __init__(self, x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor],
-                 prior: Optional[Tensor], opts: RowOptions, chunk_size: int):
+                 prior: Optional[Tensor], options: tuple, chunk_size: int):
         super().__init__(x, W, b, chunk_size)
-        self.y, self.opts = y, opts
-        self.coef = coefficients(W.shape[0], weight, prior, opts.label_smoothing, acc_dtype(x.dtype), x.device)
+        self.y, self.opts = y, RowOptions(*options)  # (ignore_index, label_smoothing, z_loss, softcap)
+        self.coef = coefficients(W.shape[0], weight, prior, self.opts.label_smoothing, acc_dtype(x.dtype), x.device)
         self.kernels = ops.row_kernels("auto", x.device)
+
+    def per_row(self) -> Tuple[Tensor, Tensor]:
+        """Two empty (N,) vectors in the accumulation dtype, for the per-row (loss, lse)."""
+        return tuple(torch.empty(self.x.shape[0], dtype=acc_dtype(self.x.dtype), device=self.x.device) for _ in range(2))
 
     def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
         """The chunk's per-row (loss, lse)."""
@@ -188,12 +192,9 @@ def _reduced_impl(
     """The reduced loss, and the gradients of the loss for a unit upstream
     gradient, up to the factor ``grad_scale``: (loss, grad_scale, grad_input,
     grad_weight, grad_bias); the last two are sums in the accumulation dtype."""
-    N, K = x.shape[0], W.shape[0]
     acc = acc_dtype(x.dtype)
-    checks.check_values(y, prior, K, ignore_index)
+    checks.check_values(y, prior, W.shape[0], ignore_index)
     valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
-    loss = torch.empty(N, dtype=acc, device=x.device)
-    lse = torch.empty(N, dtype=acc, device=x.device)
     grads = GradSums(x, W, b, grad_mask)
     one = torch.ones((), dtype=acc, device=x.device)
     # The chunks get upstream 1 per row; mean's 1/Σw is applied in backward
@@ -201,7 +202,8 @@ def _reduced_impl(
     # z-loss is averaged over the count, not Σw: the lse gradient makes up
     # the difference, (Σw/count − 1)·2λ·lse.
     lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
-    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    loss, lse = chunks.per_row()
     for s, e, z in chunks:
         loss[s:e], lse[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
@@ -217,12 +219,9 @@ def _rows_impl(
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
 ) -> Tuple[Tensor, Tensor]:
     """Per-row (loss, lse) of the logits ``x @ W.T + b``, chunk by chunk."""
-    N, K = x.shape[0], W.shape[0]
-    acc = acc_dtype(x.dtype)
-    checks.check_values(y, prior, K, ignore_index)
-    loss = torch.empty(N, dtype=acc, device=x.device)
-    lse = torch.empty(N, dtype=acc, device=x.device)
-    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    checks.check_values(y, prior, W.shape[0], ignore_index)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    loss, lse = chunks.per_row()
     for s, e, z in chunks:
         loss[s:e], lse[s:e] = chunks.forward(z, s, e)
     return loss, lse
@@ -237,7 +236,7 @@ def _rows_backward_impl(
     """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
     bias), recomputing each chunk's logits; empty where grad_mask is False."""
     grads = GradSums(x, W, b, grad_mask)
-    chunks = _Chunks(x, W, b, y, weight, prior, RowOptions(ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     lse = lse.contiguous()  # the kernels index it as a plain vector
     for s, e, z in chunks:
         h = None if grad_lse is None else grad_lse[s:e]

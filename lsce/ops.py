@@ -1,17 +1,12 @@
 """The registered ops, ``torch.ops.lsce.cross_entropy_forward`` and ``..._backward``, and dispatch.
 
-Both work on 2-D rows (N, K) and return per-row values (forward) or the
-gradient (backward); argument checks, shapes and reductions live in
-``lsce/functional.py``. Registered with ``torch.library.custom_op`` plus
-``register_fake`` and ``register_autograd`` so that ``torch.compile(fullgraph=True)``
-sees one opaque node and ``torch.export`` keeps it. Each op checks the values
-it reads (lsce.checks.check_values), computes the class coefficients once and
-calls one backend of the per-row kernel interface (lsce/interface.py).
-
-Dispatch (``backend``, :func:`row_kernels`): ``"auto"`` runs the C++ kernel on
-CPU tensors, the Triton kernel on CUDA tensors and the reference elsewhere;
-``"cpu"``, ``"triton"`` and ``"torch"`` force one. The Triton kernel runs on
-CPU tensors only under ``TRITON_INTERPRET=1`` (how its tests run without a GPU).
+Both take 2-D rows (N, K) and give per-row values or the gradient. Registered
+with ``torch.library.custom_op``, ``register_fake`` and ``register_autograd``:
+one opaque node under ``torch.compile(fullgraph=True)``, kept by ``torch.export``.
+Each checks the values it reads, computes the class coefficients once and calls
+one backend of the per-row kernel interface (lsce/interface.py), chosen by
+:func:`row_kernels`: ``"auto"`` is C++ on CPU tensors, Triton on CUDA tensors
+(and on CPU tensors under ``TRITON_INTERPRET=1`` if asked for), else the reference.
 """
 
 from __future__ import annotations
@@ -50,10 +45,8 @@ def row_kernels(backend: str, device: torch.device) -> RowKernels:
 
 
 def _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap):
-    """What every kernel reads through raw pointers: rows with unit column
-    stride (any row stride), a contiguous target; the call's coefficients and
-    options. No copy when the caller's tensors already are (lsce.functional
-    prepares them); a strided target would otherwise be read as if contiguous."""
+    """The kernels' arguments: rows with unit column stride, a contiguous target
+    (no copy when they already are), the call's coefficients and options."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     coef = coefficients(logits.shape[1], weight, prior, eps, acc_dtype(logits.dtype), logits.device)
@@ -146,9 +139,8 @@ class FusedStep(torch.autograd.Function):
 
 
 def fusable(logits: Tensor, backend: str) -> bool:
-    """Whether FusedStep may run: the C++ kernel on a plain CPU tensor that
-    will be differentiated, in eager mode (not traced by torch.compile or
-    torch.export, not under a torch.func transform)."""
+    """Whether FusedStep may run: the C++ kernel on a plain CPU tensor to be
+    differentiated, in eager mode (no torch.compile, torch.export or torch.func)."""
     return (
         backend in ("auto", "cpu")
         and type(logits) is torch.Tensor
