@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lsce
-from lsce import _C, cpu, reference
+from lsce import _C, cpu, ops, reference
 from _util import assert_close_to_truth, make_options, make_problem
 
 
