@@ -1,4 +1,9 @@
-"""Shared by the test files: random problems and the comparison rules of design.md §1."""
+"""Shared by the test files: random problems, the one way to take a loss and its
+gradient and the comparison rules of design.md §1.
+
+Every rule lives here once; tests/test_properties.py keeps its own error bound
+(see its docstring: a bound derived per example from the sizes of the terms,
+not a fixed tolerance)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from lsce import reference
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # One unit in the last place, relative: the rounding step of a store.
 ULP = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+# ------------------------------------------------------------------ problems
 
 
 def make_problem(shape, dtype, *, ignore_index=-100, ignore_frac=0.0, scale=3.0, seed=0, device="cpu"):
@@ -41,19 +49,84 @@ def make_options(K, names, *, seed=1, device="cpu"):
     return opts
 
 
-def loss_and_grad(fn, logits, target, upstream, **kwargs):
-    """fn(logits, target, **kwargs) and d(Σ upstream·loss)/d logits (logits not modified)."""
-    x = logits.detach().clone().requires_grad_(True)
-    out = fn(x, target, **kwargs)
-    loss = out[0] if isinstance(out, tuple) else out
-    (grad,) = torch.autograd.grad((loss.to(upstream.dtype) * upstream).sum(), x)
-    return loss.detach(), grad
+def upstream_for(target, reduction, seed=3):
+    """A random fp64 upstream gradient for a loss with that target and reduction."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(target.shape if reduction == "none" else (), generator=g, dtype=torch.float64)
+
+
+def fp64(kwargs):
+    """The keyword arguments with every tensor in fp64 (for the reference)."""
+    return {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+
+
+# ------------------------------------------------------------------ loss and gradient
+
+
+def _objective(out, upstream, upstream_lse):
+    """Σ upstream·loss (+ Σ upstream_lse·lse) of fn's output, and the detached loss and lse."""
+    loss, lse = out if isinstance(out, tuple) else (out, None)
+    if upstream is None:
+        objective = loss.sum()
+    else:
+        objective = (loss.to(upstream.dtype) * upstream.reshape(loss.shape)).sum()
+    if upstream_lse is not None:
+        objective = objective + (lse.to(upstream_lse.dtype) * upstream_lse.reshape(lse.shape)).sum()
+    return objective, loss.detach(), None if lse is None else lse.detach()
+
+
+def _gradients(objective, leaves):
+    """d objective / d leaves; zeros for a leaf the objective does not depend on (no rows)."""
+    grads = torch.autograd.grad(objective, leaves, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+
+
+def loss_lse_and_grad(fn, logits, target, upstream=None, upstream_lse=None, **kwargs):
+    """fn(logits, target, **kwargs)'s loss and lse (None unless fn returns it;
+    ``return_lse=True`` is passed when ``upstream_lse`` is given) and
+    d(Σ upstream·loss + Σ upstream_lse·lse)/d logits (upstream None: the loss
+    summed). The leaf is a detached view of ``logits``: the same memory and
+    strides (an expanded or overlapping layout stays one), never written."""
+    if upstream_lse is not None:
+        kwargs["return_lse"] = True
+    x = logits.detach().requires_grad_(True)
+    objective, loss, lse = _objective(fn(x, target, **kwargs), upstream, upstream_lse)
+    return loss, lse, _gradients(objective, [x])[0]
+
+
+def loss_and_grad(fn, logits, target, upstream=None, **kwargs):
+    """:func:`loss_lse_and_grad` without the lse: (loss, grad)."""
+    loss, _, grad = loss_lse_and_grad(fn, logits, target, upstream, **kwargs)
+    return loss, grad
+
+
+def linear_loss_and_grads(fn, x, W, b, target, upstream, **kwargs):
+    """fn(x, W, target, linear_bias=b, **kwargs)'s loss and the gradients of
+    Σ upstream·loss for x, W (and b when given), from detached leaves."""
+    leaves = [t.detach().requires_grad_(True) for t in (x, W, b) if t is not None]
+    bias = leaves[2] if b is not None else None
+    objective, loss, _ = _objective(fn(leaves[0], leaves[1], target, linear_bias=bias, **kwargs), upstream, None)
+    return loss, _gradients(objective, leaves)
 
 
 def truth(logits, target, upstream, **kwargs):
     """The fp64 reference loss and gradient from the same (rounded) inputs."""
-    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    return loss_and_grad(reference.cross_entropy, logits.double(), target, upstream.double(), **kw)
+    return loss_and_grad(reference.cross_entropy, logits.double(), target, upstream.double(), **fp64(kwargs))
+
+
+# ------------------------------------------------------------------ comparison rules
+
+
+def assert_same_nonfinite(actual, expected, what):
+    """NaN, +inf and −inf at exactly the same places."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    for name, f in [("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)]:
+        a, e = f(actual), f(expected)
+        if not torch.equal(a, e):
+            where = (a != e).nonzero()[:6].tolist()
+            raise AssertionError(f"{what}: {name} at different places, e.g. {where}: "
+                                 f"got {actual[a != e][:6].tolist()}, expected {expected[a != e][:6].tolist()}")
 
 
 def assert_close_to_truth(actual, expected, dtype, *, what, rtol=None, atol_frac=None):
@@ -72,15 +145,65 @@ def assert_close_to_truth(actual, expected, dtype, *, what, rtol=None, atol_frac
     torch.testing.assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def assert_no_worse_than_torch(actual, torch_value, expected, dtype, *, what):
+def assert_close_to_lsce(actual, expected, dtype, *, what):
+    """Two lsce results that both accumulate in fp32 and were each rounded to a
+    bf16/fp16 output (e.g. lsce.distributed against one process): one ulp of
+    bf16 relative, half of one absolute; otherwise :func:`assert_close_to_truth`."""
+    if dtype in LOW_PRECISION:
+        assert_close_to_truth(actual, expected, dtype, what=what, rtol=2.0**-7, atol_frac=2.0**-8)
+    else:
+        assert_close_to_truth(actual, expected, dtype, what=what)
+
+
+def assert_no_worse_than_torch(actual, torch_value, expected, dtype, *, what, matmul=False):
     """design.md §1 for bf16/fp16: no further from the fp64 truth than PyTorch at the
-    same dtype, plus one ulp of that dtype."""
+    same dtype, plus one ulp of that dtype.
+
+    Elementwise by default. ``matmul``: for a gradient that is a matmul output,
+    one ulp at the tensor's scale — each element sums K (or N) products of
+    rounded values, so its error follows the largest values, not the element
+    itself (which may have cancelled)."""
     actual, torch_value, expected = actual.double(), torch_value.double(), expected.double()
     ours = (actual - expected).abs()
     theirs = (torch_value - expected).abs()
+    if matmul:
+        slack = ULP[dtype] * expected.abs().max().item()
+        excess = ours - theirs
+        assert excess.max().item() <= slack, f"{what}: {excess.max().item()} beyond PyTorch's error, slack {slack}"
+        return
     slack = ULP[dtype] * expected.abs() + 1e-6 * max(expected.abs().max().item(), 1.0)
     bad = ours > theirs + slack
     assert not bad.any(), f"{what}: lsce error {ours[bad][:4].tolist()} > torch error {theirs[bad][:4].tolist()}"
+
+
+def assert_matches(actual, expected, *, what, rtol=1e-5, atol_floor=0.0):
+    """The same computation in another order of fp32 (fp64) operations (lsce against
+    PyTorch, fused against materialised): the same dtype and shape, NaN at the same
+    places, within ``rtol`` of each element plus ``rtol`` of the largest finite
+    |expected| (at least 1e-3) and ``atol_floor``. Tuples are compared item by item."""
+    if isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected), what
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_matches(a, e, what=f"{what} [{i}]", rtol=rtol, atol_floor=atol_floor)
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+        f"{what}: {actual.dtype}{tuple(actual.shape)} vs {expected.dtype}{tuple(expected.shape)}"
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-3) + atol_floor, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_like_torch(actual, expected, what):
+    """Against F.cross_entropy in fp64 on the same values: NaN and ±inf at the same
+    places, the finite values within rtol 1e-5 and atol 1e-6."""
+    actual, expected = actual.double(), expected.double()
+    assert_same_nonfinite(actual, expected, what)
+    fin = torch.isfinite(expected)
+    torch.testing.assert_close(actual[fin], expected[fin], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------ PyTorch
 
 
 def torch_supports(kwargs):
