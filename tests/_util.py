@@ -1,5 +1,5 @@
 """Shared by the test files: random problems, the one way to take a loss and its
-gradient and the comparison rules of design.md §1.
+gradient, the comparison rules of design.md §1 and the bad-input check.
 
 Every rule lives here once; tests/test_properties.py keeps its own error bound
 (see its docstring: a bound derived per example from the sizes of the terms,
@@ -7,6 +7,7 @@ not a fixed tolerance)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -201,6 +202,45 @@ def assert_like_torch(actual, expected, what):
     assert_same_nonfinite(actual, expected, what)
     fin = torch.isfinite(expected)
     torch.testing.assert_close(actual[fin], expected[fin], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _snapshot(kwargs):
+    return {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v) and v.device.type != "meta"}
+
+
+def _assert_unchanged(kwargs, before):
+    for k, v in before.items():
+        after = kwargs[k]
+        assert after.dtype == v.dtype and after.shape == v.shape, f"{k} was modified"
+        assert torch.equal(after.detach().nan_to_num(), v.nan_to_num()), f"{k} was modified"
+        assert torch.equal(after.detach().isnan(), v.isnan()), f"{k} was modified"
+        assert after.grad is None, f"{k} got a .grad"
+
+
+def assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch):
+    """call(**kwargs) raises ``exc`` with lsce's own message, matching ``text``,
+    before any kernel (C++, Triton or reference; the fused CPU step included)
+    is reached, and leaves every tensor of kwargs as it was (no .grad either)."""
+    import lsce.cpu
+    import lsce.ops
+
+    reached = []
+
+    def refuse(*args, **kw):
+        reached.append(args[:1])
+        raise AssertionError(f"a kernel was reached ({args[:1]}) before the argument error")
+
+    monkeypatch.setattr(lsce.ops, "row_kernels", refuse)
+    monkeypatch.setattr(lsce.cpu, "fused_forward", refuse)
+    before = _snapshot(kwargs)
+    with pytest.raises(exc, match=text) as info:
+        call(**kwargs)
+    assert str(info.value).startswith("lsce"), f"not lsce's own message: {info.value!r}"
+    assert not reached, f"a kernel was reached: {reached}"
+    _assert_unchanged(kwargs, before)
 
 
 # ------------------------------------------------------------------ PyTorch
