@@ -16,6 +16,8 @@ from lsce import reference
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # One unit in the last place, relative: the rounding step of a store.
 ULP = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Mantissa bits: one ulp of x in a dtype is 2**(exponent(x) − bits).
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
 
 
 # ------------------------------------------------------------------ problems
@@ -118,6 +120,14 @@ def truth(logits, target, upstream, **kwargs):
 # ------------------------------------------------------------------ comparison rules
 
 
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each value of x (fp64), subnormal spacing at 0."""
+    _, e = torch.frexp(x.abs())  # |x| = m · 2**e with m in [0.5, 1)
+    fi = torch.finfo(dtype)
+    spacing = torch.ldexp(torch.ones_like(x), e - 1 - _MANTISSA_BITS[dtype])
+    return spacing.clamp_min(fi.tiny * fi.eps)
+
+
 def assert_same_nonfinite(actual, expected, what):
     """NaN, +inf and −inf at exactly the same places."""
     actual, expected = actual.double(), expected.double()
@@ -202,6 +212,39 @@ def assert_like_torch(actual, expected, what):
     assert_same_nonfinite(actual, expected, what)
     fin = torch.isfinite(expected)
     torch.testing.assert_close(actual[fin], expected[fin], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def assert_rows_close(got, ref, dtype, what):
+    """A kernel's per-row loss/lse: fp32 accumulation (fp64 for fp64 logits) against fp64."""
+    assert got.dtype == reference.acc_dtype(dtype), what
+    assert got.shape == ref.shape, what
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_grad_close(got, ref, dtype, magnitude=None):
+    """A kernel's gradient in the logits' dtype: one ulp of that dtype (the Triton
+    interpreter truncates fp32 → bf16 stores instead of rounding), plus fp32
+    rounding of the terms, whose size is ``magnitude`` (the largest |g|·w + |h|;
+    the largest |ref| if not given) — a gradient that cancels to about 0 is only
+    as exact as the terms that cancel."""
+    assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
+    got = got.double()
+    if dtype == torch.float64:
+        rtol, scale = 1e-12, 1e-13
+    else:
+        rtol, scale = 1e-5, 1e-6
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), "NaN pattern differs"
+    assert torch.equal(got[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)]), "inf values differ"
+    r = ref[finite]
+    if magnitude is None:
+        magnitude = r.abs().max().item() if r.numel() else 0.0
+    atol = scale * magnitude
+    tol = rtol * r.abs() + atol + (ulp(r, dtype) if dtype != torch.float64 else 0.0)
+    err = (got[finite] - r).abs()
+    worst = (err - tol).argmax() if err.numel() else None
+    assert bool((err <= tol).all()), f"grad: max excess at {worst}: got {got[finite][worst]}, ref {r[worst]}, tol {tol[worst]}"
 
 
 # ------------------------------------------------------------------ bad input

@@ -4,7 +4,6 @@ F.linear_cross_entropy where torch has it, and the fp64 reference; gradcheck,
 torch.compile, chunking edge cases and bad input."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -17,12 +16,6 @@ from _util import (
     assert_close_to_truth, assert_matches, assert_no_worse_than_torch, assert_raises_and_changes_nothing, fp64,
     linear_loss_and_grads, make_options, make_problem, torch_cross_entropy, torch_supports, upstream_for,
 )
-
-# The Triton kernels run interpreted on CPU (as in tests/test_triton_kernels.py),
-# set before triton is first imported.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 N, H, K = 37, 12, 29
 CHUNK = 8  # does not divide N
@@ -234,41 +227,6 @@ def test_no_tensor_of_rows_times_classes():
                                    [True, True, True])
     assert mode.largest == max(rows * width, classes * width, chunk * classes) < rows * classes
     assert torch.isfinite(gi).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(6, 50), (3, 20000)], ids=["rows", "split_rows"])
-@pytest.mark.parametrize("options", [(), ("weight", "z_loss", "softcap", "prior")], ids=lambda o: "+".join(o) or "plain")
-def test_backward_over_its_own_logits(backend, dtype, shape, options):
-    """Each chunk's gradient is written over the chunk's logits (out=logits):
-    every kernel must then give bitwise the gradient it writes into a new
-    tensor, i.e. read each logit (the target's too) before storing that
-    element. (3, 20000) takes the C++ kernel's split-row path (N < 64,
-    K >= 16384) and splits the Triton rows into several programs."""
-    if backend == "cpu" and DEVICE != "cpu":
-        pytest.skip("the C++ kernel runs on CPU tensors")
-    if backend == "triton":
-        pytest.importorskip("triton")
-    kernels = lsce.ops.row_kernels(backend, torch.device(DEVICE))
-    logits, target = make_problem(shape, dtype, ignore_frac=0.3, device=DEVICE)
-    acc = interface.acc_dtype(dtype)
-    opts = {k: v.to(acc) if isinstance(v, torch.Tensor) else v for k, v in make_options(shape[1], options).items()}
-    w, prior = (None if opts.get(k) is None else opts[k].to(DEVICE) for k in ("weight", "smoothing_prior"))
-    options = (interface.coefficients(shape[1], w, prior, 0.1, acc, logits.device),
-               interface.RowOptions(-100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0)))
-    loss, lse = kernels.forward(logits, target, *options)
-    g = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    h = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    for grad_lse in (None, h):
-        expected = kernels.backward(g, grad_lse, logits, target, *options, lse)
-        buffer = logits.clone()
-        got = kernels.backward(g, grad_lse, buffer, target, *options, lse, out=buffer)
-        assert got.data_ptr() == buffer.data_ptr()
-        assert torch.equal(got, expected)
-        coef64 = interface.coefficients(shape[1], w, prior, 0.1, torch.float64, logits.device)
-        truth = reference.rows_backward(g, grad_lse, logits.double(), target, coef64, options[1], lse.double())
-        torch.testing.assert_close(got, truth.to(dtype), atol=1e-6, rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
 
 
 def test_gradient_buffer_must_be_the_logits_or_apart_from_them():
