@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lsce import reference
 
@@ -245,6 +246,43 @@ def assert_grad_close(got, ref, dtype, magnitude=None):
     err = (got[finite] - r).abs()
     worst = (err - tol).argmax() if err.numel() else None
     assert bool((err <= tol).all()), f"grad: max excess at {worst}: got {got[finite][worst]}, ref {r[worst]}, tol {tol[worst]}"
+
+
+# ------------------------------------------------------------------ compile and memory
+
+
+def assert_compiled_matches_eager(step, compiled, args, leaves):
+    """step(*args) and compiled(*args), each on fresh copies (requiring grad) of
+    the args at the indices ``leaves``: the same output, and the same gradients
+    after its backward (where eager gives one)."""
+    results = []
+    for fn in (step, compiled):
+        a = [t.clone().requires_grad_(True) if i in leaves else t for i, t in enumerate(args)]
+        out = fn(*a)
+        out.backward()
+        results.append([out.detach()] + [a[i].grad for i in leaves])
+    for eager, comp in zip(*results):
+        if eager is not None:
+            torch.testing.assert_close(comp, eager)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records in ``largest`` the largest number of elements of any tensor an op
+    returns or, with ``storage``, of the memory behind it (a view or an expand
+    counts as its whole storage)."""
+
+    def __init__(self, storage=False):
+        super().__init__()
+        self.storage = storage
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                n = t.untyped_storage().nbytes() // t.element_size() if self.storage else t.numel()
+                self.largest = max(self.largest, n)
+        return out
 
 
 # ------------------------------------------------------------------ bad input

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import lsce
 from lsce import interface, linear, reference
 from _util import (
-    assert_close_to_truth, assert_matches, assert_no_worse_than_torch, assert_raises_and_changes_nothing, fp64,
-    linear_loss_and_grads, make_options, make_problem, torch_cross_entropy, torch_supports, upstream_for,
+    LargestTensor, assert_close_to_truth, assert_compiled_matches_eager, assert_matches, assert_no_worse_than_torch,
+    assert_raises_and_changes_nothing, fp64, linear_loss_and_grads, make_options, make_problem, torch_cross_entropy,
+    torch_supports, upstream_for,
 )
 
 N, H, K = 37, 12, 29
@@ -169,14 +168,7 @@ def test_compile_fullgraph_matches_eager(reduction):
         return loss.sum() * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    results = []
-    for fn in (step, compiled):
-        leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
-        out = fn(*leaves, target)
-        out.backward()
-        results.append([out.detach()] + [t.grad for t in leaves])
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager)
+    assert_compiled_matches_eager(step, compiled, (x, W, b, target), leaves=(0, 1, 2))
 
 
 def test_opcheck():
@@ -201,26 +193,13 @@ def test_opcheck():
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_tensor_of_rows_times_classes():
     """Inside the ops, nothing as large as the N×K logits is ever made: the
     largest tensors are the gradients themselves and one chunk of logits."""
     rows, width, classes, chunk = 64, 8, 50, 8
     x, W, b, target = make_head((rows,), width, classes, torch.float32)
     y, options = target, (-100, 0.1, 1e-3, 0.0, chunk)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         _, _, gi, gw, gb = linear._reduced_impl(x, W, b, y, None, None, *options, True, [True, True, True])
         loss, lse = linear._rows_impl(x, W, b, y, None, None, *options)
         linear._rows_backward_impl(torch.rand_like(loss), None, x, W, b, y, None, None, lse, *options,
