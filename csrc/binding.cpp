@@ -1,196 +1,114 @@
 // pybind11 binding of the C++ core: Python passes data pointers, sizes,
-// strides and a dtype code (lsce/ops.py); no torch headers, no libtorch.
-// The kernels run with the GIL released.
+// strides and a dtype code as keywords (lsce/ops.py); no torch headers, no
+// libtorch. The kernels run with the GIL released.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <list>
-#include <mutex>
-#include <new>
-#include <vector>
+#include <string>
+#include <type_traits>
 
+#include "grad_cache.h"
 #include "lsce_api.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// Gradient buffers that outlive one step. A new N x K gradient takes one page
-// fault per 4 KiB on first write, and on the VMs this was measured on those
-// faults cost 3-4x the kernel itself (fp32 4096 x 32000: 40 ms into a warm
-// buffer, 170 ms into fresh memory). Liger-Kernel avoids them by writing into
-// the logits; lsce instead keeps the last freed gradients, as PyTorch's CUDA
-// caching allocator does on the GPU. A Buffer is handed to Python, wrapped by
-// torch.frombuffer, whose storage holds it: its destructor runs when the last
-// tensor using the memory is gone, never earlier, and returns it here.
-// (2 MiB pages were tried instead: on these VMs a fresh huge page is
-// sometimes backed lazily by the host and the step took 2-10x longer.)
-class Pool {
- public:
-  static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: buffers may die after static destructors
-    return *pool;
-  }
-  void* take(size_t bytes, size_t& capacity) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      // Best fit among the free buffers, wasting at most a quarter.
-      auto best = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it)
-        if (it->second >= bytes && it->second - bytes <= bytes / 4 && (best == free_.end() || it->second < best->second))
-          best = it;
-      if (best != free_.end()) {
-        void* p = best->first;
-        capacity = best->second;
-        free_bytes_ -= capacity;
-        free_.erase(best);
-        return p;
-      }
-    }
-    capacity = bytes;
-    return ::operator new(bytes, std::align_val_t(64));
-  }
-  // Called from ~Buffer: allocates nothing but the list node (a failure there
-  // frees the buffer instead of throwing out of a destructor).
-  void give(void* p, size_t capacity) noexcept {
-    std::lock_guard<std::mutex> lock(mu_);
-    try {
-      free_.emplace_front(p, capacity);
-    } catch (...) {
-      ::operator delete(p, std::align_val_t(64));
-      return;
-    }
-    free_bytes_ += capacity;
-    evict(limit_, kMaxFree);
-  }
-  size_t set_limit(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
-    const size_t old = limit_;
-    limit_ = bytes;
-    evict(limit_, kMaxFree);  // frees what the new limit no longer allows
-    return old;
-  }
-  size_t cached() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return free_bytes_;
-  }
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    evict(0, 0);
-  }
+// ---------------------------------------------------------------------------
+// The keywords of _C.forward and _C.backward: both take the same set, one per
+// field of lsce::Args, with the field's name. Pointers are Python ints (0: null).
 
- private:
-  static constexpr size_t kMaxFree = 2;  // a training loop needs one; a last, smaller batch a second
-  std::mutex mu_;
-  std::list<std::pair<void*, size_t>> free_;  // most recently freed first
-  size_t free_bytes_ = 0;
-  size_t limit_ = size_t(4) << 30;
-
-  // Frees the oldest free buffers until at most max_count and max_bytes remain; mu_ held.
-  void evict(size_t max_bytes, size_t max_count) {
-    while (!free_.empty() && (free_.size() > max_count || free_bytes_ > max_bytes)) {
-      free_bytes_ -= free_.back().second;
-      ::operator delete(free_.back().first, std::align_val_t(64));
-      free_.pop_back();
-    }
+// Stores the Python value v into field M of Args; returns whether it is a null pointer.
+template <typename M> struct FieldType;
+template <typename T> struct FieldType<T lsce::Args::*> { using type = T; };
+template <auto M>
+bool set(lsce::Args& a, py::handle v) {
+  using T = typename FieldType<decltype(M)>::type;
+  if constexpr (std::is_pointer_v<T>) {
+    a.*M = reinterpret_cast<T>(v.cast<uintptr_t>());
+    return a.*M == nullptr;
+  } else {
+    a.*M = v.cast<T>();
+    return false;
   }
-};
-
-// bytes of writable memory, given back to the Pool when Python drops it.
-struct Buffer {
-  void* p;
-  size_t bytes, capacity;
-  explicit Buffer(size_t n) : bytes(n) { p = Pool::get().take(n, capacity); }
-  ~Buffer() { Pool::get().give(p, capacity); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
-// Class coefficients c_k = prior_k * w_k (prior defaults to 1/K) and their sum.
-template <typename A>
-double coefficients(std::vector<A>& c, int64_t K, const void* weight, const void* prior) {
-  c.resize(size_t(K));
-  double C = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    A v = prior ? static_cast<const A*>(prior)[k] : A(1) / A(K);
-    if (weight) v *= static_cast<const A*>(weight)[k];
-    c[size_t(k)] = v;
-    C += double(v);
-  }
-  return C;
 }
 
-// Fills the option fields shared by forward and backward; `storage` keeps the
-// coefficient array alive for the call.
-lsce::Args make_args(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t row_stride,
-                     uintptr_t target, int64_t ignore_index, uintptr_t weight, uintptr_t prior,
-                     double eps, double z_loss, double softcap, int nthreads,
-                     std::vector<float>& cf, std::vector<double>& cd) {
-  if (dtype < lsce::kF32 || dtype > lsce::kF16) throw py::value_error("lsce._C: unknown dtype code");
-  // Rows may overlap (row_stride < K, 0 for an expanded row): the logits are only read.
-  if (N < 0 || K < 1 || row_stride < 0) throw py::value_error("lsce._C: bad sizes or row stride");
+// Who must pass a keyword: the backward, the forward, the fused forward (the
+// forward with grad). A required pointer must not be 0 unless kMayBeNull, or
+// the call has no rows (an empty tensor's data pointer may be 0).
+enum : unsigned { kForward = 1, kBackward = 2, kFused = 4, kBoth = kForward | kBackward, kMayBeNull = 8 };
+
+struct Field {
+  const char* name;
+  unsigned required_by;
+  bool (*set)(lsce::Args&, py::handle);
+};
+#define LSCE_FIELD(name, required_by) Field{#name, required_by, &set<&lsce::Args::name>}
+const Field kFields[] = {
+    // the logits and targets
+    LSCE_FIELD(dtype, kBoth), LSCE_FIELD(logits, kBoth), LSCE_FIELD(N, kBoth), LSCE_FIELD(K, kBoth),
+    LSCE_FIELD(row_stride, kBoth), LSCE_FIELD(target, kBoth), LSCE_FIELD(ignore_index, kBoth),
+    // the class coefficients and options
+    LSCE_FIELD(weight, kBoth | kMayBeNull), LSCE_FIELD(c, kBoth | kMayBeNull), LSCE_FIELD(C, kBoth),
+    LSCE_FIELD(uniform_over, kBoth),
+    LSCE_FIELD(eps, kBoth), LSCE_FIELD(z_loss, kBoth), LSCE_FIELD(softcap, kBoth), LSCE_FIELD(nthreads, kBoth),
+    // per-row values, upstream gradients and the gradient
+    LSCE_FIELD(loss, kForward), LSCE_FIELD(lse, kBoth),
+    LSCE_FIELD(grad_loss, kBackward | kFused), LSCE_FIELD(grad_loss_stride, kBackward | kFused),
+    LSCE_FIELD(grad_lse, kBackward | kMayBeNull), LSCE_FIELD(grad_lse_stride, kBackward), LSCE_FIELD(grad, kBackward),
+};
+#undef LSCE_FIELD
+constexpr size_t kNumFields = sizeof(kFields) / sizeof(kFields[0]);
+
+// The Args of one call of lsce._C.<fn>: every keyword known, every required
+// one given, the values valid for the kernels.
+lsce::Args parse(const char* fn, bool backward, const py::kwargs& kw) {
+  const std::string where = std::string("lsce._C.") + fn + "()";
   lsce::Args a{};
-  a.dtype = dtype;
-  a.logits = reinterpret_cast<const void*>(logits);
-  a.N = N;
-  a.K = K;
-  a.row_stride = row_stride;
-  a.target = reinterpret_cast<const int64_t*>(target);
-  a.ignore_index = ignore_index;
-  a.weight = reinterpret_cast<const void*>(weight);
-  a.eps = eps;
-  a.z_loss = z_loss;
-  a.softcap = softcap;
-  a.nthreads = nthreads > 0 ? nthreads : 1;
-  a.C = 1.0;
-  // The coefficients only enter the smoothing term: without smoothing the
-  // plain path runs (w_y still comes from `weight`).
-  if ((weight || prior) && eps > 0) {
-    const void* p = reinterpret_cast<const void*>(prior);
-    if (dtype == lsce::kF64) {
-      a.C = coefficients(cd, K, a.weight, p);
-      a.c = cd.data();
-    } else {
-      a.C = coefficients(cf, K, a.weight, p);
-      a.c = cf.data();
+  bool given[kNumFields] = {}, null[kNumFields] = {};
+  for (const auto& item : kw) {
+    const std::string key = py::str(item.first);
+    size_t f = 0;
+    while (f < kNumFields && key != kFields[f].name) ++f;
+    if (f == kNumFields) throw py::type_error(where + " got an unexpected keyword argument '" + key + "'");
+    try {
+      null[f] = kFields[f].set(a, item.second);
+    } catch (const py::cast_error&) {
+      throw py::type_error(where + ": keyword '" + key + "' has a value of the wrong type or range");
     }
+    given[f] = true;
   }
+  const unsigned role = backward ? kBackward : a.grad ? kForward | kFused : kForward;
+  for (size_t f = 0; f < kNumFields; ++f) {
+    const Field& field = kFields[f];
+    if (!(field.required_by & role)) continue;
+    if (!given[f]) throw py::type_error(where + " missing required keyword argument '" + field.name + "'");
+    if (null[f] && a.N > 0 && !(field.required_by & kMayBeNull))
+      throw py::value_error(where + ": keyword '" + field.name + "' is a null pointer");
+  }
+  if (a.dtype < lsce::kF32 || a.dtype > lsce::kF16) throw py::value_error(where + ": unknown dtype code");
+  // Rows may overlap (row_stride < K, 0 for an expanded row): the logits are only read.
+  if (a.N < 0 || a.K < 1 || a.row_stride < 0) throw py::value_error(where + ": bad sizes or row stride");
+  if (a.uniform_over < 1) throw py::value_error(where + ": uniform_over must be >= 1");
+  if (!backward && a.grad_lse) throw py::value_error(where + ": the fused forward takes no grad_lse");
+  if (a.nthreads <= 0) a.nthreads = 1;
   return a;
 }
 
-std::string forward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t row_stride,
-                    uintptr_t target, int64_t ignore_index, uintptr_t weight, uintptr_t prior,
-                    double eps, double z_loss, double softcap, uintptr_t loss, uintptr_t lse,
-                    int nthreads, uintptr_t grad, uintptr_t grad_loss, int64_t grad_loss_stride) {
-  std::vector<float> cf;
-  std::vector<double> cd;
-  lsce::Args a = make_args(dtype, logits, N, K, row_stride, target, ignore_index, weight, prior,
-                           eps, z_loss, softcap, nthreads, cf, cd);
-  a.loss = reinterpret_cast<void*>(loss);
-  a.lse = reinterpret_cast<void*>(lse);
-  if (grad && !grad_loss) throw py::value_error("lsce._C.forward: grad needs grad_loss");
-  a.grad = reinterpret_cast<void*>(grad);
-  a.grad_loss = reinterpret_cast<const void*>(grad_loss);
-  a.grad_loss_stride = grad_loss_stride;
+std::string keyword_list() {
+  std::string s;
+  for (const Field& f : kFields) s += std::string(s.empty() ? "" : ", ") + f.name;
+  return s;
+}
+
+std::string forward(const py::kwargs& kw) {
+  const lsce::Args a = parse("forward", false, kw);
   py::gil_scoped_release release;
   return lsce::forward(a);
 }
 
-std::string backward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t row_stride,
-                     uintptr_t target, int64_t ignore_index, uintptr_t weight, uintptr_t prior,
-                     double eps, double z_loss, double softcap, uintptr_t lse, uintptr_t grad_loss,
-                     int64_t grad_loss_stride, uintptr_t grad_lse, int64_t grad_lse_stride,
-                     uintptr_t grad, int nthreads) {
-  std::vector<float> cf;
-  std::vector<double> cd;
-  lsce::Args a = make_args(dtype, logits, N, K, row_stride, target, ignore_index, weight, prior,
-                           eps, z_loss, softcap, nthreads, cf, cd);
-  a.lse = reinterpret_cast<void*>(lse);
-  a.grad_loss = reinterpret_cast<const void*>(grad_loss);
-  a.grad_loss_stride = grad_loss_stride;
-  a.grad_lse = reinterpret_cast<const void*>(grad_lse);
-  a.grad_lse_stride = grad_lse_stride;
-  a.grad = reinterpret_cast<void*>(grad);
+std::string backward(const py::kwargs& kw) {
+  const lsce::Args a = parse("backward", true, kw);
   py::gil_scoped_release release;
   return lsce::backward(a);
 }
@@ -199,29 +117,24 @@ std::string backward(int dtype, uintptr_t logits, int64_t N, int64_t K, int64_t 
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lsce C++/OpenMP kernels (raw pointers; called from lsce.ops)";
-  m.def("forward", &forward,
-        "per-row loss and lse, and with grad (N x K, contiguous) also the gradient for the "
-        "upstream grad_loss in the same pass; returns the instruction set used",
-        py::arg("dtype"), py::arg("logits"), py::arg("N"), py::arg("K"), py::arg("row_stride"),
-        py::arg("target"), py::arg("ignore_index"), py::arg("weight"), py::arg("prior"),
-        py::arg("eps"), py::arg("z_loss"), py::arg("softcap"), py::arg("loss"), py::arg("lse"),
-        py::arg("nthreads"), py::arg("grad") = 0, py::arg("grad_loss") = 0, py::arg("grad_loss_stride") = 0);
-  m.def("backward", &backward, "gradient of the logits; returns the instruction set used",
-        py::arg("dtype"), py::arg("logits"), py::arg("N"), py::arg("K"), py::arg("row_stride"),
-        py::arg("target"), py::arg("ignore_index"), py::arg("weight"), py::arg("prior"),
-        py::arg("eps"), py::arg("z_loss"), py::arg("softcap"), py::arg("lse"),
-        py::arg("grad_loss"), py::arg("grad_loss_stride"), py::arg("grad_lse"),
-        py::arg("grad_lse_stride"), py::arg("grad"), py::arg("nthreads"));
-  py::class_<Buffer>(m, "Buffer", py::buffer_protocol(),
-                     "writable bytes from lsce's gradient cache; back to the cache when the last user is gone")
+  static const std::string keywords =
+      " Keywords (the fields of lsce::Args, csrc/lsce_api.h; pointers as ints, 0 for null): " + keyword_list() + ".";
+  static const std::string forward_doc =
+      "per-row loss and lse, and with grad (N x K, contiguous) also the gradient for the upstream grad_loss in "
+      "the same pass; returns the instruction set used." + keywords;
+  static const std::string backward_doc = "gradient of the logits; returns the instruction set used." + keywords;
+  m.def("forward", &forward, forward_doc.c_str());
+  m.def("backward", &backward, backward_doc.c_str());
+  py::class_<lsce::Buffer>(m, "Buffer", py::buffer_protocol(),
+                           "writable bytes from lsce's gradient cache; back to the cache when the last user is gone")
       .def(py::init<size_t>(), py::arg("bytes"))
-      .def_buffer([](Buffer& b) {
-        return py::buffer_info(b.p, 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(b.bytes)}, {1});
+      .def_buffer([](lsce::Buffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(b.size())}, {1});
       });
-  m.def("set_cache_limit", [](size_t bytes) { return Pool::get().set_limit(bytes); },
+  m.def("set_cache_limit", &lsce::set_cache_limit,
         "bytes of freed gradients to keep (0: none); returns the previous limit", py::arg("bytes"));
-  m.def("cached_bytes", [] { return Pool::get().cached(); }, "bytes held by freed, cached gradients");
-  m.def("empty_cache", [] { Pool::get().clear(); }, "frees every cached gradient");
+  m.def("cached_bytes", &lsce::cached_bytes, "bytes held by freed, cached gradients");
+  m.def("empty_cache", &lsce::empty_cache, "frees every cached gradient");
   m.def("set_isa", [](const std::string& s) { return lsce::set_isa(s.c_str()); },
         "force 'avx512', 'avx2', 'generic' or 'auto'; False if unavailable", py::arg("name"));
   m.def("active_isa", [] { return std::string(lsce::active_isa()); });

@@ -6,31 +6,43 @@
 namespace lsce {
 namespace {
 
-enum Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-const char* const kNames[] = {"generic", "avx2", "avx512"};
-
-bool cpu_has(Isa isa) {
 #if defined(__x86_64__) && defined(__GNUC__)
+bool has_avx512() {
   __builtin_cpu_init();
-  if (isa == kAvx512)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
-  if (isa == kAvx2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 #endif
-  return isa == kGeneric;
+bool always() { return true; }
+
+// One row per instruction set this build has, widest first.
+struct Isa {
+  const char* name;
+  bool (*available)();  // whether this CPU runs it
+  void (*forward)(const Args&);
+  void (*backward)(const Args&);
+};
+const Isa kIsas[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512", has_avx512, avx512::forward, avx512::backward},
+    {"avx2", has_avx2, avx2::forward, avx2::backward},
+#endif
+    {"generic", always, generic::forward, generic::backward},
+};
+
+const Isa* best() {
+  const Isa* isa = kIsas;
+  while (!isa->available()) ++isa;  // stops at generic, the last, at the latest
+  return isa;
 }
 
-Isa best() {
-  if (cpu_has(kAvx512)) return kAvx512;
-  if (cpu_has(kAvx2)) return kAvx2;
-  return kGeneric;
-}
-
-Isa& current() {
-  static Isa isa = best();
+const Isa*& current() {
+  static const Isa* isa = best();
   return isa;
 }
 
@@ -41,36 +53,26 @@ bool set_isa(const char* name) {
     current() = best();
     return true;
   }
-  for (int i = 0; i < 3; ++i)
-    if (std::strcmp(name, kNames[i]) == 0 && cpu_has(Isa(i))) {
-      current() = Isa(i);
+  for (const Isa& isa : kIsas)
+    if (std::strcmp(name, isa.name) == 0 && isa.available()) {
+      current() = &isa;
       return true;
     }
   return false;
 }
 
-const char* active_isa() { return kNames[current()]; }
+const char* active_isa() { return current()->name; }
 
 const char* forward(const Args& a) {
-  switch (current()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case kAvx512: avx512::forward(a); break;
-    case kAvx2: avx2::forward(a); break;
-#endif
-    default: generic::forward(a);
-  }
-  return active_isa();
+  const Isa* isa = current();
+  isa->forward(a);
+  return isa->name;
 }
 
 const char* backward(const Args& a) {
-  switch (current()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    case kAvx512: avx512::backward(a); break;
-    case kAvx2: avx2::backward(a); break;
-#endif
-    default: generic::backward(a);
-  }
-  return active_isa();
+  const Isa* isa = current();
+  isa->backward(a);
+  return isa->name;
 }
 
 }  // namespace lsce

@@ -7,17 +7,21 @@ namespace lsce {
 
 enum Dtype : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 
-// One call of the forward or the backward kernel. "acc" below means double for
-// fp64 logits and float otherwise; every per-row array is in acc.
+// One call of the forward or the backward kernel, whose per-row formulas are
+// the contract of lsce/interface.py (docs/design.md §1). "acc" below means
+// double for fp64 logits and float otherwise; every per-row array is in acc.
 struct Args {
   int dtype;                 // Dtype of the logits (and of the gradient)
   const void* logits;        // (N, K), element (i, k) at logits[i * row_stride + k]
   int64_t N, K, row_stride;  // in elements
-  const int64_t* target;     // (N,), class ids; ignore_index marks ignored rows
+  const int64_t* target;     // (N,), class ids; ignore_index marks ignored rows, and any
+                             // other id outside [0, K) a true class outside these columns
   int64_t ignore_index;
-  const void* weight;        // (K,) acc, or null: w_y of the true class
-  const void* c;             // (K,) acc, or null: c_k = prior_k * w_k (null: uniform 1/K, no weight)
-  double C;                  // sum of c (1 when c is null)
+  const void* weight;        // (K,) acc, or null (w = 1): w_y of the true class
+  const void* c;             // (K,) acc: c_k of the smoothing term; null: uniform, c_k = 1 / uniform_over
+  double C;                  // the coefficient of lse in the smoothing term (Σ c for full rows;
+                             // K / uniform_over on the uniform path)
+  int64_t uniform_over;      // >= 1: classes the uniform c spreads over (K for full rows)
   double eps, z_loss, softcap;  // softcap 0: off
   int nthreads;
   // forward outputs, (N,) acc; backward reads lse

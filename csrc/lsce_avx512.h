@@ -10,7 +10,7 @@
 // Each loop reads a chunk of 16 before it writes it and never re-reads it, so
 // the gradient may be written over the logits (grad == logits).
 //
-// Requires lsce_kernels.h's Io, bf16 and neg_inf, included before.
+// Requires lsce_kernels.h's Io, bf16, neg_inf and RowGrad, included before.
 
 // ---------------------------------------------------------------------------
 // 16 values of a storage type as fp32, and back. Partial chunks (the tail of
@@ -186,63 +186,71 @@ template <typename T> struct Wide {
     return exp_sum_impl<true>(z, buf, n, m, e);
   }
 
-  // The end of a chunk's gradient, from coef_p and p: subtracts the smoothing
-  // term (coef_c·c or uniform) and, in lane y (y relative to the chunk; any
-  // other value: none), the true-class term; times dcap = 1 − t² with softcap
+  // A row's RowGrad broadcast to 16 lanes, once per loop (y stays scalar).
+  struct Row16 {
+    __m512 lse, p, c, u, t, cap, inv;  // lse, coef_p, coef_c, uniform, tcls, cap, inv_cap
+    int64_t y;
+    bool stream;
+    explicit Row16(const RowGrad<float>& r)
+        : lse(_mm512_set1_ps(r.lse)), p(_mm512_set1_ps(r.coef_p)), c(_mm512_set1_ps(r.coef_c)),
+          u(_mm512_set1_ps(r.uniform)), t(_mm512_set1_ps(r.tcls)), cap(_mm512_set1_ps(r.cap)),
+          inv(_mm512_set1_ps(r.inv_cap)), y(r.y), stream(r.stream) {}
+  };
+
+  // The end of the gradient of the chunk at j (out and c point at the range's
+  // start), from p: coef_p·p minus the smoothing term (coef_c·c or uniform)
+  // and, in lane y − j, the true-class term; times dcap = 1 − t² with softcap
   // (t = v / cap); stores lanes k.
   // stream: non-temporal stores for a gradient far larger than the caches,
   // which then costs a write instead of a read for ownership and a write
   // (fp32 1.3x faster); a smaller one stays in cache for its next reader.
   template <bool CAP, bool COEF>
-  static inline void put(T* out, __mmask16 k, __m512 vp, __m512 p, const float* c, __m512 vc, __m512 vu, int64_t y,
-                         __m512 vt, __m512 t, bool stream) {
-    __m512 d = _mm512_fmsub_ps(vp, p, COEF ? _mm512_mul_ps(vc, _mm512_maskz_loadu_ps(k, c)) : vu);
-    if (uint64_t(y) < 16) d = _mm512_mask_sub_ps(d, __mmask16(1u << y), d, vt);
+  static inline void put(T* out, const float* c, int64_t j, __mmask16 k, __m512 p, __m512 t, const Row16& r) {
+    __m512 d = _mm512_fmsub_ps(r.p, p, COEF ? _mm512_mul_ps(r.c, _mm512_maskz_loadu_ps(k, c + j)) : r.u);
+    if (uint64_t(r.y - j) < 16) d = _mm512_mask_sub_ps(d, __mmask16(1u << (r.y - j)), d, r.t);
     if (CAP) d = _mm512_mul_ps(d, _mm512_fnmadd_ps(t, t, _mm512_set1_ps(1.0f)));
-    if (stream && k == 0xFFFF && (reinterpret_cast<uintptr_t>(out) & (16 * sizeof(T) - 1)) == 0)
-      Lanes<T>::stream(out, d);
+    if (r.stream && k == 0xFFFF && (reinterpret_cast<uintptr_t>(out + j) & (16 * sizeof(T) - 1)) == 0)
+      Lanes<T>::stream(out + j, d);
     else
-      Lanes<T>::store(out, k, d);
+      Lanes<T>::store(out + j, k, d);
   }
 
-  // grad[k] = (coef_p·p_k − (coef_c·c_k or uniform) − [k = y]·tcls)·dcap_k over
-  // [k0, k1): the backward of lsce_kernels.h in one pass, the true-class term
-  // subtracted in fp32 in the same lane (no second read of z[y]). The loop
-  // prefetches z 2 KiB ahead (measured: bf16 1.4x, softcap 1.2x faster).
+  // grad[k] over [k0, k1) as RowGrad says (r.y absolute, or -1): the backward
+  // of lsce_kernels.h in one pass, the true-class term subtracted in fp32 in
+  // the same lane (no second read of z[y]). The loop prefetches z 2 KiB ahead
+  // (measured: bf16 1.4x, softcap 1.2x faster).
   template <bool CAP, bool COEF>
-  static inline void grad(const T* z, T* out, const float* c, int64_t k0, int64_t k1, float lse, float coef_p,
-                          float coef_c, float uniform, int64_t y, float tcls, float cap, bool stream) {
-    const __m512 vlse = _mm512_set1_ps(lse), vp = _mm512_set1_ps(coef_p), vc = _mm512_set1_ps(coef_c);
-    const __m512 vu = _mm512_set1_ps(uniform), vt = _mm512_set1_ps(tcls);
-    const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(CAP ? 1.0f / cap : 0.0f);
+  static inline void grad(const T* z, T* out, const float* c, int64_t k0, int64_t k1, const RowGrad<float>& row) {
+    const Row16 r(row);
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t j = k0; j < k1; j += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(z + j) + 2048, _MM_HINT_T0);
       const __mmask16 k = first_lanes(k1 - j);
       __m512 v = Lanes<T>::load(z + j, k, zero), t = zero;
       if (CAP) {
-        t = tanh16(_mm512_mul_ps(v, vinv));
-        v = _mm512_mul_ps(vcap, t);
+        t = tanh16(_mm512_mul_ps(v, r.inv));
+        v = _mm512_mul_ps(r.cap, t);
       }
-      const __m512 p = exp16<sizeof(T) == 4 ? 6 : 4>(_mm512_sub_ps(v, vlse));
-      put<CAP, COEF>(out + j, k, vp, p, COEF ? c + j : c, vc, vu, y - j, vt, t, stream);
+      const __m512 p = exp16<sizeof(T) == 4 ? 6 : 4>(_mm512_sub_ps(v, r.lse));
+      put<CAP, COEF>(out, c, j, k, p, t, r);
     }
-    if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: visible before the kernel returns
+    if (r.stream) _mm_sfence();  // non-temporal stores are weakly ordered: visible before the kernel returns
   }
 
   // The fused forward's gradient of n elements from the kept e = exp(v − bmax)
-  // (cp = coef_p·exp(bmax − lse)) and, with softcap, the kept v.
+  // (row.coef_p = coef_p·exp(bmax − lse), row.y relative to e) and, with
+  // softcap, the kept v.
   template <bool CAP, bool COEF>
-  static inline void kept_grad(const float* e, const float* v, const float* c, T* out, int64_t n, float cp,
-                               float coef_c, float uniform, int64_t y, float tcls, float inv_cap, bool stream) {
-    const __m512 vp = _mm512_set1_ps(cp), vc = _mm512_set1_ps(coef_c), vu = _mm512_set1_ps(uniform);
-    const __m512 vt = _mm512_set1_ps(tcls), vinv = _mm512_set1_ps(inv_cap), zero = _mm512_setzero_ps();
+  static inline void kept_grad(const float* e, const float* v, const float* c, T* out, int64_t n,
+                               const RowGrad<float>& row) {
+    const Row16 r(row);
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 k = first_lanes(n - j);
-      const __m512 t = CAP ? _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vinv) : zero;
-      put<CAP, COEF>(out + j, k, vp, _mm512_maskz_loadu_ps(k, e + j), COEF ? c + j : c, vc, vu, y - j, vt, t, stream);
+      const __m512 t = CAP ? _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), r.inv) : zero;
+      put<CAP, COEF>(out, c, j, k, _mm512_maskz_loadu_ps(k, e + j), t, r);
     }
-    if (stream) _mm_sfence();
+    if (r.stream) _mm_sfence();
   }
 };
 template <> struct Wide<double> {

@@ -7,7 +7,7 @@
 // instantiated under a wider target could be folded by the linker into the
 // generic build and crash an older CPU.
 //
-// Data flow per row i (design.md §2):
+// Data flow per row i (docs/design.md §2):
 //   forward : one read of z[i, :]       -> loss[i], lse[i]      (acc)
 //   backward: one read of z[i, :], one write of grad[i, :]      (logits' dtype)
 // with the row split across threads into vocabulary blocks when N is small.
@@ -116,6 +116,21 @@ static inline A capped(A v, A cap, A inv_cap) {
 // A gradient at least this large is written with non-temporal stores where
 // the build has them (it cannot stay in the caches anyway).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// What the backward loops need of one row (row_grad fills it): over a range
+// of its columns,
+//   grad[k] = (coef_p · p_k − (coef_c · c_k or uniform) − [k = y] · tcls) · dcap_k
+// with p_k = exp(zc_k − lse) and, with softcap, dcap_k = 1 − (zc_k / cap)².
+// The true-class term `tcls` is subtracted in acc before the one store: p_y − 1
+// must not be rounded to bf16 first (Liger-Kernel issue 1329). The fused
+// forward's loops take a copy per block, with coef_p and y relative to it.
+template <typename A> struct RowGrad {
+  A lse, coef_p, coef_c, uniform, tcls;
+  A cap, inv_cap;  // softcap and 1 / softcap (0 without)
+  int64_t y;       // the true class, relative to the range at hand; -1: none in it
+  bool zeros;      // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
+  bool stream;     // a gradient of at least kStreamBytes: non-temporal stores where the build has them
+};
 
 // Wide<T>: the hand-vectorised loops of the AVX-512 build (lsce_avx512.h),
 // used for fp32/bf16/fp16 where `on`; elsewhere the plain loops below.
@@ -255,7 +270,12 @@ static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64
   return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c), keep);
 }
 
-// Turns a row's statistics into its loss and lse (design.md §1).
+// Whether a target y (not ignore_index) is one of these columns. One outside
+// [0, K) is a true class in another slice of the vocabulary (lsce.distributed):
+// its row gets no true-class term, and neither w_y nor z[y] is read.
+static inline bool owns_target(const Args& a, int64_t y) { return y >= 0 && y < a.K; }
+
+// Turns a row's statistics into its loss and lse (docs/design.md §1).
 template <typename T, bool CAP, bool COEF>
 static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T>::acc>& p) {
   using A = typename Io<T>::acc;
@@ -264,13 +284,16 @@ static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T
   A loss = A(0);
   const int64_t y = a.target[i];
   if (y != a.ignore_index) {
-    const A cap = A(a.softcap), eps = A(a.eps);
-    const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
-    const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
-    const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
-    loss = (A(1) - eps) * wy * (lse - zy);
+    const A eps = A(a.eps);
+    if (owns_target(a, y)) {
+      const A cap = A(a.softcap);
+      const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
+      const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
+      const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+      loss = (A(1) - eps) * wy * (lse - zy);
+    }
     if (a.eps > 0) {
-      const A dot = COEF ? p.dot : p.dot / A(a.K);
+      const A dot = COEF ? p.dot : p.dot / A(a.uniform_over);
       loss += eps * (A(a.C) * lse - dot);
     }
     if (a.z_loss > 0) loss += A(a.z_loss) * lse * lse;
@@ -356,35 +379,31 @@ static void forward_impl(const Args& a) {
 }
 
 // ---------------------------------------------------------------------------
-// Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k) · dcap_k, then the
-// true-class term −g_i · (1 − ε) · w_y at k = y (see lsce/reference.py).
+// Backward: grad[i, k] = (A_i · p_k − g_i · ε · c_k − [k = y] · g_i · (1 − ε) · w_y) · dcap_k
+// (lsce/interface.py), as RowGrad holds it.
 
-// A row's coefficients of that formula. The true-class term `tcls` is
-// subtracted in acc before the one store: p_y − 1 must not be rounded to bf16
-// first (Liger-Kernel issue 1329).
-template <typename A> struct RowGrad {
-  A lse, coef_p, coef_c, uniform, tcls;
-  int64_t y;   // the true class, or -1 for an ignored row
-  bool zeros;  // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
-};
-
-template <typename A>
-static inline RowGrad<A> row_grad(const Args& a, int64_t i) {
+template <typename T>
+static inline RowGrad<typename Io<T>::acc> row_grad(const Args& a, int64_t i) {
+  using A = typename Io<T>::acc;
   const A eps = A(a.eps);
   const int64_t y = a.target[i];
-  const bool valid = y != a.ignore_index;
+  const bool valid = y != a.ignore_index, own = valid && owns_target(a, y);
   RowGrad<A> r;
   r.lse = static_cast<const A*>(a.lse)[i];
   const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
   const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
-  const A wy = valid && a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
+  // w_y·[own]: 0 leaves out the true-class term of a row whose class is not in these columns.
+  const A wy = !own ? A(0) : a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
   r.coef_p = h;  // coefficient of p_k
   if (valid) r.coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * r.lse);
-  r.coef_c = g * eps;            // times c_k (COEF)
-  r.uniform = g * eps / A(a.K);  // otherwise
+  r.coef_c = g * eps;                       // times c_k (COEF)
+  r.uniform = g * eps / A(a.uniform_over);  // otherwise
   r.tcls = g * (A(1) - eps) * wy;
-  r.y = valid ? y : -1;
+  r.y = own ? y : -1;
   r.zeros = r.coef_p == A(0) && g == A(0) && r.lse - r.lse == A(0);
+  r.cap = A(a.softcap);
+  r.inv_cap = a.softcap != 0.0 ? A(1) / r.cap : A(0);
+  r.stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
   return r;
 }
 
@@ -396,20 +415,19 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
   const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
   T* out = static_cast<T*>(a.grad) + i * a.K;
   const A* c = static_cast<const A*>(a.c);
-  const A cap = A(a.softcap), inv_cap = CAP ? A(1) / cap : A(0);
-  const RowGrad<A> r = row_grad<A>(a, i);
+  RowGrad<A> r = row_grad<T>(a, i);
   if (r.zeros) {
     const T zero = Io<T>::store(A(0));
     for (int64_t k = k0; k < k1; ++k) out[k] = zero;
     return;
   }
-  const bool has_y = r.y >= k0 && r.y < k1;
+  if (r.y < k0 || r.y >= k1) r.y = -1;  // the true class of this range only
   if constexpr (Wide<T>::on) {
-    const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
-    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, r.lse, r.coef_p, r.coef_c, r.uniform, has_y ? r.y : -1,
-                                      r.tcls, cap, stream);
+    Wide<T>::template grad<CAP, COEF>(z, out, c, k0, k1, r);
     return;
   }
+  const A cap = r.cap, inv_cap = r.inv_cap;
+  const bool has_y = r.y >= 0;
   const A vy = has_y ? capped<CAP>(Io<T>::load(z[r.y]), cap, inv_cap) : A(0);
   // In steps of 256, each after prefetching z 2 KiB ahead (as Wide<T>::grad).
   for (int64_t j0 = k0; j0 < k1; j0 += 256) {
@@ -440,25 +458,27 @@ static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::a
   using A = typename Io<T>::acc;
   T* out = static_cast<T*>(a.grad) + i * a.K;
   const A* c = static_cast<const A*>(a.c);
-  const A inv_cap = CAP ? A(1) / A(a.softcap) : A(0);
-  const RowGrad<A> r = row_grad<A>(a, i);
+  const RowGrad<A> r = row_grad<T>(a, i);
   if (r.zeros) {
     const T zero = Io<T>::store(A(0));
     for (int64_t k = 0; k < a.K; ++k) out[k] = zero;
     return;
   }
-  const bool stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
+  const A inv_cap = r.inv_cap;
   for (int64_t b = 0; b < a.K; b += kBlock) {
     const int64_t n = (a.K - b < kBlock) ? a.K - b : kBlock;
-    const A cp = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    RowGrad<A> rb = r;  // this block's: p_k = e[k] · exp(bmax − lse), y relative to b
+    rb.coef_p = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    rb.y = r.y >= b && r.y < b + n ? r.y - b : -1;
     const A* e = keep.e + b;
     const A* v = CAP ? keep.v + b : nullptr;
     const A* cb = COEF ? c + b : nullptr;
-    const int64_t yb = r.y >= b && r.y < b + n ? r.y - b : -1;
     if constexpr (Wide<T>::on) {
-      Wide<T>::template kept_grad<CAP, COEF>(e, v, cb, out + b, n, cp, r.coef_c, r.uniform, yb, r.tcls, inv_cap, stream);
+      Wide<T>::template kept_grad<CAP, COEF>(e, v, cb, out + b, n, rb);
       continue;
     }
+    const A cp = rb.coef_p;
+    const int64_t yb = rb.y;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A d = cp * e[j] - (COEF ? r.coef_c * cb[j] : r.uniform);
@@ -468,7 +488,7 @@ static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::a
     if (yb >= 0) {
       A d = cp * e[yb] - (COEF ? r.coef_c * cb[yb] : r.uniform) - r.tcls;
       if (CAP) d *= A(1) - (v[yb] * inv_cap) * (v[yb] * inv_cap);
-      out[r.y] = Io<T>::store(d);
+      out[b + yb] = Io<T>::store(d);
     }
   }
 }

@@ -6,6 +6,7 @@ import torch
 
 import lsce
 from lsce import _C
+from lsce.interface import coefficients
 from _util import assert_close_to_truth, loss_and_grad, make_options, make_problem, truth
 
 ISAS = [isa for isa in ("generic", "avx2", "avx512") if _C.set_isa(isa)]
@@ -50,9 +51,11 @@ def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None,
     loss, lse = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
     up = torch.ones(N, dtype=acc) if grad_loss is None else grad_loss.to(acc)
     grad = torch.empty_like(z) if grad is None else grad
+    coef = coefficients(K, weight, None, 0.1, acc, z.device)
     common = dict(dtype=_CODE[z.dtype], logits=z.data_ptr(), N=N, K=K, row_stride=z.stride(0),
                   target=target.data_ptr(), ignore_index=-100, weight=0 if weight is None else weight.data_ptr(),
-                  prior=0, eps=0.1, z_loss=1e-3, softcap=softcap, nthreads=torch.get_num_threads())
+                  c=0 if coef.c is None else coef.c.data_ptr(), C=float(coef.C), uniform_over=coef.uniform_over,
+                  eps=0.1, z_loss=1e-3, softcap=softcap, nthreads=torch.get_num_threads())
     if fused:
         _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr(), grad=grad.data_ptr(),
                    grad_loss=up.data_ptr(), grad_loss_stride=1)

@@ -333,7 +333,7 @@ def test_kernels_release_the_gil():
     loss = torch.empty(2048)
     lse = torch.empty(2048)
     args = dict(dtype=0, logits=x.data_ptr(), N=2048, K=32000, row_stride=32000, target=t.data_ptr(),
-                ignore_index=-100, weight=0, prior=0, eps=0.1, z_loss=0.0, softcap=0.0,
+                ignore_index=-100, weight=0, c=0, C=1.0, uniform_over=32000, eps=0.1, z_loss=0.0, softcap=0.0,
                 loss=loss.data_ptr(), lse=lse.data_ptr(), nthreads=1)
     _C.forward(**args)  # warm
 

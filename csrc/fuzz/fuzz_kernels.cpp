@@ -11,18 +11,28 @@
 // Each case draws sizes (N 0..64, K 1..70000, weighted towards the block and
 // vector widths and the split-row threshold), a row stride (padding after each
 // row filled with NaN canaries), options, one of the four dtypes, one of the
-// instruction sets this CPU has and two thread counts in 1..4. Every buffer is
-// allocated to its exact size so that ASan sees any read or write past it.
-// Checked per row, against a float64 evaluation of lsce/reference.py's formulas:
+// instruction sets this CPU has and two thread counts in 1..4. A quarter of the
+// cases are vocabulary slices (lsce.distributed): the rows are K columns of
+// uniform_over > K classes, the coefficients c (or the uniform 1/uniform_over)
+// those of the slice, C = Σ c (K/uniform_over), and some targets lie outside
+// [0, K) without being ignore_index (from K to far past it, negative, INT64
+// extremes): such a row has no true-class term and must not read w_y or z[y].
+// The class coefficients are made as lsce.interface.coefficients makes them:
+// c = π·w in the accumulation precision, C their fp64 sum rounded to it.
+// Every buffer is allocated to its exact size so that ASan sees any read or
+// write past it. Checked per row, against a float64 evaluation of the formulas
+// of lsce/interface.py ([own] = the target lies in [0, K)):
 //   - rows whose (capped) logits are all finite: lse, loss and gradient finite
 //     and within a floating-point error bound of the fp64 values, and, without
 //     softcap, Σ_k grad_k = h + 2λ·g·lse (valid rows) or h (ignored rows), since
-//     Σ_k [A·p_k − g·ε·c_k − g·(1−ε)·w_y·[k=y]] = A − g·(ε·C + (1−ε)·w_y);
-//   - rows with −inf logits but a finite target logit: finite gradient, loss
-//     finite / inf / NaN exactly where the fp64 formula gives it;
-//   - rows with a NaN (or, without softcap, a +inf) logit: lse is NaN (as
-//     torch.logsumexp / log_softmax give) and, if the row is not ignored, so is
-//     the loss;
+//     Σ_k [A·p_k − g·ε·c_k − g·(1−ε)·w_y·[own]·[k=y]] = A − g·(ε·C + (1−ε)·w_y·[own]);
+//   - rows with −inf logits but a finite target logit (or, for a target
+//     outside the slice, a finite first logit): finite gradient, loss finite /
+//     inf / NaN exactly where the fp64 formula gives it;
+//   - rows with a NaN (or, without softcap, a +inf) logit, or only -inf ones:
+//     lse is NaN (-inf), as torch.logsumexp / log_softmax give, and the loss of
+//     a row that is not ignored is NaN wherever a term of it is present (a row
+//     outside the slice without smoothing or z-loss has loss 0);
 //   - every output element written (outputs are pre-filled with a NaN
 //     payload the kernels never produce), the padding never read;
 //   - outputs bitwise identical for the two thread counts.
@@ -177,6 +187,7 @@ const int64_t kEdgeN[] = {0, 1, 2, 3, 4, 7, 8, 31, 32, 33, 63, 64};
 struct Case {
   int dtype, isa_index, threads_a, threads_b;
   int64_t N, K, row_stride, ignore_index, grad_loss_stride, grad_lse_stride;
+  int64_t uniform_over;  // > K: a vocabulary slice, with targets outside [0, K)
   bool has_weight, has_prior, has_grad_lse;
   double eps, z_loss, softcap;
   int fill;  // how the logits are drawn
@@ -216,17 +227,19 @@ Case draw_case(Rng& r, const std::vector<int>& isas, int64_t max_elems) {
   c.has_grad_lse = r.chance(0.3);
   c.grad_lse_stride = r.pick(strides);
   c.fill = int(r.range(0, 6));
+  c.uniform_over = r.chance(0.25) ? c.K + r.range(1, 3 * c.K) : c.K;
   return c;
 }
 
 void describe(const Case& c, uint64_t seed, int64_t index) {
   std::fprintf(stderr,
                "case: --seed %llu --case %lld: dtype=%s isa=%s threads=%d/%d N=%lld K=%lld "
-               "row_stride=%lld ignore_index=%lld weight=%d prior=%d eps=%.17g z_loss=%g "
+               "row_stride=%lld ignore_index=%lld uniform_over=%lld weight=%d prior=%d eps=%.17g z_loss=%g "
                "softcap=%g grad_loss_stride=%lld grad_lse=%d stride %lld fill=%s\n",
                (unsigned long long)seed, (long long)index, kDtypeNames[c.dtype], kIsaNames[c.isa_index],
                c.threads_a, c.threads_b, (long long)c.N, (long long)c.K, (long long)c.row_stride,
-               (long long)c.ignore_index, int(c.has_weight), int(c.has_prior), c.eps, c.z_loss, c.softcap,
+               (long long)c.ignore_index, (long long)c.uniform_over, int(c.has_weight), int(c.has_prior), c.eps,
+               c.z_loss, c.softcap,
                (long long)c.grad_loss_stride, int(c.has_grad_lse), (long long)c.grad_lse_stride,
                kFillNames[c.fill]);
 }
@@ -266,6 +279,7 @@ bool run_kernels(const Case& cs, const Inputs& in, int threads, Outputs& out) {
   a.weight = in.weight ? in.weight->p : nullptr;
   a.c = in.c ? in.c->p : nullptr;
   a.C = in.C;
+  a.uniform_over = cs.uniform_over;
   a.eps = cs.eps;
   a.z_loss = cs.z_loss;
   a.softcap = cs.softcap;
@@ -323,8 +337,14 @@ bool run_case(const Case& cs, uint64_t case_seed) {
 
   Block target(size_t(N) * 8);
   int64_t* y = static_cast<int64_t*>(target.p);
+  const bool slice = cs.uniform_over != K;
   for (int64_t i = 0; i < N; ++i) {
     y[i] = r.range(0, K - 1);
+    if (slice && r.chance(0.4)) {  // the true class in another slice (ignore_index may come up: ignored)
+      const int64_t outside[] = {K, K + 1, r.range(K, cs.uniform_over - 1), -2, -r.range(2, 1000),
+                                 INT64_MIN, INT64_MAX};
+      y[i] = r.pick(outside);
+    }
     if (r.chance(0.15)) y[i] = cs.ignore_index;
   }
   const double inf = HUGE_VAL, nan = std::nan("");
@@ -367,11 +387,13 @@ bool run_case(const Case& cs, uint64_t case_seed) {
     }
   }
 
-  // Class weight and coefficients c = prior * w (null c: uniform 1/K, as the binding).
-  std::vector<double> w(size_t(K), 1.0), cc(size_t(K), 1.0 / double(K));
+  // Class weight and coefficients c = prior * w of the slice's classes, or
+  // null c: uniform over uniform_over classes, C = K / uniform_over.
+  const double V = double(cs.uniform_over);
+  std::vector<double> w(size_t(K), 1.0), cc(size_t(K), 1.0 / V);
   Block* weight = nullptr;
   Block* coef = nullptr;
-  double C = 1.0;
+  double C = double(K) / V;
   if (cs.has_weight) {
     weight = new Block(size_t(K) * acc);
     for (int64_t k = 0; k < K; ++k) {
@@ -381,16 +403,16 @@ bool run_case(const Case& cs, uint64_t case_seed) {
     }
   }
   if ((cs.has_weight || cs.has_prior) && cs.eps > 0) {
-    std::vector<double> prior(size_t(K), 1.0 / double(K));
+    std::vector<double> prior(size_t(K), 1.0 / V);  // the slice's part of a prior over V classes
     if (cs.has_prior) {
       double s = 0;
       for (int64_t k = 0; k < K; ++k) s += (prior[size_t(k)] = r.chance(0.05) ? 0.0 : r.uniform());
-      for (int64_t k = 0; k < K; ++k) prior[size_t(k)] = s > 0 ? prior[size_t(k)] / s : 1.0 / double(K);
+      for (int64_t k = 0; k < K; ++k) prior[size_t(k)] = s > 0 ? prior[size_t(k)] / s * (double(K) / V) : 1.0 / V;
     }
     coef = new Block(size_t(K) * acc);
     C = 0;
     for (int64_t k = 0; k < K; ++k) {
-      // As the binding: in acc precision, prior_k * w_k.
+      // As lsce.interface.coefficients: in acc precision, prior_k * w_k.
       double v;
       if (dbl) {
         v = prior[size_t(k)] * w[size_t(k)];
@@ -401,6 +423,7 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       cc[size_t(k)] = v;
       C += v;
     }
+    if (!dbl) C = double(float(C));  // the fp64 sum, rounded once to acc
   }
 
   // Upstream gradients: exact (N - 1) * stride + 1 elements (1 for stride 0).
@@ -456,18 +479,24 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       break;
     }
     const bool valid = y[i] != cs.ignore_index;
+    const bool own = valid && y[i] >= 0 && y[i] < K;  // the row's true class is one of these columns
     if (any_nan || any_pinf) {
+      // Every term present (true class, smoothing, z-loss) is NaN with the lse.
+      const bool nan_loss = valid && (own || cs.eps > 0 || cs.z_loss > 0);
       if (!(lse != lse)) fail("row %lld holds %s: lse is %.9g, not NaN", (long long)i, any_nan ? "NaN" : "+inf", lse);
-      if (valid && !(loss != loss)) fail("row %lld holds NaN/+inf: loss is %.9g, not NaN", (long long)i, loss);
-      if (!valid && loss != 0) fail("ignored row %lld: loss %.9g", (long long)i, loss);
+      if (nan_loss && !(loss != loss)) fail("row %lld holds NaN/+inf: loss is %.9g, not NaN", (long long)i, loss);
+      if (!nan_loss && loss != 0) fail("row %lld (ignored, or no loss term): loss %.9g", (long long)i, loss);
       for (int64_t k = 0; k < K && !fail.failed; ++k)
         if (has_payload(o1.grad.data(), i * K + k, dt, kUnwritten))
           fail("grad[%lld, %lld] not written", (long long)i, (long long)k);
       continue;
     }
-    if (m == -inf) {  // every logit -inf: lse -inf, loss NaN (0·inf), as PyTorch
+    if (m == -inf) {  // every logit -inf: lse -inf
       if (lse != -inf) fail("row %lld is all -inf: lse %.9g, not -inf", (long long)i, lse);
-      if (valid && !(loss != loss)) fail("row %lld is all -inf: loss %.9g, not NaN", (long long)i, loss);
+      // The true-class and smoothing terms are NaN (0·inf, -inf + inf), as PyTorch; z-loss alone +inf.
+      const double expect = !valid ? 0.0 : own || cs.eps > 0 ? nan : cs.z_loss > 0 ? inf : 0.0;
+      if (expect == expect ? loss != expect : loss == loss)
+        fail("row %lld is all -inf: loss %.9g, not %.9g", (long long)i, loss, expect);
       continue;
     }
     // fp64 evaluation (lsce/reference.py), IEEE semantics for the -inf logits.
@@ -478,12 +507,14 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       absdot_l += std::fabs((long double)cc[size_t(k)] * zc[size_t(k)]);
     }
     const double rlse = double(m + std::log(s)), dot = double(dot_l), absdot = double(absdot_l);
-    const int64_t yi = valid ? y[i] : 0;
-    const double wy = valid ? w[size_t(yi)] : 0.0;
+    const int64_t yi = own ? y[i] : 0;
+    const double wy = own ? w[size_t(yi)] : 0.0;  // w_y·[own]
     double rloss = 0, lmag = 0;
     if (valid) {
-      rloss = (1 - cs.eps) * wy * (rlse - zc[size_t(yi)]);
-      lmag = (1 - cs.eps) * wy * (std::fabs(rlse) + std::fabs(zc[size_t(yi)]));
+      if (own) {
+        rloss = (1 - cs.eps) * wy * (rlse - zc[size_t(yi)]);
+        lmag = (1 - cs.eps) * wy * (std::fabs(rlse) + std::fabs(zc[size_t(yi)]));
+      }
       if (cs.eps > 0) {
         rloss += cs.eps * (C * rlse - dot);
         lmag += cs.eps * (std::fabs(C * rlse) + absdot);
@@ -505,7 +536,7 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       fail("row %lld: loss %.17g, fp64 %.17g", (long long)i, loss, rloss);
     }
     if (fail.failed) break;
-    // Gradient: A·p_k − g·ε·c_k − [k = y]·g·(1 − ε)·w_y, times (1 − (zc/cap)²).
+    // Gradient: A·p_k − g·ε·c_k − [own]·[k = y]·g·(1 − ε)·w_y, times (1 − (zc/cap)²).
     const double gi = valid ? g[size_t(i)] : 0.0, hi = h[size_t(i)];
     const double A = hi + gi * ((1 - cs.eps) * wy + cs.eps * C + 2 * cs.z_loss * rlse);
     long double sum = 0;  // the check's own sum must not add error
@@ -516,7 +547,7 @@ bool run_case(const Case& cs, uint64_t case_seed) {
         break;
       }
       const double p = std::exp(zc[size_t(k)] - rlse);
-      const double cterm = gi * cs.eps * cc[size_t(k)], yterm = k == yi && valid ? gi * (1 - cs.eps) * wy : 0.0;
+      const double cterm = gi * cs.eps * cc[size_t(k)], yterm = k == yi && own ? gi * (1 - cs.eps) * wy : 0.0;
       double ref = A * p - cterm - yterm;
       double dcap = 1.0;
       if (cs.softcap > 0) {
@@ -533,7 +564,7 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       sum += got;
     }
     if (!fail.failed && cs.softcap == 0) {
-      // Σ_k grad_k = A − g·(ε·C + (1 − ε)·w_y) = h + 2λ·g·lse (valid), h (ignored).
+      // Σ_k grad_k = A − g·(ε·C + (1 − ε)·w_y·[own]) = h + 2λ·g·lse (valid), h (ignored).
       const double expect = hi + (valid ? 2 * cs.z_loss * gi * rlse : 0.0);
       const double tol = scale * (out_ulp + 64 * u * M + sum_err) + double(K) * (out_tiny + (dbl ? 0.0 : std::fabs(A) * 0x1p-125));
       if (std::fabs(double(sum) - expect) > tol)
@@ -585,7 +616,7 @@ int main(int argc, char** argv) {
   std::printf("\n");
 
   const auto t0 = std::chrono::steady_clock::now();
-  int64_t done = 0, elems = 0, per_isa[3] = {0, 0, 0}, per_dtype[4] = {0, 0, 0, 0}, split = 0, empty = 0;
+  int64_t done = 0, elems = 0, per_isa[3] = {0, 0, 0}, per_dtype[4] = {0, 0, 0, 0}, split = 0, empty = 0, slices = 0;
   for (int64_t index = (only >= 0 ? only : 0); index < (only >= 0 ? only + 1 : iters); ++index) {
     if (only < 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > seconds) break;
     // Each case has its own generator: `--case I` replays case I of a run.
@@ -603,13 +634,14 @@ int main(int argc, char** argv) {
     ++per_dtype[cs.dtype];
     split += cs.N > 0 && cs.N < 64 && cs.K >= 2 * 8192;
     empty += cs.N == 0;
+    slices += cs.uniform_over != cs.K;
   }
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("fuzz_kernels: cases per isa: generic %lld, avx2 %lld, avx512 %lld; per dtype: f32 %lld, f64 %lld, "
-              "bf16 %lld, f16 %lld; split rows %lld; N = 0: %lld\n",
+              "bf16 %lld, f16 %lld; split rows %lld; N = 0: %lld; vocabulary slices %lld\n",
               (long long)per_isa[0], (long long)per_isa[1], (long long)per_isa[2], (long long)per_dtype[0],
               (long long)per_dtype[1], (long long)per_dtype[2], (long long)per_dtype[3], (long long)split,
-              (long long)empty);
+              (long long)empty, (long long)slices);
   std::printf("fuzz_kernels: %lld cases, %lld logits, %.1f s, no failure\n", (long long)done, (long long)elems, dt);
   return 0;
 }
