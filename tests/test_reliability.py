@@ -31,7 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import lsce  # noqa: E402
 from lsce import _C, reference  # noqa: E402
-from _util import assert_close_to_truth, assert_like_torch, fp64, loss_and_grad, make_problem  # noqa: E402
+from _util import (  # noqa: E402
+    assert_close_to_truth, assert_like_torch, fp64, loss_and_grad, loss_lse_and_grad, make_problem,
+)
 
 try:
     import triton  # noqa: F401
@@ -260,11 +262,9 @@ def _problems():
 
 
 def _compute(x, t, kw, reduction):
-    xx = x.clone().requires_grad_(True)
-    loss, lse = lsce.cross_entropy(xx, t, reduction=reduction, return_lse=True, **kw)
-    up = torch.linspace(-1, 1, loss.numel()).reshape(loss.shape).to(loss.dtype) if reduction == "none" else 1.0
-    (loss * up).sum().backward()
-    return loss.detach(), lse.detach(), xx.grad
+    """(loss, lse, gradient) of one call; the upstream of reduction='none' is a ramp."""
+    up = torch.linspace(-1, 1, t.numel()).reshape(t.shape).to(x.dtype) if reduction == "none" else None
+    return loss_lse_and_grad(lsce.cross_entropy, x, t, up, reduction=reduction, return_lse=True, **kw)
 
 
 def _bits(u):
