@@ -17,7 +17,7 @@ written out below in plain fp64 PyTorch.
 Interpreted Triton is slow: its shapes stay small.
 """
 
-import importlib
+import importlib.util
 import math
 import os
 from typing import NamedTuple
