@@ -11,15 +11,13 @@ import torch.nn.functional as F
 import lsce
 from lsce import cache
 
-from _util import make_problem
+from _util import loss_and_grad, make_problem
 
 SHAPE = (64, 8192)  # 2 MiB in fp32: above the size the cache starts at
 
 
 def _grad(logits, target, **kw):
-    x = logits.detach().requires_grad_()
-    (g,) = torch.autograd.grad(lsce.cross_entropy(x, target, label_smoothing=0.1, **kw), x)
-    return g
+    return loss_and_grad(lsce.cross_entropy, logits, target, label_smoothing=0.1, **kw)[1]
 
 
 @pytest.fixture(autouse=True)
@@ -42,10 +40,7 @@ def _poison_reused_memory(nbytes):
 
 
 def _reference_grad(logits, target, upstream=None, **kw):
-    x = logits.detach().double().requires_grad_()
-    loss = F.cross_entropy(x, target, label_smoothing=0.1, **kw)
-    (g,) = torch.autograd.grad(loss, x, upstream)
-    return g
+    return loss_and_grad(F.cross_entropy, logits.double(), target, upstream, label_smoothing=0.1, **kw)[1]
 
 
 def test_gradient_in_use_is_not_handed_out_again():

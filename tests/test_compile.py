@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lsce
-from _util import make_options, make_problem
+from _util import assert_compiled_matches_eager, make_options, make_problem
 
 OPTION_SETS = [(), ("weight",), ("z_loss", "softcap"), ("weight", "z_loss", "softcap", "prior")]
 
@@ -41,14 +41,7 @@ def test_compile_fullgraph_matches_eager(reduction, options):
         return loss.sum() * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
-    results = []
-    for fn in (step, compiled):
-        x = logits.clone().requires_grad_(True)
-        out = fn(x, target)
-        out.backward()
-        results.append((out.detach(), x.grad))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    torch.testing.assert_close(results[0][1], results[1][1])
+    assert_compiled_matches_eager(step, compiled, (logits, target), leaves=(0,))
 
 
 def test_compile_no_graph_break_with_module():
@@ -99,12 +92,5 @@ def test_compile_dynamic_shapes(entry, options):
         x, t = make_problem((n, K), torch.float32, ignore_frac=0.3, seed=n)
         if entry == "linear_cross_entropy":
             x = x[:, :H].contiguous()
-        results = []
-        for fn in (step, compiled):
-            xs, W = x.clone().requires_grad_(True), head.clone().requires_grad_(True)
-            out = fn(xs, t, W)
-            out.backward()
-            results.append((out.detach(), xs.grad, W.grad))
-        for eager, comp in zip(*results):
-            if eager is not None:  # W.grad of cross_entropy, which does not use W
-                torch.testing.assert_close(comp, eager)
+        # (No W.grad for cross_entropy, which does not use W.)
+        assert_compiled_matches_eager(step, compiled, (x, t, head), leaves=(0, 2))

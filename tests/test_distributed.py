@@ -26,7 +26,9 @@ import torch
 import lsce
 from lsce import reference
 
-from _util import assert_close_to_truth, make_options, make_problem
+from _util import (
+    assert_close_to_lsce, fp64, linear_loss_and_grads, loss_lse_and_grad, make_options, make_problem,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmarks/measure.py
 from measure import free_port  # noqa: E402
@@ -141,19 +143,6 @@ def _problem(world, spec):
     return logits, target, kwargs, upstream, up_lse, starts
 
 
-def _loss_and_grad(fn, logits, target, upstream, up_lse, **kwargs):
-    """fn's loss (and lse) and the gradient of Σ upstream·loss (+ Σ up_lse·lse)."""
-    x = logits.detach().clone().requires_grad_(True)
-    out = fn(x, target, return_lse=up_lse is not None, **kwargs)
-    loss, lse = out if up_lse is not None else (out, None)
-    objective = (loss.double() * upstream).sum()
-    if lse is not None:
-        objective = objective + (lse.double() * up_lse).sum()
-    (grad,) = torch.autograd.grad(objective, x, allow_unused=True)
-    grad = torch.zeros_like(x) if grad is None else grad
-    return loss.detach(), None if lse is None else lse.detach(), grad
-
-
 HIDDEN = 8
 
 
@@ -182,14 +171,6 @@ def _linear_problem(world, spec):
     kwargs.update(label_smoothing=spec["eps"], reduction=spec["reduction"], chunk_size=7)
     upstream = torch.rand(() if spec["reduction"] != "none" else (ROWS,), generator=g, dtype=torch.float64) + 0.5
     return x, W, b, target, kwargs, upstream
-
-
-def _linear_loss_and_grads(fn, x, W, b, target, upstream, **kwargs):
-    """fn's loss and the gradients of Σ upstream·loss for (x, W, b)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W) + ((b,) if b is not None else ())]
-    loss = fn(*leaves[:2], target, **({"linear_bias": leaves[2]} if b is not None else {}), **kwargs)
-    grads = torch.autograd.grad((loss.double() * upstream).sum(), leaves)
-    return (loss.detach(),) + tuple(grads) + ((None,) if b is None else ())
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +238,7 @@ def _worker(rank, world, port, out_dir):
         if spec.get("backend"):
             kwargs["backend"] = spec["backend"]
         try:
-            loss, lse, grad = _loss_and_grad(vocab_parallel_cross_entropy, mine, target, upstream, up_lse, **kwargs)
+            loss, lse, grad = loss_lse_and_grad(vocab_parallel_cross_entropy, mine, target, upstream, up_lse, **kwargs)
             results["cases"][name] = dict(loss=loss, lse=lse, grad=grad, unchanged=torch.equal(before, mine))
         except Exception as e:  # reported by the parent with the case's name
             results["cases"][name] = dict(error=f"{type(e).__name__}: {e}")
@@ -275,7 +256,8 @@ def _worker(rank, world, port, out_dir):
         if "reduce_input_grad" in spec:
             kwargs["reduce_input_grad"] = spec["reduce_input_grad"]
         try:
-            loss, gx, gW, gb = _linear_loss_and_grads(linear_on_slice, x, W, b, target, upstream, **kwargs)
+            loss, grads = linear_loss_and_grads(linear_on_slice, x, W, b, target, upstream, **kwargs)
+            gx, gW, gb = (*grads, None)[:3]
             results["cases"][name] = dict(loss=loss, grad_input=gx, grad_weight=gW, grad_bias=gb)
         except Exception as e:
             results["cases"][name] = dict(error=f"{type(e).__name__}: {e}")
@@ -287,7 +269,7 @@ def _worker(rank, world, port, out_dir):
         for name, spec in _subgroup_cases(rank // 2):
             logits, target, kwargs, upstream, up_lse, starts = _problem(2, spec)
             cols = slice(starts[group_rank], starts[group_rank] + WIDTHS[2][group_rank])
-            loss, lse, grad = _loss_and_grad(vpce, logits[:, cols], target, upstream, up_lse, group=group, **kwargs)
+            loss, lse, grad = loss_lse_and_grad(vpce, logits[:, cols], target, upstream, up_lse, group=group, **kwargs)
             results["cases"][name] = dict(loss=loss, lse=lse, grad=grad)
     for name, _, _, call in _error_calls(world, rank):
         try:
@@ -343,13 +325,6 @@ def run(request, tmp_path_factory):
 # ---------------------------------------------------------------------------
 # The comparisons, in the parent.
 
-def _assert_close(actual, expected, dtype, what):
-    if dtype in (torch.bfloat16, torch.float16):  # lsce vs lsce: both accumulate in fp32
-        assert_close_to_truth(actual, expected, dtype, what=what, rtol=2.0**-7, atol_frac=2.0**-8)
-    else:
-        assert_close_to_truth(actual, expected, dtype, what=what)
-
-
 def test_every_option_matches_single_process(run):
     world, results = run
     widths = WIDTHS[world]
@@ -357,11 +332,10 @@ def test_every_option_matches_single_process(run):
     for name, spec in _cases(world):
         logits, target, kwargs, upstream, up_lse, starts = _problem(world, spec)
         dtype = logits.dtype
-        loss, lse, grad = _loss_and_grad(lsce.cross_entropy, logits.movedim(-1, 1), target, upstream, up_lse, **kwargs)
+        loss, lse, grad = loss_lse_and_grad(lsce.cross_entropy, logits.movedim(-1, 1), target, upstream, up_lse, **kwargs)
         grad = grad.movedim(1, -1)
-        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-        t_loss, t_lse, t_grad = _loss_and_grad(reference.cross_entropy, logits.double().movedim(-1, 1), target,
-                                               upstream, up_lse, **kw64)
+        t_loss, t_lse, t_grad = loss_lse_and_grad(reference.cross_entropy, logits.double().movedim(-1, 1), target,
+                                               upstream, up_lse, **fp64(kwargs))
         t_grad = t_grad.movedim(1, -1)
         try:
             for r, res in enumerate(results):
@@ -373,13 +347,13 @@ def test_every_option_matches_single_process(run):
                 torch.testing.assert_close(got["loss"], results[0]["cases"][name]["loss"], rtol=0, atol=0,
                                            equal_nan=True, msg="ranks disagree on the loss")
                 cols = slice(starts[r], starts[r] + widths[r])
-                _assert_close(got["loss"], loss, dtype, f"rank {r} loss vs lsce")
-                _assert_close(got["grad"], grad[..., cols], dtype, f"rank {r} grad vs lsce")
+                assert_close_to_lsce(got["loss"], loss, dtype, what=f"rank {r} loss vs lsce")
+                assert_close_to_lsce(got["grad"], grad[..., cols], dtype, what=f"rank {r} grad vs lsce")
                 if dtype not in (torch.bfloat16, torch.float16) and not spec.get("no_reference"):
-                    _assert_close(got["loss"], t_loss, dtype, f"rank {r} loss vs reference")
-                    _assert_close(got["grad"], t_grad[..., cols], dtype, f"rank {r} grad vs reference")
+                    assert_close_to_lsce(got["loss"], t_loss, dtype, what=f"rank {r} loss vs reference")
+                    assert_close_to_lsce(got["grad"], t_grad[..., cols], dtype, what=f"rank {r} grad vs reference")
                 if lse is not None:
-                    _assert_close(got["lse"], lse, torch.float32 if dtype != torch.float64 else dtype, "lse")
+                    assert_close_to_lsce(got["lse"], lse, torch.float32 if dtype != torch.float64 else dtype, what="lse")
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, f"{len(failures)} of {len(_cases(world))} cases failed:\n" + "\n".join(failures[:10])
@@ -391,21 +365,21 @@ def test_linear_matches_single_process(run):
     failures = []
     for name, spec in _linear_cases():
         x, W, b, target, kwargs, upstream = _linear_problem(world, spec)
-        expected = _linear_loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, upstream, **kwargs)
-        loss, gx, gW, gb = expected
+        loss, grads = linear_loss_and_grads(lsce.linear_cross_entropy, x, W, b, target, upstream, **kwargs)
+        gx, gW, gb = (*grads, None)[:3]
         try:
             got = [res["cases"][name] for res in results]
             for r, res in enumerate(got):
                 assert "error" not in res, res.get("error")
                 cols = slice(starts[r], starts[r] + widths[r])
-                _assert_close(res["loss"], loss, x.dtype, f"rank {r} loss")
-                _assert_close(res["grad_weight"][cols], gW[cols], x.dtype, f"rank {r} weight grad")
+                assert_close_to_lsce(res["loss"], loss, x.dtype, what=f"rank {r} loss")
+                assert_close_to_lsce(res["grad_weight"][cols], gW[cols], x.dtype, what=f"rank {r} weight grad")
                 if gb is not None:
-                    _assert_close(res["grad_bias"][cols], gb[cols], x.dtype, f"rank {r} bias grad")
+                    assert_close_to_lsce(res["grad_bias"][cols], gb[cols], x.dtype, what=f"rank {r} bias grad")
                 if spec.get("reduce_input_grad", True):
-                    _assert_close(res["grad_input"], gx, x.dtype, f"rank {r} input grad")
+                    assert_close_to_lsce(res["grad_input"], gx, x.dtype, what=f"rank {r} input grad")
             if not spec.get("reduce_input_grad", True):  # each rank has its share: they add up
-                _assert_close(sum(res["grad_input"] for res in got), gx, x.dtype, "input grad shares")
+                assert_close_to_lsce(sum(res["grad_input"] for res in got), gx, x.dtype, what="input grad shares")
         except AssertionError as e:
             failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures[:10])
@@ -423,12 +397,12 @@ def test_process_subgroups(run):
     for pair in (0, 1):
         for name, spec in _subgroup_cases(pair):
             logits, target, kwargs, upstream, up_lse, starts = _problem(2, spec)
-            loss, lse, grad = _loss_and_grad(lsce.cross_entropy, logits, target, upstream, up_lse, **kwargs)
+            loss, lse, grad = loss_lse_and_grad(lsce.cross_entropy, logits, target, upstream, up_lse, **kwargs)
             for group_rank in (0, 1):
                 got = results[2 * pair + group_rank]["cases"][name]
                 cols = slice(starts[group_rank], starts[group_rank] + WIDTHS[2][group_rank])
-                _assert_close(got["loss"], loss, logits.dtype, f"{name}: rank {group_rank} loss")
-                _assert_close(got["grad"], grad[:, cols], logits.dtype, f"{name}: rank {group_rank} grad")
+                assert_close_to_lsce(got["loss"], loss, logits.dtype, what=f"{name}: rank {group_rank} loss")
+                assert_close_to_lsce(got["grad"], grad[:, cols], logits.dtype, what=f"{name}: rank {group_rank} grad")
 
 
 def test_edge_cases_behave_like_pytorch(run):

@@ -1,10 +1,25 @@
-"""Bad input: a clear exception naming the argument, raised before any kernel runs,
-and every tensor the caller passed left unchanged."""
+"""Bad input: a clear exception of lsce's own naming the argument, raised before any
+kernel runs, and every tensor the caller passed left unchanged — for
+lsce.cross_entropy with each backend and for lsce.CrossEntropyLoss (one table,
+one test). lsce.linear_cross_entropy's own table is in tests/test_linear.py."""
 
-import pytest
+import importlib.util
+import math
+import os
+
 import torch
 
-import lsce
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lsce  # noqa: E402
+from _util import assert_raises_and_changes_nothing  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 K = 5
 
@@ -56,19 +71,112 @@ BAD_CALLS = [
     ("size_average", _with(size_average=True), TypeError, "size_average"),
     ("reduce", _with(reduce=False), TypeError, "reduce"),
     ("out_dtype integer", _with(out_dtype=torch.int64), TypeError, "out_dtype"),
+    # wrong ranks and shapes
+    ("target with a class dim", _with(target=torch.tensor([[0], [1], [2], [3]])), ValueError, "target shape"),
+    ("3-D input, 1-D target", _with(input=torch.randn(4, K, 3)), ValueError, "target shape"),
+    ("1-D input, 1-D target", _with(input=torch.randn(K), target=torch.tensor([1])), ValueError, "target shape"),
+    ("4-D input, target rank 2", _with(input=torch.randn(4, K, 2, 3), target=torch.zeros(4, 2, dtype=torch.long)),
+     ValueError, "target shape"),
+    ("2-D weight (K, 1)", _with(weight=torch.rand(K, 1)), ValueError, "weight"),
+    ("2-D weight (1, K)", _with(weight=torch.rand(1, K)), ValueError, "weight"),
+    ("scalar weight", _with(weight=torch.tensor(1.0)), ValueError, "weight"),
+    ("2-D prior", _with(smoothing_prior=torch.full((K, 1), 1.0 / K)), ValueError, "smoothing_prior"),
+    # devices and dtypes
+    ("input on meta", _with(input=torch.randn(4, K, device="meta")), ValueError, "input is on meta"),
+    ("prior on meta", _with(smoothing_prior=torch.full((K,), 0.2, device="meta")), ValueError, "smoothing_prior"),
+    ("complex logits", _with(input=torch.randn(4, K, dtype=torch.complex64)), TypeError, "input"),
+    ("bool logits", _with(input=torch.ones(4, K, dtype=torch.bool)), TypeError, "input"),
+    ("integer prior", _with(smoothing_prior=torch.ones(K, dtype=torch.int64)), TypeError, "smoothing_prior"),
+    ("complex weight", _with(weight=torch.ones(K, dtype=torch.complex64)), TypeError, "weight"),
+    # targets
+    ("target = K, int32", _with(target=torch.tensor([0, 1, K, 2], dtype=torch.int32)), IndexError, f"target {K}"),
+    ("target 2**40", _with(target=torch.tensor([0, 1, 2**40, 2])), IndexError, "out of bounds"),
+    ("uint8 target 255", _with(target=torch.tensor([0, 1, 255, 2], dtype=torch.uint8)), IndexError, "target 255"),
+    ("out of range beside ignore_index in range",
+     _with(target=torch.tensor([0, 1, 9, 2]), ignore_index=1), IndexError, "target 9"),
+    ("3-D target out of range", _with(input=torch.randn(2, K, 3), target=torch.tensor([[0, 1, 2], [3, 4, 5]])),
+     IndexError, "target 5"),
+    ("1-D input, target out of range", _with(input=torch.randn(K), target=torch.tensor(K)), IndexError, "target"),
+    ("float target, 1-D input", _with(input=torch.randn(K), target=torch.tensor(1.0)), TypeError, "class indices"),
+    ("half target", _with(target=torch.zeros(4, dtype=torch.float16)), TypeError, "class indices"),
+    ("complex target", _with(target=torch.zeros(4, dtype=torch.complex64)), TypeError, "target"),
+    # label_smoothing
+    ("eps inf", _with(label_smoothing=math.inf), ValueError, "label_smoothing"),
+    ("eps string", _with(label_smoothing="0.1"), ValueError, "label_smoothing"),
+    ("eps None", _with(label_smoothing=None), ValueError, "label_smoothing"),
+    ("eps tensor", _with(label_smoothing=torch.tensor(0.1)), ValueError, "label_smoothing"),
+    # prior values
+    ("prior sums to 1.001", _with(smoothing_prior=torch.tensor([0.2, 0.2, 0.2, 0.2, 0.201])), ValueError,
+     "smoothing_prior"),
+    ("prior all zero", _with(smoothing_prior=torch.zeros(K)), ValueError, "smoothing_prior"),
+    ("prior with inf", _with(smoothing_prior=torch.tensor([math.inf, 0.0, 0.0, 0.0, 0.0])), ValueError,
+     "smoothing_prior"),
+    # reduction, backend
+    ("reduction None", _with(reduction=None), ValueError, "reduction"),
+    ("reduction 'Mean'", _with(reduction="Mean"), ValueError, "reduction"),
+    ("reduction elementwise_mean", _with(reduction="elementwise_mean"), ValueError, "reduction"),
+    ("backend None", _with(backend=None), ValueError, "backend"),
+    ("backend 'CPU'", _with(backend="CPU"), ValueError, "backend"),
+    # z_loss, softcap
+    ("z_loss NaN", _with(z_loss=math.nan), ValueError, "z_loss"),
+    ("z_loss -inf", _with(z_loss=-math.inf), ValueError, "z_loss"),
+    ("z_loss None", _with(z_loss=None), ValueError, "z_loss"),
+    ("z_loss string", _with(z_loss="0.1"), ValueError, "z_loss"),
+    ("softcap inf", _with(softcap=math.inf), ValueError, "softcap"),
+    ("softcap -0.0", _with(softcap=-0.0), ValueError, "softcap"),
+    ("softcap string", _with(softcap="30"), ValueError, "softcap"),
+    # non-Tensor arguments
+    ("input list", _with(input=[[0.0] * K] * 4), TypeError, "input"),
+    ("target list", _with(target=[0, 1, 2, 3]), TypeError, "target"),
+    ("target numpy", _with(target=np.array([0, 1, 2, 3])), TypeError, "target"),
+    ("input numpy", _with(input=np.zeros((4, K), dtype=np.float32)), TypeError, "input"),
+    ("weight list", _with(weight=[1.0] * K), TypeError, "weight"),
+    ("prior tuple", _with(smoothing_prior=(0.2,) * K), TypeError, "smoothing_prior"),
+    # ignore_index not an int (F.cross_entropy: TypeError) — lsce truncated 1.5 to 1 and parsed "1"
+    ("ignore_index 1.5", _with(ignore_index=1.5), TypeError, "ignore_index"),
+    ("ignore_index '1'", _with(ignore_index="1"), TypeError, "ignore_index"),
+    ("ignore_index None", _with(ignore_index=None), TypeError, "ignore_index"),
+    # tensors lsce computes no gradient for (F.cross_entropy fails in backward for weight;
+    # lsce gave weight no gradient, or under mean a partial one)
+    ("weight requires grad", _with(weight=torch.rand(K, requires_grad=True)), ValueError, "weight"),
+    ("prior requires grad", _with(smoothing_prior=torch.full((K,), 0.2, requires_grad=True)), ValueError,
+     "smoothing_prior"),
 ]
 
+MODULE_ARGS = ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing", "z_loss", "softcap",
+               "smoothing_prior", "return_lse", "backend")
+CALLERS = ["auto", "cpu", "torch"] + (["triton"] if HAVE_TRITON else []) + ["module"]
+# Calls known to fail a check, with why; strict: the marker goes once lsce is fixed.
+KNOWN = {
+    ("weight list", "module"): "CrossEntropyLoss hands a non-Tensor weight to register_buffer: torch's TypeError",
+    ("prior tuple", "module"): "CrossEntropyLoss hands a non-Tensor prior to register_buffer: torch's TypeError",
+}
 
-@pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_bad_input_raises_and_changes_nothing(kwargs, exc, text, backend):
+
+def _calls():
+    """Each bad call made through lsce.cross_entropy with each backend and, where it
+    takes every argument of the call, through lsce.CrossEntropyLoss."""
+    for name, kwargs, exc, text in BAD_CALLS:
+        for caller in CALLERS:
+            if caller == "module" and not set(kwargs) - {"input", "target"} <= set(MODULE_ARGS):
+                continue
+            known = KNOWN.get((name, caller))
+            marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
+            yield pytest.param(kwargs, exc, text, caller, id=f"{name}-{caller}", marks=marks)
+
+
+def _module_call(input, target, **ctor):
+    # Either the constructor or the call may raise; neither may run a kernel.
+    return lsce.CrossEntropyLoss(**ctor)(input, target)
+
+
+@pytest.mark.parametrize("kwargs,exc,text,caller", list(_calls()))
+def test_bad_input_raises_before_any_kernel_and_changes_nothing(kwargs, exc, text, caller, monkeypatch):
     kwargs = dict(kwargs)
-    kwargs.setdefault("backend", backend)
-    before = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v) and v.device.type != "meta"}
-    with pytest.raises(exc, match=text):
-        lsce.cross_entropy(**kwargs)
-    for k, v in before.items():
-        torch.testing.assert_close(kwargs[k], v, rtol=0, atol=0, equal_nan=True, msg=f"{k} was modified")
+    if caller != "module":
+        kwargs.setdefault("backend", caller)
+    call = _module_call if caller == "module" else lsce.cross_entropy
+    assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch)
 
 
 def test_module_rejects_deprecated_arguments():
@@ -85,3 +193,19 @@ def test_valid_call_changes_nothing():
     for k, v in before.items():
         assert torch.equal(kw[k].detach(), v), f"{k} was modified"
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("ignore_index", [np.int64(2), torch.tensor(2), 2], ids=["numpy", "tensor", "int"])
+def test_integer_like_ignore_index_accepted_like_torch(ignore_index):
+    x = torch.randn(4, K)
+    t = torch.tensor([0, 2, 4, 2])
+    torch.testing.assert_close(lsce.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=0.1),
+                               F.cross_entropy(x, t, ignore_index=ignore_index, label_smoothing=0.1))
+
+
+def test_input_requiring_grad_unchanged_after_error():
+    x = torch.randn(4, K, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(IndexError):
+        lsce.cross_entropy(x, torch.tensor([0, 1, 2, 7]), label_smoothing=0.1)
+    assert torch.equal(x.detach(), before) and x.grad is None

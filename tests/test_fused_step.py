@@ -7,7 +7,7 @@ import torch
 
 import lsce
 from lsce import _C, cpu, ops, reference
-from _util import assert_close_to_truth, make_options, make_problem
+from _util import assert_close_to_truth, loss_and_grad, loss_lse_and_grad, make_options, make_problem, truth
 
 
 @pytest.fixture
@@ -29,30 +29,15 @@ def calls(monkeypatch):
     return n
 
 
-def _grad(logits, target, scale=1.0, backend="auto", **kw):
-    x = logits.clone().requires_grad_(True)
-    loss = lsce.cross_entropy(x, target, label_smoothing=0.1, backend=backend, **kw)
-    (g,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
-    return loss.detach(), g
-
-
-def _truth(logits, target, scale=1.0, **kw):
-    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    x = logits.double().requires_grad_(True)
-    loss = reference.cross_entropy(x, target, label_smoothing=0.1, **kw)
-    (g,) = torch.autograd.grad(loss * scale, x)
-    return loss.detach(), g
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("options", [(), ("weight",), ("z_loss", "softcap", "prior")], ids="+".join)
 def test_backward_hands_out_the_forward_gradient(calls, dtype, reduction, options):
     logits, target = make_problem((40, 300), dtype, ignore_frac=0.2)
     opts = make_options(300, options)
-    loss, g = _grad(logits, target, reduction=reduction, **opts)
+    loss, g = loss_and_grad(lsce.cross_entropy, logits, target, label_smoothing=0.1, reduction=reduction, **opts)
     assert calls == {"fused": 1, "backward": 0}
-    t_loss, t_g = _truth(logits, target, reduction=reduction, **opts)
+    t_loss, t_g = truth(logits, target, torch.tensor(1.0), label_smoothing=0.1, reduction=reduction, **opts)
     assert_close_to_truth(g, t_g, dtype, what="fused grad")
     with torch.no_grad():
         assert torch.equal(loss, lsce.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction, **opts))
@@ -63,21 +48,20 @@ def test_backward_hands_out_the_forward_gradient(calls, dtype, reduction, option
 def test_other_upstream_recomputes(calls, dtype, reduction):
     """A scaled loss (gradient accumulation, AMP) gets the backward kernel's gradient."""
     logits, target = make_problem((40, 300), dtype, ignore_frac=0.2)
-    _, g = _grad(logits, target, scale=0.25, reduction=reduction)
+    scale = torch.tensor(0.25)
+    _, g = loss_and_grad(lsce.cross_entropy, logits, target, scale, label_smoothing=0.1, reduction=reduction)
     assert calls == {"fused": 1, "backward": 1}
-    _, t_g = _truth(logits, target, scale=0.25, reduction=reduction)
+    _, t_g = truth(logits, target, scale, label_smoothing=0.1, reduction=reduction)
     assert_close_to_truth(g, t_g, dtype, what="scaled grad")
 
 
 def test_differentiated_lse_recomputes(calls):
     logits, target = make_problem((30, 200), torch.float32, ignore_frac=0.2)
-    x = logits.clone().requires_grad_(True)
-    loss, lse = lsce.cross_entropy(x, target, label_smoothing=0.1, return_lse=True)
-    (g,) = torch.autograd.grad(loss + 0.3 * lse.sum(), x)
+    up_lse = torch.full((30,), 0.3)
+    _, _, g = loss_lse_and_grad(lsce.cross_entropy, logits, target, None, up_lse, label_smoothing=0.1)
     assert calls["backward"] == 1
-    xd = logits.double().requires_grad_(True)
-    ref = reference.cross_entropy(xd, target, label_smoothing=0.1) + 0.3 * torch.logsumexp(xd, 1).sum()
-    (t_g,) = torch.autograd.grad(ref, xd)
+    _, _, t_g = loss_lse_and_grad(reference.cross_entropy, logits.double(), target, None, up_lse.double(),
+                                  label_smoothing=0.1)
     assert_close_to_truth(g, t_g, torch.float32, what="grad with lse")
 
 

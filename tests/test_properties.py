@@ -48,11 +48,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lsce  # noqa: E402
 from lsce import reference  # noqa: E402
+from _util import ULP, assert_same_nonfinite, fp64, loss_lse_and_grad  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Unit roundoff of the accumulation, one ulp (relative) and the subnormal spacing of the output.
+# Unit roundoff of the accumulation and the subnormal spacing of the output (one ulp of it: _util.ULP).
 ACC_U = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-24, torch.float16: 2.0**-24, torch.float64: 2.0**-53}
-OUT_ULP = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 OUT_TINY = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
 # Class counts next to the C++ kernel's vector widths (8, 16 lanes), its 4096-element
@@ -251,19 +251,6 @@ def _rows(grad: torch.Tensor, p: Problem) -> torch.Tensor:
     return grad
 
 
-def _run(fn, x: torch.Tensor, t: torch.Tensor, up, up_lse, **kwargs):
-    """fn's loss (and lse) and d(Σ up·loss + Σ up_lse·lse)/dx; x requires grad."""
-    out = fn(x, t, **kwargs)
-    loss, lse = out if isinstance(out, tuple) else (out, None)
-    obj = (loss.to(up.dtype) * up.reshape(loss.shape)).sum()
-    if lse is not None:
-        obj = obj + (lse.to(up_lse.dtype) * up_lse.reshape(lse.shape)).sum()
-    (grad,) = torch.autograd.grad(obj, x, allow_unused=True)
-    if grad is None:  # nothing depends on x (no rows)
-        grad = torch.zeros_like(x)
-    return loss.detach(), None if lse is None else lse.detach(), grad
-
-
 # ------------------------------------------------------------------ expectations
 
 
@@ -272,20 +259,18 @@ def _expected(p: Problem):
     on the same values as (N, K) rows, with PyTorch's whole-row NaN gradient for a row
     holding +inf (its log_softmax is NaN there; autograd of the reference gives NaN only
     at the +inf itself)."""
-    kw = {k: (v.double() if torch.is_tensor(v) else v) for k, v in p.kwargs().items()}
-    x = p.values.clone().requires_grad_(True)
     up = p.upstream.double().reshape(-1) if p.reduction == "none" else p.upstream.double()
     up_lse = None if p.upstream_lse is None else p.upstream_lse.double()
-
-    def ref(z, t, **k):
-        return reference.cross_entropy(z, t, return_lse=p.return_lse, **k)
-
-    loss, lse, grad = _run(ref, x, p.target, up, up_lse, **kw)
+    loss, lse, grad = loss_lse_and_grad(reference.cross_entropy, p.values, p.target, up, up_lse,
+                                        return_lse=p.return_lse, **fp64(p.kwargs()))
     zc = p.values if p.softcap is None else p.softcap * torch.tanh(p.values / p.softcap)
     grad[torch.isposinf(zc).any(1)] = float("nan")
     return loss, lse, grad
 
 
+# The error bound below (and _close) stays here rather than among the fixed rules of
+# tests/_util.py: it is derived for each drawn example from the sizes of its terms
+# (the module docstring), not a tolerance per dtype, and no other test uses it.
 def _bounds(p: Problem, loss_rows: torch.Tensor):
     """Per-row error scale of the loss and per-element tolerance of the gradient (fp64)."""
     x = p.values
@@ -344,23 +329,12 @@ def _bounds(p: Problem, loss_rows: torch.Tensor):
     return loss_tol, grad_tol, rel
 
 
-def _same_nonfinite(actual, expected, what):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    for name, f in [("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)]:
-        a, e = f(actual), f(expected)
-        if not torch.equal(a, e):
-            where = (a != e).nonzero()[:6].tolist()
-            raise AssertionError(f"{what}: {name} at different places, e.g. {where}: "
-                                 f"got {actual[a != e][:6].tolist()}, expected {expected[a != e][:6].tolist()}")
-
-
 def _close(actual, expected, tol, p: Problem, what):
     """|actual − expected| <= tol + one rounding to the output dtype, where expected is finite."""
     actual, expected = actual.double(), expected.double()
     finite = torch.isfinite(expected) & torch.isfinite(expected.to(p.dtype))  # not what overflows the dtype
     err = (actual - expected).abs()
-    bound = tol + OUT_ULP[p.dtype] * expected.abs() + OUT_TINY[p.dtype]
+    bound = tol + ULP[p.dtype] * expected.abs() + OUT_TINY[p.dtype]
     bad = finite & ~(err <= bound)
     if bad.any():
         idx = bad.nonzero()[:4].tolist()
@@ -383,8 +357,8 @@ def check(p: Problem, backend: str):
     storage, x, t = _arrange(p)
     before = storage.detach().clone(), t.clone()
     kwargs = p.kwargs()
-    loss, lse, grad = _run(lsce.cross_entropy, x, t, p.upstream.to(p.dtype), p.upstream_lse,
-                           backend=backend, return_lse=p.return_lse, **kwargs)
+    loss, lse, grad = loss_lse_and_grad(lsce.cross_entropy, x, t, p.upstream.to(p.dtype), p.upstream_lse,
+                                        backend=backend, return_lse=p.return_lse, **kwargs)
     grad = _rows(grad, p)
     # Nothing the caller passed is modified (the NaN padding of sliced views included).
     assert torch.equal(storage.detach().isnan(), before[0].isnan())
@@ -405,27 +379,25 @@ def check(p: Problem, backend: str):
         # PyTorch in fp64 on the same values: values, NaN and ±inf.
         if "weight" in tkw:
             tkw["weight"] = kwargs["weight"].double()
-        xf = p.values.clone().requires_grad_(True)
         up = p.upstream.double().reshape(-1) if p.reduction == "none" else p.upstream.double()
-        f_loss, _, f_grad = _run(F.cross_entropy, xf, p.target, up, None, **tkw)
+        f_loss, _, f_grad = loss_lse_and_grad(F.cross_entropy, p.values, p.target, up, None, **tkw)
         # The contract agrees with PyTorch (lsce/reference.py states what it claims) ...
-        _same_nonfinite(e_loss, f_loss, "reference loss vs F.cross_entropy")
-        _same_nonfinite(e_grad, f_grad, "reference grad vs F.cross_entropy")
+        assert_same_nonfinite(e_loss, f_loss, "reference loss vs F.cross_entropy")
+        assert_same_nonfinite(e_grad, f_grad, "reference grad vs F.cross_entropy")
         # ... and so does lsce, at the output dtype (inf where the fp64 value overflows it).
-        _same_nonfinite(loss, f_loss.to(p.dtype), "loss vs F.cross_entropy")
-        _same_nonfinite(grad, f_grad, "grad vs F.cross_entropy")
+        assert_same_nonfinite(loss, f_loss.to(p.dtype), "loss vs F.cross_entropy")
+        assert_same_nonfinite(grad, f_grad, "grad vs F.cross_entropy")
 
-    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    loss_rows = reference.cross_entropy(p.values, p.target, **{**kw64, "reduction": "none"})
+    loss_rows = reference.cross_entropy(p.values, p.target, **{**fp64(kwargs), "reduction": "none"})
     loss_tol, grad_tol, rel = _bounds(p, loss_rows)
-    _same_nonfinite(loss, e_loss.to(p.dtype), "loss vs reference")
-    _same_nonfinite(grad, e_grad, "grad vs reference")
+    assert_same_nonfinite(loss, e_loss.to(p.dtype), "loss vs reference")
+    assert_same_nonfinite(grad, e_grad, "grad vs reference")
     _close(loss, e_loss, loss_tol, p, "loss")
     _close(grad, e_grad, grad_tol, p, "grad")
     if p.return_lse:
         assert lse.dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
         lse, e_lse = lse.reshape(-1).double(), e_lse.reshape(-1)
-        _same_nonfinite(lse, e_lse, "lse vs reference")
+        assert_same_nonfinite(lse, e_lse, "lse vs reference")
         ok = ~torch.isfinite(e_lse) | ((lse - e_lse).abs() <= rel + 2 * ACC_U[p.dtype] * e_lse.abs())
         assert ok.all(), f"lse: got {lse[~ok][:4].tolist()}, expected {e_lse[~ok][:4].tolist()}"
 

@@ -10,12 +10,12 @@ import warnings
 import pytest
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.trainer_pt_utils import LabelSmoother
 
 import lsce
 from lsce.integrations import transformers as integration
 from lsce.integrations.transformers import SUPPORTED_MODEL_TYPES, CausalLMLoss, apply_lsce
+from _util import LargestTensor
 
 V = 384
 EPS = 0.1
@@ -108,32 +108,17 @@ def test_loss_options_reach_lsce():
     assert_same_step((actual.detach(), grads(model)), (expected.detach(), grads(ref)))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest memory (in elements) behind any tensor an op
-    returns; a view or an expand counts as its storage. lsce's ops are one op
-    each: their chunk buffers are internal, bounded by test_linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_training_step_never_materialises_the_logits(fused):
     model = apply_lsce(tiny_model("llama"), label_smoothing=EPS, fused_linear=fused)
     ids, labels = batch(B=4, T=24)
     logits_numel = ids.numel() * V
     assert logits_numel > V * model.config.hidden_size  # larger than any weight
-    with _LargestTensor() as seen:
+    # The largest memory behind any op's output: lsce's ops are one op each, their
+    # chunk buffers internal (bounded by tests/test_linear.py).
+    with LargestTensor(storage=True) as seen:
         model(ids, labels=labels).loss.backward()
-    assert (seen.numel < logits_numel) == fused
+    assert (seen.largest < logits_numel) == fused
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
