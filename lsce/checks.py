@@ -61,8 +61,8 @@ def check_logits(input, target) -> int:
     return K
 
 
-def _check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device: torch.device) -> None:
-    """None, or a (K,) float vector on ``device`` that needs no gradient; any length when K is None."""
+def check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device: Optional[torch.device]) -> None:
+    """None, or a (K,) float vector on ``device`` that needs no gradient; K or device None: any."""
     if v is None:
         return
     if not isinstance(v, Tensor):
@@ -73,7 +73,7 @@ def _check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device
         raise TypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
     if v.requires_grad:
         raise ValueError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
-    if v.device != device:
+    if device is not None and v.device != device:
         raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
 
 
@@ -86,8 +86,8 @@ def _finite(v) -> bool:
 def check_options(K: Optional[int], device: torch.device, *, weight=None, smoothing_prior=None, reduction="mean",
                   label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto") -> None:
     """The options of a call on logits of K classes on ``device`` (K None: class vectors of any length)."""
-    _check_class_vector("weight", weight, K, device)
-    _check_class_vector("smoothing_prior", smoothing_prior, K, device)
+    check_class_vector("weight", weight, K, device)
+    check_class_vector("smoothing_prior", smoothing_prior, K, device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from . import cache
-from .interface import Coefficients, RowOptions, acc_dtype, grad_buffer
+from .interface import Coefficients, RowOptions, acc_dtype, check_rows, grad_buffer
 
-__all__ = ["forward", "fused_forward", "backward"]
+__all__ = ["forward", "backward"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -26,6 +26,7 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 def _args(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> dict:
     """The keywords that lsce._C.forward and .backward share."""
+    check_rows(logits, target)
     N, K = logits.shape
     return dict(
         dtype=_DTYPE_CODE[logits.dtype], logits=_ptr(logits), N=N, K=K, row_stride=logits.stride(0),
@@ -35,26 +36,18 @@ def _args(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) 
     )
 
 
-def _forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, **grad) -> Tuple[Tensor, Tensor]:
+def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, grad: Optional[Tensor] = None,
+            upstream: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row ``(loss, lse)`` (lsce.interface.RowKernels). With ``grad`` ((N, K)
+    contiguous), the same pass also writes there the gradient for the upstream
+    ``upstream`` (a 1-element tensor) of every row's loss: the fused training step."""
     from . import _C
 
     acc = acc_dtype(logits.dtype)
     loss, lse = torch.empty(logits.shape[0], dtype=acc), torch.empty(logits.shape[0], dtype=acc)
-    _C.forward(**_args(logits, target, coef, opts), loss=_ptr(loss), lse=_ptr(lse), **grad)
+    fused = {} if grad is None else dict(grad=_ptr(grad), grad_loss=_ptr(upstream), grad_loss_stride=0)
+    _C.forward(**_args(logits, target, coef, opts), loss=_ptr(loss), lse=_ptr(lse), **fused)
     return loss, lse
-
-
-def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> Tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse)``; see lsce.interface.RowKernels."""
-    return _forward(logits, target, coef, opts)
-
-
-def fused_forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, grad: Tensor,
-                  upstream: Tensor) -> Tuple[Tensor, Tensor]:
-    """:func:`forward`, and in the same pass the gradient for the upstream
-    ``upstream`` of every row's loss (a 1-element tensor: the reduction's
-    scale) into ``grad`` ((N, K) contiguous): the fused training step."""
-    return _forward(logits, target, coef, opts, grad=_ptr(grad), grad_loss=_ptr(upstream), grad_loss_stride=0)
 
 
 def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, coef: Coefficients,

@@ -38,7 +38,8 @@ from typing import NamedTuple, Optional, Protocol, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["RowOptions", "Coefficients", "RowKernels", "coefficients", "grad_buffer", "acc_dtype", "fixed_sum"]
+__all__ = ["RowOptions", "Coefficients", "RowKernels", "coefficients", "check_rows", "grad_buffer", "acc_dtype",
+           "fixed_sum"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,6 +89,18 @@ def coefficients(K: int, weight: Optional[Tensor], prior: Optional[Tensor], labe
     if w is not None:
         c = c * w
     return Coefficients(w, c.contiguous(), fixed_sum(c.double()).to(dtype), K)
+
+
+def check_rows(logits: Tensor, target: Tensor) -> None:
+    """What every backend takes (RowKernels): float 2-D rows with unit column stride, one target per row."""
+    if logits.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"lsce kernels: logits dtype {logits.dtype} is not one of fp32, bf16, fp16, fp64")
+    # Rows may overlap (an expanded row has stride 0); with one class the column stride is never used.
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError("lsce kernels: logits must be 2-D rows with unit column stride")
+    if target.shape != logits.shape[:1] or (logits.shape[1] == 0 and logits.shape[0] > 0):
+        raise ValueError(f"lsce kernels: target {tuple(target.shape)} for logits {tuple(logits.shape)}: "
+                         "one target per row and at least one class")
 
 
 def grad_buffer(logits: Tensor, out: Optional[Tensor] = None) -> Tensor:

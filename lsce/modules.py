@@ -33,6 +33,8 @@ class CrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         checks.check_deprecated(size_average, reduce)
+        checks.check_class_vector("weight", weight, None, None)
+        checks.check_class_vector("smoothing_prior", smoothing_prior, None, None)
         self.register_buffer("weight", weight)
         self.register_buffer("smoothing_prior", smoothing_prior)
         self.ignore_index = ignore_index

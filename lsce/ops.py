@@ -20,27 +20,18 @@ from . import cache, checks, cpu, reference
 from .interface import RowKernels, RowOptions, acc_dtype, coefficients
 
 
-def _triton():
-    try:
-        from .triton_kernels import cross_entropy
-    except ImportError as e:  # triton is an optional dependency
-        raise RuntimeError("lsce: backend='triton' needs the triton package (pip install 'lsce[triton]')") from e
-    return cross_entropy
-
-
 def row_kernels(backend: str, device: torch.device) -> RowKernels:
     """The backend that runs the per-row kernels for ``backend`` on ``device``."""
-    if backend == "torch":
-        return reference.ROWS
-    if backend == "triton":
-        return _triton()
-    if device.type == "cuda":
-        try:
-            return _triton()
-        except RuntimeError:  # "auto" on a GPU without triton: still correct, just slower
-            return reference.ROWS
-    if device.type == "cpu":
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
         return cpu
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        try:
+            from .triton_kernels import cross_entropy
+
+            return cross_entropy
+        except ImportError as e:  # triton is optional: "auto" on a GPU falls back to the (correct) reference
+            if backend == "triton":
+                raise RuntimeError("lsce: backend='triton' needs the triton package (pip install 'lsce[triton]')") from e
     return reference.ROWS
 
 
@@ -118,7 +109,7 @@ class FusedStep(torch.autograd.Function):
         checks.check_values(target, prior, logits.shape[1], ignore_index)
         logits, target, ctx.coef, ctx.opts = _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap)
         ctx.grad = cache.empty(logits.shape, logits.dtype)
-        loss, lse = cpu.fused_forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
+        loss, lse = cpu.forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
         ctx.save_for_backward(logits, target, lse, expected)
         ctx.set_materialize_grads(False)
         return loss, lse
@@ -131,7 +122,7 @@ class FusedStep(torch.autograd.Function):
         if grad is None:
             grad = cache.empty(logits.shape, logits.dtype)
             if fused:
-                cpu.fused_forward(logits, target, ctx.coef, ctx.opts, grad, expected)
+                cpu.forward(logits, target, ctx.coef, ctx.opts, grad, expected)
         if not fused:
             grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
             cpu.backward(grad_loss, grad_lse, logits, target, ctx.coef, ctx.opts, lse, out=grad)

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .interface import Coefficients, RowOptions, acc_dtype, coefficients, grad_buffer
+from .interface import Coefficients, RowOptions, acc_dtype, check_rows, coefficients, grad_buffer
 
 # Rows per chunk in rows_forward/rows_backward: bounds the fp32 temporaries to
 # about 2 × _CHUNK_ELEMS elements whatever N is.
@@ -114,6 +114,7 @@ def _row_terms(z, y, weight, ignore_index, softcap):
 def rows_forward(logits, target, coef: Coefficients, opts: RowOptions):
     """Per-row ``(loss, lse)`` of 2-D ``logits`` (N, K), each (N,) in the
     accumulation dtype: the reference backend of lsce.interface.RowKernels."""
+    check_rows(logits, target)
     N, K = logits.shape
     acc = acc_dtype(logits.dtype)
     eps = opts.label_smoothing
@@ -140,6 +141,7 @@ def rows_backward(grad_loss, grad_lse, logits, target, coef: Coefficients, opts:
     """Gradient of ``Σ g·loss + Σ h·lse`` with respect to 2-D ``logits``, in
     their dtype, into ``out`` when given (lsce.interface.grad_buffer; it may be
     ``logits``): the reference backend of lsce.interface.RowKernels."""
+    check_rows(logits, target)
     N, K = logits.shape
     acc = acc_dtype(logits.dtype)
     eps = opts.label_smoothing

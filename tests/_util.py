@@ -315,7 +315,7 @@ def assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch):
         raise AssertionError(f"a kernel was reached ({args[:1]}) before the argument error")
 
     monkeypatch.setattr(lsce.ops, "row_kernels", refuse)
-    monkeypatch.setattr(lsce.cpu, "fused_forward", refuse)
+    monkeypatch.setattr(lsce.cpu, "forward", refuse)  # the fused CPU step calls it directly
     before = _snapshot(kwargs)
     with pytest.raises(exc, match=text) as info:
         call(**kwargs)

@@ -426,22 +426,10 @@ def test_confident_bf16_gradient_at_target(backend, shape, eps):
         assert ((rounded_first - ref_y).abs() > 4 * tol).any()
 
 
-# Backends that do not (yet) check what lsce's callers guarantee them: see the
-# reasons. strict: the marker goes once the backend checks.
-_UNCHECKED = {
-    ("dtype", "torch"): "the reference computes integer logits in fp32 and returns an integer gradient",
-    ("dtype", "cpu"): "lsce.cpu looks the dtype up in a table: KeyError, not TypeError",
-    ("columns", "cpu"): "lsce.cpu hands the C++ kernel a row pointer and reads K contiguous elements",
-}
-
-
 @over_backends
-def test_rejects_unsupported_dtype(backend, request):
+def test_rejects_unsupported_dtype(backend):
     """Integer logits are refused with a TypeError (lsce.checks refuses them above
     the backends; a backend must not compute an integer gradient)."""
-    reason = _UNCHECKED.get(("dtype", backend.name))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     x = torch.zeros(2, 3, dtype=torch.int32, device=backend.device)
     y = torch.zeros(2, dtype=torch.int64, device=backend.device)
     with pytest.raises(TypeError):
@@ -449,13 +437,10 @@ def test_rejects_unsupported_dtype(backend, request):
 
 
 @over_backends
-def test_strided_columns_refused_or_read_as_strided(backend, request):
+def test_strided_columns_refused_or_read_as_strided(backend):
     """Logits whose columns are not adjacent are outside the interface (lsce.ops
     makes them contiguous first): a backend refuses them with a ValueError, or
     reads them as the view they are — never K adjacent elements from each row start."""
-    reason = _UNCHECKED.get(("columns", backend.name))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).to(backend.device)[:, ::2]
     y = torch.tensor([0, 3, 1], device=backend.device)
     coef, opts = Coefficients(None, None, 1.0, 4), RowOptions(-100, 0.1, 0.0, 0.0)

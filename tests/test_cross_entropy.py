@@ -233,7 +233,7 @@ def test_strided_and_expanded_targets():
     z = torch.randn(30, 40).t()
     loss, lse = torch.ops.lsce.cross_entropy_forward(z, strided, None, None, -100, 0.1, 0.0, 0.0, "auto")
     coef = lsce.interface.coefficients(z.shape[1], None, None, 0.1, torch.float32, z.device)
-    ref_loss, ref_lse = lsce.reference.rows_forward(z, strided, coef, lsce.interface.RowOptions(-100, 0.1, 0.0, 0.0))
+    ref_loss, ref_lse = lsce.reference.rows_forward(z.contiguous(), strided, coef, lsce.interface.RowOptions(-100, 0.1, 0.0, 0.0))
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(lse, ref_lse)
 

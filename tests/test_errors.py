@@ -147,12 +147,6 @@ MODULE_ARGS = ("weight", "size_average", "ignore_index", "reduce", "reduction", 
                "smoothing_prior", "return_lse", "backend")
 CALLERS = ["auto", "cpu", "torch"] + (["triton"] if HAVE_TRITON else []) + ["module"]
 # Calls known to fail a check, with why; strict: the marker goes once lsce is fixed.
-KNOWN = {
-    ("weight list", "module"): "CrossEntropyLoss hands a non-Tensor weight to register_buffer: torch's TypeError",
-    ("prior tuple", "module"): "CrossEntropyLoss hands a non-Tensor prior to register_buffer: torch's TypeError",
-}
-
-
 def _calls():
     """Each bad call made through lsce.cross_entropy with each backend and, where it
     takes every argument of the call, through lsce.CrossEntropyLoss."""
@@ -160,9 +154,7 @@ def _calls():
         for caller in CALLERS:
             if caller == "module" and not set(kwargs) - {"input", "target"} <= set(MODULE_ARGS):
                 continue
-            known = KNOWN.get((name, caller))
-            marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
-            yield pytest.param(kwargs, exc, text, caller, id=f"{name}-{caller}", marks=marks)
+            yield pytest.param(kwargs, exc, text, caller, id=f"{name}-{caller}")
 
 
 def _module_call(input, target, **ctor):

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 # The per-row kernel interface these kernels implement (lsce/interface.py).
-from lsce.interface import Coefficients, RowOptions, grad_buffer
+from lsce.interface import Coefficients, RowOptions, check_rows, grad_buffer
 
 __all__ = ["forward", "backward"]
 
@@ -295,16 +295,7 @@ def _backward_kernel(
 
 
 def _check(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
-    if logits.dtype not in _ACC_DTYPE:
-        raise TypeError(f"lsce triton kernels: logits dtype {logits.dtype} is not one of fp32, bf16, fp16, fp64")
-    # Rows may overlap (an expanded row has stride 0): the logits are only read. With one
-    # class the column stride is never used.
-    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
-        raise ValueError("lsce triton kernels: logits must be 2-D rows with unit column stride")
-    if target.shape != logits.shape[:1]:
-        raise ValueError(f"lsce triton kernels: target shape {tuple(target.shape)} != ({logits.shape[0]},)")
-    if logits.shape[1] == 0 and logits.shape[0] > 0:
-        raise ValueError("lsce triton kernels: logits have rows but no classes (K = 0)")
+    check_rows(logits, target)
     return _ACC_DTYPE[logits.dtype]
 
 
