@@ -246,8 +246,9 @@ def specialise(launch: Launch, cc: int) -> Spec:
 class Result(NamedTuple):
     error: Optional[str] = None
     regs: int = -1
-    local: int = -1  # bytes of local memory per thread: spills
-    stl: int = 0  # local-memory stores in the SASS
+    local: int = -1  # bytes of local memory per thread
+    stack: int = -1  # bytes of stack frame per thread (where ptxas puts spills)
+    stl: int = 0  # local-memory stores in the SASS: spills
     loop_loads: Tuple[int, ...] = ()  # bit widths of the global loads inside loops
     loop_stores: Tuple[int, ...] = ()
     loads: Tuple[int, ...] = ()  # all global loads
@@ -310,9 +311,11 @@ def build(spec: Spec) -> Result:
         usage = _cuobjdump("-res-usage", cubin)
         regs = re.search(r"REG:(\d+)", usage)
         local = re.search(r"LOCAL:(\d+)", usage)
-        return Result(regs=int(regs.group(1)), local=int(local.group(1)), **read_sass(_cuobjdump("-sass", cubin)))
-    except Exception:
-        return Result(error=traceback.format_exc(limit=4))
+        stack = re.search(r"STACK:(\d+)", usage)
+        return Result(regs=int(regs.group(1)), local=int(local.group(1)), stack=int(stack.group(1)),
+                      **read_sass(_cuobjdump("-sass", cubin)))
+    except Exception:  # the innermost frames and the message: where in the kernel, and why
+        return Result(error="".join(traceback.format_exc().splitlines(True)[-15:]))
 
 
 def build_all(specs: Dict[str, Spec], workers: Optional[int] = None) -> Dict[str, Result]:
@@ -341,7 +344,7 @@ def compile_variants(variants, cache=None) -> Dict[Variant, List[Row]]:
     specs = {s.key: s for pairs in planned.values() for _, s in pairs}
 
     def cache_key(s: Spec) -> str:
-        text = f"{triton.__version__} {getattr(ce, s.kernel).cache_key} {s.key}"
+        text = f"{triton.__version__} {getattr(ce, s.kernel).cache_key} {s.key} {Result._fields}"
         return "lsce/triton_aot/" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
     results = {}
@@ -365,7 +368,8 @@ def _fmt_widths(ws) -> str:
 def table(rows_by_variant: Dict[Variant, List[Row]]) -> str:
     """One line per distinct compilation (the first variant that uses it)."""
     head = (f"{'kernel':<16} {'arch':<6} {'dtype':<5} {'options':<8} {'case':<6} {'launch':<13} {'BLOCK':>6} "
-            f"{'warps':>5} {'regs':>4} {'local':>5} {'loop loads':>10} {'loop stores':>11} {'all loads':>12}")
+            f"{'warps':>5} {'regs':>4} {'stack':>5} {'STL':>3} {'loop loads':>10} {'loop stores':>11} "
+            f"{'all loads':>12}")
     lines, seen = [head, "-" * len(head)], set()
     for v in sorted(rows_by_variant):
         for r in rows_by_variant[v]:
@@ -385,8 +389,8 @@ def table(rows_by_variant: Dict[Variant, List[Row]]) -> str:
                 continue
             lines.append(
                 f"{kind:<16} sm{v.cc:<4} {v.dtype:<5} {v.options:<8} {v.case:<6} {r.launch.label:<13} {block:>6} "
-                f"{r.spec.options['num_warps']:>5} {res.regs:>4} {res.local:>5} {_fmt_widths(res.loop_loads):>10} "
-                f"{_fmt_widths(res.loop_stores):>11} {_fmt_widths(res.loads):>12}")
+                f"{r.spec.options['num_warps']:>5} {res.regs:>4} {res.stack:>5} {res.stl:>3} "
+                f"{_fmt_widths(res.loop_loads):>10} {_fmt_widths(res.loop_stores):>11} {_fmt_widths(res.loads):>12}")
     return "\n".join(lines)
 
 
@@ -413,7 +417,7 @@ def compiled(request):
         with capture.global_and_fixture_disabled():
             reporter.write_line("")
             reporter.write_line(f"Triton {triton.__version__}, kernels compiled ahead of time for {len(wanted)} "
-                                "variants (widths in bits; local: spilled bytes per thread)")
+                                "variants (widths in bits; stack: bytes per thread; STL: spill stores)")
             for line in table({v: _COMPILED[v] for v in dict.fromkeys(wanted)}).splitlines():
                 reporter.write_line(line)
 
@@ -453,8 +457,10 @@ def _rows(compiled, variant):
 def test_compiles_without_spills(variant, compiled):
     for what, r in _rows(compiled, variant):
         res = r.result
-        assert res.error is None, f"{what} does not compile:\n{res.error}"
-        assert res.local == 0 and res.stl == 0, f"{what} spills: {res.local} bytes of local memory, {res.stl} STL"
+        if res.error is not None:
+            pytest.fail(f"{what} does not compile:\n{res.error}", pytrace=False)
+        assert res.local == 0 and res.stl == 0, (
+            f"{what} spills: {res.stl} STL instructions, {res.stack} bytes of stack, {res.local} of local memory")
 
 
 @pytest.mark.parametrize("variant", _params())
