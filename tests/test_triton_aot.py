@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import importlib.util
 import multiprocessing
 import os
 import re
@@ -63,7 +64,25 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from lsce.interface import RowOptions, acc_dtype, coefficients  # noqa: E402
-from lsce.triton_kernels import cross_entropy as ce  # noqa: E402
+from lsce.triton_kernels import cross_entropy as _installed  # noqa: E402
+
+
+def _jit_kernels():
+    """lsce's kernel module with its kernels as JITFunctions even where TRITON_INTERPRET=1
+    (a Triton test file collected earlier sets it on machines without CUDA, and
+    triton.jit reads it when it decorates): a private copy, loaded with the variable unset."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("_lsce_aot_kernels", _installed.__file__)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module
+
+
+ce = _jit_kernels()
 
 try:  # the launcher's specialisation code (Triton >= 3.3)
     from triton.runtime.jit import create_function_from_signature
@@ -303,7 +322,8 @@ def _cuobjdump(flag: str, cubin: bytes) -> str:
 
 
 def build(spec: Spec) -> Result:
-    """Compiles ``spec`` for its architecture and reads registers, spills and load widths."""
+    """Compiles ``spec`` for its architecture and reads registers, spills and load widths.
+    Runs in a worker process of build_all."""
     try:
         src = ASTSource(getattr(ce, spec.kernel), spec.signature, spec.constexprs, spec.attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", spec.cc, 32), options=spec.options)
@@ -319,14 +339,23 @@ def build(spec: Spec) -> Result:
 
 
 def build_all(specs: Dict[str, Spec], workers: Optional[int] = None) -> Dict[str, Result]:
-    """``build`` of each spec, in a pool of fresh processes when there are several CPUs."""
-    workers = workers or min(os.cpu_count() or 1, len(specs))
-    if workers <= 1 or len(specs) < 4:
-        return {k: build(s) for k, s in specs.items()}
-    # spawn: forking after Triton has run its compiler in this process is unsafe.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {k: pool.submit(build, s) for k, s in specs.items()}
-        return {k: f.result() for k, f in futures.items()}
+    """``build`` of each spec in a pool of fresh processes, one per CPU: in parallel, and
+    in processes that import Triton without TRITON_INTERPRET. The Triton test files set
+    it on machines without CUDA, and with it set when triton is imported, Triton's own
+    jitted functions (tl.max, tl.sum, ...) are the interpreter's and its compiler fails
+    ("'value' object has no attribute 'dtype'")."""
+    if not specs:
+        return {}
+    workers = workers or max(1, min(os.cpu_count() or 1, len(specs)))
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # the workers inherit the environment when they start
+    try:
+        # spawn, not fork: fresh interpreters, whatever this process has imported or run.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {k: pool.submit(build, s) for k, s in specs.items()}
+            return {k: f.result() for k, f in futures.items()}
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 class Row(NamedTuple):
@@ -409,7 +438,8 @@ def compiled(request):
         pytest.skip(f"Triton {triton.__version__} lacks the launcher code this test reuses (Triton >= 3.3)")
     wanted = [item.callspec.params["variant"] for item in request.session.items
               if item.module is request.module and "variant" in getattr(getattr(item, "callspec", None), "params", {})]
-    _COMPILED.update(compile_variants([v for v in dict.fromkeys(wanted) if v not in _COMPILED], request.config.cache))
+    todo = [v for v in dict.fromkeys(wanted) if v not in _COMPILED]
+    _COMPILED.update(compile_variants(todo, getattr(request.config, "cache", None)))  # no cache: -p no:cacheprovider
     yield _COMPILED
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
