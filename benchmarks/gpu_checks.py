@@ -8,8 +8,7 @@ source folder on PYTHONPATH. Every check runs, in this order, even after one
 fails:
 
   environment   the GPU and versions; lsce's "auto" backend on CUDA must be its Triton kernels
-  triton_tests  the Triton kernel tests on CUDA: tests/test_conformance.py where it exists,
-                else tests/test_triton_kernels.py
+  triton_tests  the per-row kernel conformance suite on CUDA (tests/test_conformance.py)
   aot           tests/test_triton_aot.py, every variant (slow ones included)
   aot_vs_jit    the kernels Triton compiled for this GPU in real launches, against the
                 ahead-of-time compilation (tests/test_triton_aot.py) of the same launches:
@@ -190,8 +189,7 @@ def check_environment(ctx: Context) -> str:
 
 
 def check_triton_tests(ctx: Context) -> str:
-    path = next(p for p in (ROOT / "tests" / "test_conformance.py", ROOT / "tests" / "test_triton_kernels.py")
-                if p.exists())
+    path = ROOT / "tests" / "test_conformance.py"
     return f"{path.name}: " + run_pytest(ctx, "triton_tests", [str(path)], timeout=240)
 
 
