@@ -121,8 +121,9 @@ def sft_trainer(variant: str, model, ids: torch.Tensor, common: dict, args, call
     lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     loss = CausalLMLoss(label_smoothing=args.eps) if variant == "trl + lsce" else None
-    return trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}),
-                          processing_class=tokenizer, peft_config=lora, compute_loss_func=loss, callbacks=callbacks)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                          compute_loss_func=loss, callbacks=callbacks)
 
 
 def run_one(variant: str, args) -> dict:

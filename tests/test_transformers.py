@@ -358,7 +358,7 @@ def test_model_to_takes_the_loss_options_along(to):
 def test_applying_after_the_forward_was_replaced_is_refused():
     model = tiny_model("llama")
     model.forward = types.MethodType(type(model).forward, model)  # as accelerate's and TRL's wrappers do
-    with pytest.raises(ValueError, match="before handing it"):
+    with pytest.raises(ValueError, match="before handing it to them"):
         apply_lsce(model)
 
 

@@ -315,10 +315,11 @@ def _check_model(model) -> nn.Module:
             f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} (model_type={model_type!r}). "
             "For another model, pass lsce.integrations.transformers.CausalLMLoss as Trainer's compute_loss_func.")
     if "forward" in vars(model) and not hasattr(model, "_lsce"):
+        wrapper = getattr(model.forward, "__qualname__", type(model.forward).__name__)
         raise ValueError(
-            f"lsce: this model's forward was already replaced on the model ({getattr(model.forward, '__qualname__', model.forward)}), "
-            "by a trainer or accelerate, which would keep calling the model's own forward: call apply_lsce on the "
-            "model before handing it to Trainer, TRL or accelerate")
+            f"lsce: this model's forward was already replaced on the model ({wrapper}), as Trainer's accelerate, "
+            "TRL's trainers and other wrappers do, and that forward would keep calling the model's own: call "
+            "apply_lsce on the model before handing it to them")
     return head
 
 
