@@ -1,15 +1,25 @@
 """Train a small Llama from scratch with Hugging Face's Trainer, label-smoothed,
-three ways, and print loss, tokens/s and peak memory side by side:
+three ways, then train a LoRA adapter on the same initial model with TRL's
+SFTTrainer, two ways, and print loss, tokens/s and peak memory side by side:
 
 * ``transformers``: ``TrainingArguments(label_smoothing_factor=ε)``, Trainer's
   own path (the model returns the logits, ``LabelSmoother`` smooths them);
 * ``lsce fused``: ``apply_lsce(model, label_smoothing=ε)``, the LM head fused
   with the loss, so the logits never exist in a training step;
 * ``lsce logits``: ``apply_lsce(..., fused_linear=False)``, the model's logits
-  and lsce's loss on them.
+  and lsce's loss on them;
+
+and, with a LoRA adapter (rank 16 on the attention projections; the base
+weights frozen) on the same model and text:
+
+* ``trl``: ``SFTConfig(label_smoothing_factor=ε)``, SFTTrainer's own path
+  (the logits and Transformers' ``LabelSmoother``);
+* ``trl + lsce``: ``SFTTrainer(compute_loss_func=CausalLMLoss(ε))``, lsce's
+  loss on the logits (TRL computes its losses itself, so ``apply_lsce``'s
+  fused head cannot reach them).
 
 Same initial weights, same batches, same optimizer; only the loss path
-differs, so the three loss columns agree to rounding.
+differs, so the loss columns of each table agree to rounding.
 
 The text is generated here: a made-up language of ``--vocab`` words (syllable
 strings) whose sentences follow a random Markov chain (each word has 8
@@ -40,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # t
 from measure import Clock, PeakMemory, WorkerError, reply, run_worker  # noqa: E402
 
 VARIANTS = ("transformers", "lsce fused", "lsce logits")
+SFT_VARIANTS = ("trl", "trl + lsce")
+LORA_RANK = 16
 SUCCESSORS = 8
 
 
@@ -89,6 +101,31 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def sft_trainer(variant: str, model, ids: torch.Tensor, common: dict, args, callbacks):
+    """SFTTrainer with a LoRA adapter on the token rows ``ids``; the tokenizer
+    (one token per word, as :func:`tokenize`) is only read for its padding token."""
+    import datasets
+    import peft
+    import transformers
+    import trl
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lsce.integrations.transformers import CausalLMLoss
+
+    lexicon = words(args.vocab)
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(lexicon)}, unk_token=lexicon[0]))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=lexicon[0],
+                                                     eos_token=lexicon[0])
+    config = trl.SFTConfig(**common, label_smoothing_factor=args.eps if variant == "trl" else 0.0, max_length=None)
+    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    loss = CausalLMLoss(label_smoothing=args.eps) if variant == "trl + lsce" else None
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                          compute_loss_func=loss, callbacks=callbacks)
+
+
 def run_one(variant: str, args) -> dict:
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -103,7 +140,7 @@ def run_one(variant: str, args) -> dict:
         tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    if variant != "transformers":
+    if variant in ("lsce fused", "lsce logits"):
         apply_lsce(model, label_smoothing=args.eps, fused_linear=variant == "lsce fused")
 
     step_ends = []
@@ -114,14 +151,17 @@ def run_one(variant: str, args) -> dict:
             step_ends.append(clock.now())
 
     with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(
+        common = dict(
             output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=args.lr,
             lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True, remove_unused_columns=False,
-            dataloader_num_workers=0, label_smoothing_factor=args.eps if variant == "transformers" else 0.0)
+            use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True, dataloader_num_workers=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = Trainer(model=model, args=training, train_dataset=_Rows(ids), callbacks=[StepClock()])
+            if variant in SFT_VARIANTS:
+                trainer = sft_trainer(variant, model, ids, common, args, [StepClock()])
+            else:
+                training = TrainingArguments(**common, label_smoothing_factor=args.eps * (variant == "transformers"))
+                trainer = Trainer(model=model, args=training, train_dataset=_Rows(ids), callbacks=[StepClock()])
             memory = PeakMemory(device)
             memory.start()
             trainer.train()
@@ -133,7 +173,7 @@ def run_one(variant: str, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- the comparison
-def report(results, args) -> str:
+def report(results, args, title: str) -> str:
     logits_mb = args.batch * args.seq * args.vocab * (2 if args.bf16 else 4) / 2**20
     names = [r["variant"] for r in results]
     rows = [("", *names)]
@@ -143,16 +183,16 @@ def report(results, args) -> str:
     rows.append(("tokens/s", *(f"{r['tokens_per_s']:.0f}" for r in results)))
     rows.append(("peak MB above start", *(f"{r['peak_bytes'] / 2**20:.0f}" for r in results)))
     base = results[0]
-    rows.append(("speed vs transformers", *(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" for r in results)))
-    rows.append(("peak vs transformers", *(f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" for r in results)))
+    rows.append((f"speed vs {names[0]}", *(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" for r in results)))
+    rows.append((f"peak vs {names[0]}", *(f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" for r in results)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     worst = max(abs(a - b) / abs(b) for r in results[1:] for a, b in zip(r["losses"], base["losses"]))
-    head = (f"Llama {args.layers} layers × {args.hidden}, vocabulary {args.vocab}, {args.batch}×{args.seq} tokens "
-            f"per step, {args.steps} steps, ε={args.eps}, {'bf16' if args.bf16 else 'fp32'} on {args.device} "
+    head = (f"{title}: Llama {args.layers} layers × {args.hidden}, vocabulary {args.vocab}, {args.batch}×{args.seq} "
+            f"tokens per step, {args.steps} steps, ε={args.eps}, {'bf16' if args.bf16 else 'fp32'} on {args.device} "
             f"({torch.get_num_threads()} threads); logits of one step: {logits_mb:.0f} MB")
-    return "\n".join([head, "", *lines, "", f"largest relative loss difference to transformers: {worst:.2e}"])
+    return "\n".join([head, "", *lines, "", f"largest relative loss difference to {names[0]}: {worst:.2e}"])
 
 
 def main(argv=None):
@@ -168,22 +208,24 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="Trainer's bf16 mixed precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fast", action="store_true", help="a smoke run: 4000 words, 64×4 tokens, 6 steps")
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one run, in a child process
+    p.add_argument("--variant", choices=VARIANTS + SFT_VARIANTS, help=argparse.SUPPRESS)  # one run, in a child
     args = p.parse_args(argv)
     if args.fast:
         args.vocab, args.hidden, args.seq, args.batch, args.steps = 4000, 64, 64, 4, 6
     if args.variant:
         return reply(run_one(args.variant, args))
-    results = []
     settings = ("vocab", "hidden", "layers", "seq", "batch", "steps", "lr", "eps", "device")
     child = [a for name in settings for a in (f"--{name}", str(getattr(args, name)))] + ["--bf16"] * args.bf16
-    for variant in VARIANTS:
-        print(f"training with {variant} ...", flush=True)
-        try:
-            results.append(run_worker(os.path.abspath(__file__), [*child, "--variant", variant]))
-        except WorkerError as e:
-            sys.exit(f"the {variant} run failed: {e}\n{e.stderr}")
-    print(report(results, args))
+    tables = (("Trainer, from scratch", VARIANTS), (f"SFTTrainer, LoRA rank {LORA_RANK}", SFT_VARIANTS))
+    for title, variants in tables:
+        results = []
+        for variant in variants:
+            print(f"training with {variant} ...", flush=True)
+            try:
+                results.append(run_worker(os.path.abspath(__file__), [*child, "--variant", variant]))
+            except WorkerError as e:
+                sys.exit(f"the {variant} run failed: {e}\n{e.stderr}")
+        print(report(results, args, title) + "\n", flush=True)
 
 
 if __name__ == "__main__":

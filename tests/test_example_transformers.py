@@ -1,5 +1,7 @@
-"""examples/train_llama_lsce.py --fast: the three ways of training print the
-same losses step by step, and finite speed and memory figures."""
+"""examples/train_llama_lsce.py --fast: the three ways of training with
+Trainer, and the two of training a LoRA adapter with TRL's SFTTrainer, print
+the same losses step by step within each table, and finite speed and memory
+figures."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import lsce
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_llama_lsce.py"
 VARIANTS = ["transformers", "lsce fused", "lsce logits"]
+SFT_VARIANTS = ["trl", "trl + lsce"]
 
 
 def test_fast_run_prints_matching_losses():
@@ -24,8 +27,14 @@ def test_fast_run_prints_matching_losses():
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--fast"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    header, rows = parse_first_table(proc.stdout)
-    assert header == VARIANTS, header
+    sft = proc.stdout.index("\nSFTTrainer")
+    for text, variants in ((proc.stdout[:sft], VARIANTS), (proc.stdout[sft:], SFT_VARIANTS)):
+        check_table(text, variants)
+
+
+def check_table(text, variants):
+    header, rows = parse_first_table(text)
+    assert header == variants, header
     loss_rows = [label for label in rows if label.startswith("loss, step")]
     assert len(loss_rows) >= 3 and "loss, step 6" in loss_rows, list(rows)
     first, last = (float(c) for c in (rows[loss_rows[0]][0], rows[loss_rows[-1]][0]))

@@ -5,6 +5,12 @@ with gradient accumulation. Small models built from configs: offline."""
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+import pickle
+import subprocess
+import sys
+import types
 import warnings
 
 import pytest
@@ -90,9 +96,14 @@ def test_without_smoothing_equals_the_models_own_loss(model_type):
         assert_same_step((actual.detach(), grads(model)), (expected.detach(), grads(ref)))
 
 
+def shifted(labels):
+    return torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
 def test_loss_options_reach_lsce():
     """weight, z_loss, smoothing_prior and a chunk that does not divide the
-    rows: the fused model equals lsce.cross_entropy on the model's logits."""
+    rows: the fused model equals lsce.cross_entropy's sum on the model's
+    logits over the token count (with class weights, see below)."""
     ref = tiny_model("qwen2")
     g = torch.Generator().manual_seed(3)
     prior = torch.rand(V, generator=g) + 0.1
@@ -100,8 +111,9 @@ def test_loss_options_reach_lsce():
     model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, chunk_size=7, **options)
     ids, labels = batch()
     logits = ref(ids).logits
-    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    expected = lsce.cross_entropy(logits.reshape(-1, V), target.reshape(-1), label_smoothing=EPS, **options)
+    target = shifted(labels).reshape(-1)
+    expected = lsce.cross_entropy(logits.reshape(-1, V), target, label_smoothing=EPS, reduction="sum", **options)
+    expected = expected / (target != -100).sum()
     expected.backward()
     actual = model(ids, labels=labels).loss
     actual.backward()
@@ -188,7 +200,7 @@ def test_a_deep_copy_is_independent():
             p.mul_(0.5)
     ids, labels = batch()
     assert not torch.equal(clone(ids, labels=labels).loss, model(ids, labels=labels).loss)
-    assert clone._lsce is not model._lsce and clone._lsce.inner_forward.__self__ is clone
+    assert clone._lsce is not model._lsce
 
 
 @pytest.mark.parametrize("make, match", [
@@ -221,6 +233,222 @@ def test_bad_options_raise_before_the_model_is_changed(kwargs, error, match):
 def test_softcap_twice_is_refused():
     with pytest.raises(ValueError, match="already softcaps"):
         apply_lsce(tiny_model("gemma2"), softcap=20.0)
+
+
+# ---- the patched model as training scripts handle it ---------------------------
+
+
+def test_the_forward_keeps_the_models_signature_and_class_name():
+    """Trainer's column filtering, generation, torch.compile and TRL read it."""
+    ref = tiny_model("llama")
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+    assert inspect.signature(model.forward) == inspect.signature(ref.forward)
+    assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, type(ref))
+
+
+def test_trainer_with_default_training_arguments(tmp_path):
+    """Trainer's defaults, remove_unused_columns=True among them (the columns
+    the forward does not take are dropped: "note" here): the patched model
+    trains, with the loss of label_smoothing_factor=ε."""
+    g = torch.Generator().manual_seed(5)
+    dataset = [{"input_ids": ids, "labels": ids, "note": "x"} for ids in torch.randint(0, V, (16, 12), generator=g)]
+
+    def train_loss(model, **kwargs):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+            trainer.train()
+        return trainer.state.log_history[-1]["train_loss"]
+
+    base = tiny_model("llama")
+    expected = train_loss(copy.deepcopy(base), label_smoothing_factor=EPS)
+    assert train_loss(apply_lsce(copy.deepcopy(base), label_smoothing=EPS)) == pytest.approx(expected, rel=1e-5)
+
+
+def _copies(how, model, tmp_path):
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    return torch.load(tmp_path / "model.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_a_patched_model_survives_pickle_torch_save_and_deepcopy(how, tmp_path):
+    model = apply_lsce(tiny_model("llama"), label_smoothing=EPS, z_loss=1e-3)
+    ids, labels = batch()
+    clone = _copies(how, model, tmp_path)
+    assert type(clone) is type(model) and inspect.signature(clone.forward) == inspect.signature(model.forward)
+    out = clone(ids, labels=labels)
+    assert out.logits is None  # still fused, with the same options
+    torch.testing.assert_close(out.loss, model(ids, labels=labels).loss, rtol=0, atol=0)
+
+
+def test_a_patched_model_loads_in_a_fresh_process_and_its_state_dict_in_another_model(tmp_path):
+    model = apply_lsce(tiny_model("llama"), label_smoothing=EPS)
+    ids, labels = batch()
+    expected = model(ids, labels=labels).loss
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((ids, labels), tmp_path / "batch.pt")
+    child = ("import sys, torch; model = torch.load(sys.argv[1], weights_only=False); "
+             "ids, labels = torch.load(sys.argv[2]); out = model(ids, labels=labels); "
+             "print(out.logits is None, repr(out.loss.item()))")
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "model.pt"), str(tmp_path / "batch.pt")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the installed lsce
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", repr(expected.item())]
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    other = apply_lsce(tiny_model("llama", seed=7), label_smoothing=EPS)
+    other.load_state_dict(torch.load(tmp_path / "state.pt"))
+    torch.testing.assert_close(other(ids, labels=labels).loss, expected, rtol=0, atol=0)
+
+
+def test_save_pretrained_saves_no_lsce_settings_and_reapplying_is_one_line(tmp_path):
+    ref = tiny_model("gemma2")
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+    ref.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "lsce")
+    config = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("plain", "lsce")]
+    assert config[0] == config[1]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lsce").train()
+    assert type(loaded) is type(ref)  # the checkpoint is the model's own
+    assert loaded.state_dict().keys() == ref.state_dict().keys()
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids, labels = batch()
+    torch.testing.assert_close(loaded(ids, labels=labels).loss, ref(ids, labels=labels).loss, rtol=0, atol=0)
+    apply_lsce(loaded, label_smoothing=EPS)
+    torch.testing.assert_close(loaded(ids, labels=labels).loss, model(ids, labels=labels).loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("to", [torch.float64, "cuda"])
+def test_model_to_takes_the_loss_options_along(to):
+    if to == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ref = tiny_model("llama")
+    weight = torch.rand(V, generator=torch.Generator().manual_seed(6)) + 0.5
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, weight=weight).to(to)
+    ref.to(to)
+    ids, labels = (t.to(ref.lm_head.weight.device) for t in batch())
+    target = shifted(labels).reshape(-1)
+    expected = lsce.cross_entropy(ref(ids).logits.reshape(-1, V), target, weight=weight.to(ids.device),
+                                  label_smoothing=EPS, reduction="sum") / (target != -100).sum()
+    actual = model(ids, labels=labels).loss
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected)
+
+
+def test_applying_after_the_forward_was_replaced_is_refused():
+    model = tiny_model("llama")
+    model.forward = types.MethodType(type(model).forward, model)  # as accelerate's and TRL's wrappers do
+    with pytest.raises(ValueError, match="before handing it to them"):
+        apply_lsce(model)
+
+
+def test_import_lsce_reaches_the_integration_without_importing_transformers(tmp_path):
+    code = ("import sys, lsce; assert callable(lsce.integrations.transformers.apply_lsce); "
+            "assert 'transformers' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---- the LM head module --------------------------------------------------------
+
+
+class _HalvedLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) * 0.5
+
+
+HEAD_CHANGES = {
+    "forward hook": lambda head: head.register_forward_hook(lambda m, args, out: out * 0.5),
+    "forward pre-hook": lambda head: head.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,)),
+    "backward hook": lambda head: head.register_full_backward_hook(lambda m, gi, go: (gi[0] * 0.5,)),
+    "subclass": lambda head: setattr(head, "__class__", _HalvedLinear),
+    "forward on the module": lambda head: setattr(head, "forward", types.MethodType(_HalvedLinear.forward, head)),
+}
+
+
+@pytest.mark.parametrize("change", HEAD_CHANGES)
+def test_a_head_that_is_not_a_plain_linear_runs_its_own_forward(change):
+    """Fusing would skip what the head adds: training falls back to the head's
+    own forward with a one-time warning, and equals the unpatched model (and
+    the patched one in eval mode)."""
+    ref = tiny_model("llama")
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+    for m in (ref, model):
+        HEAD_CHANGES[change](m.lm_head)
+    ids, labels = batch()
+    expected = reference_step(ref, ids, labels)
+    with pytest.warns(UserWarning, match="LM head is not fused with the loss because"):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    assert out.logits is not None
+    assert_same_step((out.loss.detach(), grads(model)), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        model(ids, labels=labels)
+    torch.testing.assert_close(model.eval()(ids, labels=labels).loss, expected[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_fsdp2_heads_fall_back_and_a_sharded_root_fuses():
+    """FSDP2 on one process: a head wrapped by fully_shard (its weight sharded
+    until its own forward runs) falls back with a warning; a head inside the
+    root's group is a plain nn.Linear during the root's forward and fuses."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ref = tiny_model("llama")
+    ids, labels = batch()
+    expected = reference_step(ref, ids, labels)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for wrap_head in (True, False):
+            model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS)
+            model.zero_grad()
+            if wrap_head:
+                fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = model(ids, labels=labels)
+            out.loss.backward()
+            assert (out.logits is None) != wrap_head
+            assert any("FSDP2" in str(w.message) for w in caught) == wrap_head
+            full = {n: g.full_tensor() for n, g in grads(model).items()}
+            assert_same_step((out.loss.detach(), full), expected)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ---- class weights -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+def test_class_weights_give_the_same_loss_for_the_same_tokens(fused):
+    """With class weights, apply_lsce and CausalLMLoss divide the weighted sum
+    by the token count, as Trainer's num_items_in_batch does: a call on the
+    whole batch equals the sum of its micro-batches under Trainer's gradient
+    accumulation (each divided by the whole batch's count)."""
+    ref = tiny_model("llama")
+    weight = torch.rand(V, generator=torch.Generator().manual_seed(6)) + 0.5
+    model = apply_lsce(copy.deepcopy(ref), label_smoothing=EPS, fused_linear=fused, weight=weight)
+    ids, labels = batch(B=4)
+    target = shifted(labels).reshape(-1)
+    n = (target != -100).sum()
+    logits = ref(ids).logits
+    expected = lsce.cross_entropy(logits.reshape(-1, V), target, weight=weight, label_smoothing=EPS,
+                                  reduction="sum") / n
+    loss = CausalLMLoss(label_smoothing=EPS, weight=weight)
+    whole = [model(ids, labels=labels).loss, loss({"logits": logits}, labels)]
+    parts = [sum(model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=n).loss for i in (0, 2)),
+             sum(loss({"logits": logits[i:i + 2]}, labels[i:i + 2], num_items_in_batch=n) for i in (0, 2))]
+    for actual in whole + parts:
+        torch.testing.assert_close(actual, expected)
 
 
 # ---- Trainer -----------------------------------------------------------------

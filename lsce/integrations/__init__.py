@@ -1,5 +1,8 @@
 """Adapters that put lsce under other libraries' training loops.
 
-Each submodule imports its library on first use, so ``import lsce`` never
-needs them: ``lsce.integrations.transformers`` needs ``pip install 'lsce[transformers]'``.
+Each submodule imports its library on first use, so ``import lsce`` makes
+them reachable without needing the library: ``lsce.integrations.transformers``
+needs ``pip install 'lsce[transformers]'`` when it is used.
 """
+
+from . import transformers  # noqa: F401

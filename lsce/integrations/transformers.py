@@ -9,10 +9,13 @@ Two ways in:
   returns the shifted, label-smoothed loss normalised like the model's own:
   the mean over predicted tokens, or the sum divided by the
   ``num_items_in_batch`` that ``Trainer`` passes under gradient accumulation.
-  With ``fused_linear=True`` a training-mode call with labels runs the LM head
-  inside :func:`lsce.linear_cross_entropy`, so the N×V logits never exist (the
-  output's ``logits`` is then None). Without labels, or in eval mode, the model
-  computes and returns its logits as before, so generation is untouched.
+  With ``fused_linear=True`` a training-mode call with labels runs a plain
+  ``nn.Linear`` LM head inside :func:`lsce.linear_cross_entropy`, so the N×V
+  logits never exist (the output's ``logits`` is then None); any other head
+  runs its own forward (:func:`unfused_reason`). Without labels, or in eval
+  mode, the model computes and returns its logits as before, so generation is
+  untouched. The model's class becomes a subclass of its own with lsce's
+  forward: same name and signature, picklable.
 * :class:`CausalLMLoss` is a ``Trainer(compute_loss_func=...)``: the loss of
   the logits the model returned, equal to what ``label_smoothing_factor``
   (``LabelSmoother``) gives, without its log-softmax and fp32 copies.
@@ -26,8 +29,11 @@ label smoother on the logits.
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import inspect
-import types
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -58,13 +64,19 @@ def causal_lm_loss(
     Position t predicts label t+1 (``labels`` padded with ``ignore_index`` and
     shifted left, so the logits are never sliced or copied) unless
     ``shift_labels`` is given. The mean over non-ignored tokens, or, when
-    ``num_items_in_batch`` is given, the sum divided by it. With ``lm_head``,
-    ``logits`` holds the hidden states and the head runs fused with the loss.
-    The loss is fp32 (fp64 for fp64), as the model's own loss is.
+    ``num_items_in_batch`` is given, the sum divided by it. With class weights
+    too: their weighted sum divided by the token count, not by Σ w_y as
+    ``F.cross_entropy``'s mean, since Trainer's ``num_items_in_batch`` counts
+    tokens; so the same tokens give the same loss however they are split into
+    micro-batches. With ``lm_head``, ``logits`` holds the hidden states and the
+    head runs fused with the loss. The loss is fp32 (fp64 for fp64), as the
+    model's own loss is.
     """
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None and options.get("weight") is not None:
+        num_items_in_batch = (target != ignore_index).sum()
     rows = logits.reshape(-1, logits.shape[-1])
     kwargs = dict(reduction="mean" if num_items_in_batch is None else "sum", ignore_index=ignore_index,
                   label_smoothing=label_smoothing, out_dtype=torch.promote_types(logits.dtype, torch.float32),
@@ -147,22 +159,46 @@ class LabelSmoother(CausalLMLoss):
                               shift_labels=None if shift_labels else labels)
 
 
-class _LsceState:
-    """What apply_lsce attaches to a model (``model._lsce``): the loss options
-    and the forward it wraps."""
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-    def __init__(self, model: nn.Module, label_smoothing: float, fused_linear: bool, options: dict) -> None:
+
+def unfused_reason(head: nn.Module) -> Optional[str]:
+    """Why running ``head`` fused with the loss (reading its ``weight`` and
+    ``bias``) could differ from calling it; None for a plain ``nn.Linear``."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is an FSDP2 module unless FSDP was imported
+    if fsdp is not None and isinstance(head, getattr(fsdp, "FSDPModule", ())):
+        return "it is an FSDP2 module: its weight is sharded until its own forward gathers it"
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return f"it is a {type(head).__module__}.{type(head).__qualname__} with a forward of its own, not an nn.Linear"
+    if "forward" in vars(head):
+        return "its forward is replaced on the module (as accelerate's device_map hooks do)"
+    global_hooks = (getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS)
+    if any(getattr(head, name) for name in _HOOKS) or any(global_hooks):
+        return "it has forward or backward hooks, which a fused head would skip"
+    if any(p is not None and type(p) not in (nn.Parameter, Tensor) for p in (head.weight, head.bias)):
+        return f"its weight is a {type(head.weight).__name__}, not a plain tensor"
+    return None
+
+
+class _LsceState:
+    """What apply_lsce attaches to a model (``model._lsce``): the loss options,
+    plain data, so that the model pickles and copies with them."""
+
+    def __init__(self, label_smoothing: float, fused_linear: bool, options: dict) -> None:
         self.label_smoothing, self.fused_linear, self.options = label_smoothing, fused_linear, options
-        self.inner_forward = model.forward
-        self.signature = inspect.signature(type(model).forward)
-        self.var_keyword = next((p.name for p in self.signature.parameters.values()
-                                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self.warned: set = set()
+        self.running = 0  # calls of the model's forward in progress: a decoder call outside them bypasses lsce
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                       shift_labels=None, *, lm_head=None, softcap=None, **_model_kwargs):
         """``model.loss_function``, called as the model's own ForCausalLMLoss is;
         with ``lm_head`` (the fused forward), ``logits`` are the hidden states."""
-        options = dict(self.options)
+        options = {k: v.to(logits.device) if isinstance(v, Tensor) else v for k, v in self.options.items()}
         chunk_size = options.pop("chunk_size", None)
         if lm_head is not None:
             options.update(lm_head=lm_head, chunk_size=chunk_size)
@@ -172,18 +208,39 @@ class _LsceState:
                               num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                               shift_labels=shift_labels, **options)
 
+    def decoder_pre_hook(self, decoder: nn.Module, args, kwargs) -> None:
+        """The decoder's forward pre-hook: a training step that runs the decoder
+        outside the model's forward computes its loss from the hidden states
+        itself, as TRL's trainers do through their own fused LM head."""
+        if self.running == 0 and decoder.training and torch.is_grad_enabled():
+            self.warn_once("bypassed", (
+                "lsce: the model's decoder ran outside the model's forward in a training step, as TRL's trainers "
+                "(SFTTrainer, DPOTrainer, ...) do through their own fused LM head: that loss is computed by its "
+                "caller, not by apply_lsce, so lsce's label smoothing does not reach it. With SFTTrainer, pass "
+                "compute_loss_func=lsce.integrations.transformers.CausalLMLoss(label_smoothing=...) instead."))
 
-def _lsce_forward(model: nn.Module, *args, **kwargs):
-    """``model.forward`` after apply_lsce: the model's own forward, unless this
-    is a training-mode call with labels and the head is fused."""
+
+def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, args, kwargs):
+    """``model.forward`` after apply_lsce: the model's own forward (its loss
+    lsce's), or, in a training-mode call with labels, the fused head."""
     state = model._lsce
-    arguments = state.signature.bind(model, *args, **kwargs).arguments
-    if not (state.fused_linear and model.training and arguments.get("labels") is not None):
-        return state.inner_forward(*args, **kwargs)
-    return _fused_forward(model, state, dict(arguments))
+    state.running += 1
+    try:
+        if state.fused_linear and model.training:
+            arguments = signature.bind(model, *args, **kwargs).arguments
+            if arguments.get("labels") is not None:
+                reason = unfused_reason(model.get_output_embeddings())
+                if reason is None:
+                    return _fused_forward(model, signature, dict(arguments))
+                state.warn_once(reason, f"lsce: the LM head is not fused with the loss because {reason}; the loss is "
+                                        "lsce's on the logits the head's own forward returns (materialised, as with "
+                                        "fused_linear=False)")
+        return base.forward(model, *args, **kwargs)
+    finally:
+        state.running -= 1
 
 
-def _fused_forward(model: nn.Module, state: _LsceState, arguments: dict):
+def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: dict):
     """The supported families' ``…ForCausalLM.forward`` with the LM head (and
     Gemma 2/3's final-logit softcap) moved into the loss: the decoder, its last
     hidden states (sliced by ``logits_to_keep``), the fused loss; ``logits`` None.
@@ -191,7 +248,9 @@ def _fused_forward(model: nn.Module, state: _LsceState, arguments: dict):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     del arguments["self"]
-    kwargs = arguments.pop(state.var_keyword, {}) if state.var_keyword else {}
+    var_keyword = next((p.name for p in signature.parameters.values()
+                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    kwargs = arguments.pop(var_keyword, {}) if var_keyword else {}
     labels, keep = arguments.pop("labels"), arguments.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
     outputs = model.get_decoder()(**arguments, **kwargs)
@@ -200,22 +259,67 @@ def _fused_forward(model: nn.Module, state: _LsceState, arguments: dict):
         hidden = hidden[:, -keep:] if keep else hidden
     else:
         hidden = hidden[:, keep]
-    loss = state.loss_function(hidden, labels, lm_head=model.get_output_embeddings(),
-                               softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
+    loss = model._lsce.loss_function(hidden, labels, lm_head=model.get_output_embeddings(),
+                                     softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
     output = CausalLMOutputWithPast(loss=loss, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return output.to_tuple() if return_dict is False else output
 
 
-def _check_model(model) -> nn.Linear:
+_PATCHED: dict = {}  # a model class -> its subclass whose forward is lsce's
+
+
+def _new_patched(base: type):
+    """Unpickling and deep copies: a patched model is rebuilt from its model class."""
+    cls = _patched_class(base)
+    return cls.__new__(cls)
+
+
+def _patched_class(base: type) -> type:
+    """``base`` with lsce's forward: same name, signature (``functools.wraps``)
+    and everything else, so that Trainer, generation, PEFT, TRL and
+    ``save_pretrained`` see the model's own class."""
+    cls = _PATCHED.get(base)
+    if cls is None:
+        signature = inspect.signature(base.forward)
+
+        @functools.wraps(base.forward)
+        def forward(self, *args, **kwargs):
+            return _lsce_forward(self, base, signature, args, kwargs)
+
+        def __reduce_ex__(self, protocol):
+            rv = base.__reduce_ex__(self, protocol)
+            if type(self) is cls and rv[0] is copyreg.__newobj__:  # not a subclass made later (FSDP2's)
+                rv = (_new_patched, (base,), *rv[2:])
+            return rv
+
+        cls = type(base.__name__, (base,), {"forward": forward, "__reduce_ex__": __reduce_ex__,
+                                             "__module__": base.__module__, "__qualname__": base.__qualname__})
+        _PATCHED[base] = cls
+    return cls
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """A PEFT model's transformers model (the one its adapters were injected into)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) and type(model).__module__.startswith("peft.") else model
+
+
+def _check_model(model) -> nn.Module:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if (model_type not in SUPPORTED_MODEL_TYPES or not type(model).__name__.endswith("ForCausalLM")
-            or not isinstance(head, nn.Linear) or not hasattr(model, "loss_function")):
+            or not isinstance(getattr(head, "weight", None), Tensor) or not hasattr(model, "loss_function")):
         raise ValueError(
             f"lsce: apply_lsce supports the causal-LM models (…ForCausalLM) of the model types "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} (model_type={model_type!r}). "
             "For another model, pass lsce.integrations.transformers.CausalLMLoss as Trainer's compute_loss_func.")
+    if "forward" in vars(model) and not hasattr(model, "_lsce"):
+        wrapper = getattr(model.forward, "__qualname__", type(model.forward).__name__)
+        raise ValueError(
+            f"lsce: this model's forward was already replaced on the model ({wrapper}), as Trainer's accelerate, "
+            "TRL's trainers and other wrappers do, and that forward would keep calling the model's own: call "
+            "apply_lsce on the model before handing it to them")
     return head
 
 
@@ -224,32 +328,45 @@ def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: boo
 
     Args:
         model: a Transformers ``…ForCausalLM`` of a type in ``SUPPORTED_MODEL_TYPES``
-            (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text).
+            (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text), or a
+            PEFT model around one.
         label_smoothing: ε of the smoothed target ``(1 − ε)·onehot + ε/V``.
         fused_linear: in training mode, with labels, compute the LM head and
             the loss together (:func:`lsce.linear_cross_entropy`): the logits
             are never materialised and the output's ``logits`` is None. Gemma
-            2/3's final-logit softcap is applied inside the fused loss.
+            2/3's final-logit softcap is applied inside the fused loss. Only a
+            plain ``nn.Linear`` head without hooks is fused; any other head
+            (LoRA on ``lm_head``, a quantised or FSDP2-sharded head, hooks)
+            runs its own forward, with a one-time warning that says why.
             The model's own forward still runs in every other call.
         **loss_options: lsce's ``weight``, ``z_loss``, ``softcap``,
             ``smoothing_prior`` and (fused) ``chunk_size``.
 
     The loss is normalised like the model's own: the mean over the tokens that
     have a next-token label, or the sum divided by ``num_items_in_batch``
-    (what ``Trainer`` passes under gradient accumulation). Calling apply_lsce
-    again replaces the options. Parameters, state dict and config are untouched.
+    (what ``Trainer`` passes under gradient accumulation); with class weights
+    too, so that the same tokens give the same loss either way.
+
+    The model keeps its class name, forward signature, parameters, state dict
+    and config: its class becomes a subclass of its own whose forward is
+    lsce's. It pickles, deep-copies and ``torch.save``-s with lsce's settings;
+    ``save_pretrained`` saves none of them (call apply_lsce again after
+    ``from_pretrained``). Calling apply_lsce again replaces the options.
     """
-    head = _check_model(model)
-    if loss_options.get("softcap") is not None and getattr(model.config, "final_logit_softcapping", None):
+    target = _base_model(model)
+    head = _check_model(target)
+    if loss_options.get("softcap") is not None and getattr(target.config, "final_logit_softcapping", None):
         raise ValueError("lsce: this model already softcaps its logits (config.final_logit_softcapping); "
                          "do not pass softcap")
-    _check_options(label_smoothing, loss_options, head.out_features, head.weight.device)
-    state = getattr(model, "_lsce", None)
+    weight = head.weight
+    _check_options(label_smoothing, loss_options, weight.shape[0], weight.device)
+    state = getattr(target, "_lsce", None)
     if state is None:
-        state = _LsceState(model, label_smoothing, fused_linear, dict(loss_options))
-        model._lsce = state
-        model.forward = types.MethodType(_lsce_forward, model)
-        model.loss_function = state.loss_function
+        state = _LsceState(label_smoothing, fused_linear, dict(loss_options))
+        target._lsce = state
+        target.loss_function = state.loss_function
+        target.get_decoder().register_forward_pre_hook(state.decoder_pre_hook, with_kwargs=True)
+        target.__class__ = _patched_class(type(target))
     else:
         state.label_smoothing, state.fused_linear, state.options = label_smoothing, fused_linear, dict(loss_options)
     return model
