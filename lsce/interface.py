@@ -61,7 +61,7 @@ class Coefficients(NamedTuple):
 
     weight: Optional[Tensor]  # (K,): w, whose w_y scales the true-class term; None: w ≡ 1
     c: Optional[Tensor]  # (K,): c_k of the smoothing term; None: uniform, c_k = 1 / uniform_over
-    C: Union[Tensor, float]  # the coefficient of lse in the smoothing term (Σ c for a full row)
+    C: Union[Tensor, float]  # lse's coefficient in the smoothing term (Σ c of full rows); 0-d tensor iff c is given
     uniform_over: int  # classes the uniform prior spreads over (the full vocabulary)
 
 
