@@ -54,7 +54,6 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import lsce  # noqa: E402
 

@@ -12,7 +12,6 @@
 """
 
 import gc
-import math
 import os
 import subprocess
 import sys

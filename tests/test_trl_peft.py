@@ -4,7 +4,6 @@ tokenizer built here, data sets in memory: offline."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import datasets
