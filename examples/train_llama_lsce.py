@@ -14,9 +14,9 @@ weights frozen) on the same model and text:
 
 * ``trl``: ``SFTConfig(label_smoothing_factor=ε)``, SFTTrainer's own path
   (the logits and Transformers' ``LabelSmoother``);
-* ``trl + lsce``: ``SFTTrainer(compute_loss_func=CausalLMLoss(ε))``, lsce's
-  loss on the logits (TRL computes its losses itself, so ``apply_lsce``'s
-  fused head cannot reach them).
+* ``trl + lsce``: ``lsce.integrations.trl.SFTTrainer`` with the same
+  ``label_smoothing_factor``: the loss from ``apply_lsce``'s fused head, so no
+  training forward builds the logits.
 
 Same initial weights, same batches, same optimizer; only the loss path
 differs, so the loss columns of each table agree to rounding.
@@ -110,20 +110,20 @@ def sft_trainer(variant: str, model, ids: torch.Tensor, common: dict, args, call
     import trl
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from lsce.integrations.transformers import CausalLMLoss
+    from lsce.integrations import trl as lsce_trl
 
     lexicon = words(args.vocab)
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(lexicon)}, unk_token=lexicon[0]))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=lexicon[0],
                                                      eos_token=lexicon[0])
-    config = trl.SFTConfig(**common, label_smoothing_factor=args.eps if variant == "trl" else 0.0, max_length=None)
+    config = trl.SFTConfig(**common, label_smoothing_factor=args.eps, max_length=None)
     lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    loss = CausalLMLoss(label_smoothing=args.eps) if variant == "trl + lsce" else None
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
-    return trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
-                          compute_loss_func=loss, callbacks=callbacks)
+    trainer = lsce_trl.SFTTrainer if variant == "trl + lsce" else trl.SFTTrainer
+    return trainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                   callbacks=callbacks)
 
 
 def run_one(variant: str, args) -> dict:

@@ -482,14 +482,16 @@ def _collate(examples):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _train(model, tmp_path, label_smoothing_factor=0.0, lsce_label_smoother=False, **trainer_kwargs):
+def _train(model, tmp_path, label_smoothing_factor=0.0, lsce_label_smoother=False, keep_warnings=False,
+           **trainer_kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=3,
         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
         label_smoothing_factor=label_smoothing_factor, dataloader_num_workers=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        if not keep_warnings:
+            warnings.simplefilter("ignore")
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Examples(), data_collator=_collate,
                                        **trainer_kwargs)
         if lsce_label_smoother:
@@ -520,6 +522,21 @@ def test_trainer_with_gradient_accumulation_matches_label_smoothing_factor(tmp_p
         assert losses == pytest.approx(expected_losses, rel=1e-5), name
         for n, w in expected_weights.items():
             torch.testing.assert_close(weights[n], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
+
+
+def test_trainer_smoothing_its_own_logits_says_apply_lsce_is_unused(tmp_path):
+    """Trainer(label_smoothing_factor=ε) takes the labels away from the model
+    and smooths the logits itself: the loss is Trainer's, and a patched model
+    says once that apply_lsce's loss is not used."""
+    base = tiny_model("llama")
+    expected, _ = _train(copy.deepcopy(base), tmp_path, label_smoothing_factor=EPS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, _ = _train(apply_lsce(copy.deepcopy(base), label_smoothing=EPS), tmp_path,
+                           label_smoothing_factor=EPS, keep_warnings=True)
+    assert losses == pytest.approx(expected, rel=1e-5)
+    unlabelled = [w for w in caught if "training step without labels" in str(w.message)]
+    assert len(unlabelled) == 1 and "label_smoothing_factor" in str(unlabelled[0].message)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])

@@ -14,9 +14,12 @@ import transformers
 import trl
 from test_transformers import EPS, V, assert_same_step, batch, grads, reference_step, tiny_model
 
+import lsce.integrations.transformers as integration
+from lsce.integrations import trl as lsce_trl
 from lsce.integrations.transformers import CausalLMLoss, apply_lsce
 
 BYPASSED = "decoder ran outside the model's forward"
+UNLABELLED = "training step without labels"
 
 
 def lsce_warnings(caught):
@@ -96,29 +99,73 @@ def losses_of(trainer):
     return losses, lsce_warnings(caught)
 
 
-def sft(model, tmp_path, label_smoothing_factor=0.0, packing=False, lora_targets=None, **kwargs):
+def sft(model, tmp_path, label_smoothing_factor=0.0, packing=False, lora_targets=None, trainer=trl.SFTTrainer,
+        bf16=None, **kwargs):
+    """Two optimizer steps; bf16=None is SFTConfig's default (bf16 autocast where the CPU has it)."""
+    config = {} if bf16 is None else dict(bf16=bf16)
     args = trl.SFTConfig(**common_args(tmp_path), label_smoothing_factor=label_smoothing_factor, packing=packing,
-                         max_length=64)
+                         max_length=64, **config)
     peft_config = None if lora_targets is None else peft.LoraConfig(r=4, target_modules=lora_targets)
     data = datasets.Dataset.from_dict({"input_ids": token_rows()})
     torch.manual_seed(3)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer(),
-                             peft_config=peft_config, **kwargs)
-    return losses_of(trainer)
+    return losses_of(trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer(),
+                             peft_config=peft_config, **kwargs))
 
 
-@pytest.mark.parametrize("setup", [dict(), dict(packing=True), dict(lora_targets=["q_proj", "v_proj"])],
-                         ids=["padded", "packed", "LoRA"])
+SFT_SETUPS = dict(argvalues=[dict(), dict(packing=True), dict(lora_targets=["q_proj", "v_proj"])],
+                  ids=["padded", "packed", "LoRA"])
+
+
+@pytest.mark.parametrize("setup", **SFT_SETUPS)
+def test_lsce_sft_trainer_gives_trls_label_smoothing_factor_loss_without_logits(setup, tmp_path, monkeypatch):
+    """lsce.integrations.trl.SFTTrainer: the losses of trl.SFTTrainer's own
+    label_smoothing_factor (padded batches, packed sequences, a LoRA adapter),
+    from apply_lsce's fused head: every training forward runs it (no logits),
+    and TRL's metrics are still logged. fp32 here: equal to rounding."""
+    expected, _ = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, bf16=False, **setup)
+    fused_calls, fused_forward = [], integration._fused_forward
+
+    def counted(*args):
+        fused_calls.append(torch.is_grad_enabled())
+        return fused_forward(*args)
+
+    monkeypatch.setattr(integration, "_fused_forward", counted)
+    losses, caught = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, bf16=False,
+                         trainer=lsce_trl.SFTTrainer, **setup)
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert caught == []
+    assert fused_calls == [True] * 4  # 2 steps × 2 accumulated micro-batches, each through lsce's fused head
+
+
+def test_lsce_sft_trainer_under_bf16_autocast_is_no_further_from_fp32_than_trl(tmp_path):
+    """SFTConfig's default on a CPU with bf16: autocast. Both round the
+    head's matmul to bf16 (in other blocks), so the losses are compared with
+    the fp32 run: lsce no further from it than TRL's own bf16 run."""
+    truth, _ = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, bf16=False)
+    trl_bf16, _ = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, bf16=True)
+    lsce_bf16, _ = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, bf16=True,
+                       trainer=lsce_trl.SFTTrainer)
+    assert trl_bf16 != truth  # autocast did round
+    worst_trl = max(abs(a - t) for a, t in zip(trl_bf16, truth))
+    worst_lsce = max(abs(a - t) for a, t in zip(lsce_bf16, truth))
+    assert worst_lsce <= worst_trl + 1e-6 * max(truth)
+
+
+def test_lsce_sft_trainer_needs_a_model_object_to_smooth(tmp_path):
+    with pytest.raises(TypeError, match="pass the model as a module"):
+        sft("some/model-name", tmp_path, label_smoothing_factor=EPS, trainer=lsce_trl.SFTTrainer)
+
+
+@pytest.mark.parametrize("setup", **SFT_SETUPS)
 def test_sft_trainer_with_causal_lm_loss_gives_its_label_smoothing_factor_loss(setup, tmp_path):
-    """SFTTrainer computes the loss itself: lsce plugs in as its
-    compute_loss_func and gives the losses of its own label_smoothing_factor
-    (padded batches, packed sequences, a LoRA adapter), also on a model
-    patched by apply_lsce, which then warns of nothing."""
+    """SFTTrainer's compute_loss_func: lsce's loss on the logits it builds
+    gives the losses of its own label_smoothing_factor. On a model patched by
+    apply_lsce (the LoRA case), apply_lsce says once that its loss is unused."""
     expected, _ = sft(tiny_model("llama"), tmp_path, label_smoothing_factor=EPS, **setup)
     model = apply_lsce(tiny_model("llama"), label_smoothing=EPS) if "lora_targets" in setup else tiny_model("llama")
     losses, caught = sft(model, tmp_path, compute_loss_func=CausalLMLoss(label_smoothing=EPS), **setup)
     assert losses == pytest.approx(expected, rel=1e-5)
-    assert caught == []
+    assert len(caught) == ("lora_targets" in setup) and all(UNLABELLED in m for m in caught)
 
 
 def test_sft_trainer_with_apply_lsce_alone_warns_that_the_smoothing_is_not_used(tmp_path):
@@ -127,7 +174,7 @@ def test_sft_trainer_with_apply_lsce_alone_warns_that_the_smoothing_is_not_used(
     expected, _ = sft(tiny_model("llama"), tmp_path)
     losses, caught = sft(apply_lsce(tiny_model("llama"), label_smoothing=EPS), tmp_path)
     assert losses == pytest.approx(expected, rel=1e-5)
-    assert len(caught) == 1 and BYPASSED in caught[0] and "CausalLMLoss" in caught[0]
+    assert len(caught) == 1 and BYPASSED in caught[0] and "lsce.integrations.trl.SFTTrainer" in caught[0]
 
 
 def test_dpo_trainer_with_apply_lsce_warns_that_the_loss_is_trls(tmp_path):

@@ -216,8 +216,8 @@ class _LsceState:
             self.warn_once("bypassed", (
                 "lsce: the model's decoder ran outside the model's forward in a training step, as TRL's trainers "
                 "(SFTTrainer, DPOTrainer, ...) do through their own fused LM head: that loss is computed by its "
-                "caller, not by apply_lsce, so lsce's label smoothing does not reach it. With SFTTrainer, pass "
-                "compute_loss_func=lsce.integrations.transformers.CausalLMLoss(label_smoothing=...) instead."))
+                "caller, not by apply_lsce, so lsce's label smoothing does not reach it. With SFTTrainer, use "
+                "lsce.integrations.trl.SFTTrainer with label_smoothing_factor instead."))
 
 
 def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, args, kwargs):
@@ -226,9 +226,14 @@ def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, ar
     state = model._lsce
     state.running += 1
     try:
-        if state.fused_linear and model.training:
+        if model.training and torch.is_grad_enabled():
             arguments = signature.bind(model, *args, **kwargs).arguments
-            if arguments.get("labels") is not None:
+            if arguments.get("labels") is None:
+                state.warn_once("unlabelled", (
+                    "lsce: the model ran a training step without labels, so its caller computes the loss from the "
+                    "logits (as Trainer does with label_smoothing_factor > 0 or compute_loss_func): apply_lsce's loss "
+                    "and fused head are not used there. With TRL, use lsce.integrations.trl.SFTTrainer."))
+            elif state.fused_linear:
                 reason = unfused_reason(model.get_output_embeddings())
                 if reason is None:
                     return _fused_forward(model, signature, dict(arguments))
