@@ -1,0 +1,215 @@
+"""lsce.distillation_loss against PyTorch's own pieces: F.kl_div for the
+divergences, F.cross_entropy for the label-smoothed term, autograd's
+gradcheck for the gradients, the dense teacher for its top-k forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsce
+import lsce.distillation as distillation
+
+
+def logits(N=6, K=11, seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, K, generator=g, dtype=dtype) * scale).requires_grad_()
+
+
+def kl(log_p, log_q):
+    """KL(p ‖ q) per row, by PyTorch: F.kl_div(input=log q, target=log p)."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def skew_jsd(log_t, log_s, beta):
+    """The module docstring's D_β, from F.kl_div and the mixture's probabilities."""
+    m = beta * log_t.exp() + (1 - beta) * log_s.exp()
+    return (1 - beta) * kl(log_t, m.log()) + beta * kl(log_s, m.log())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_divergence_is_kl_at_the_ends_and_the_skew_jsd_between(beta, temperature):
+    s, t = logits(), logits(seed=1).detach()
+    kd = lsce.distillation_loss(s, teacher_logits=t, alpha=1.0, beta=beta, temperature=temperature,
+                                reduction="none")
+    log_s, log_t = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    expected = {0.0: kl(log_t, log_s), 1.0: kl(log_s, log_t)}.get(beta, skew_jsd(log_t, log_s, beta))
+    torch.testing.assert_close(kd, temperature ** 2 * expected)
+    grad, = torch.autograd.grad(kd.sum(), s)
+    expected_grad, = torch.autograd.grad((temperature ** 2 * expected).sum(), s)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_the_divergence_is_continuous_at_both_ends():
+    s, t = logits(), logits(seed=1).detach()
+    ends = {b: lsce.distillation_loss(s, teacher_logits=t, alpha=1.0, beta=b, reduction="none").detach()
+            for b in (0.0, 1e-7, 1 - 1e-7, 1.0)}
+    torch.testing.assert_close(ends[1e-7], ends[0.0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ends[1 - 1e-7], ends[1.0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_mix_with_label_smoothed_cross_entropy(reduction, weighted):
+    """alpha·T²·KL + (1 − alpha)·F.cross_entropy(label_smoothing, weight,
+    ignore_index); ignored rows in neither term; mean: KL over counted rows,
+    CE with PyTorch's own mean."""
+    N, K, T, alpha, eps = 8, 13, 2.0, 0.7, 0.1
+    s, t = logits(N, K), logits(N, K, seed=1).detach()
+    y = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(2))
+    y[[1, 5]] = -100
+    w = torch.rand(K, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5 if weighted else None
+    out, kd, ce = lsce.distillation_loss(s, y, teacher_logits=t, temperature=T, alpha=alpha, label_smoothing=eps,
+                                         weight=w, reduction=reduction, return_parts=True)
+    valid = y != -100
+    kl_rows = torch.where(valid, T ** 2 * kl(F.log_softmax(t / T, -1), F.log_softmax(s / T, -1)), 0)
+    ce_rows = F.cross_entropy(s, y, w, reduction="none", label_smoothing=eps)
+    expected = {
+        "none": alpha * kl_rows + (1 - alpha) * ce_rows,
+        "sum": alpha * kl_rows.sum() + (1 - alpha) * ce_rows.sum(),
+        "mean": alpha * kl_rows.sum() / valid.sum() + (1 - alpha) * F.cross_entropy(s, y, w, label_smoothing=eps),
+    }[reduction]
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(kd, kl_rows.detach())
+    torch.testing.assert_close(ce, ce_rows.detach())
+    assert not kd.requires_grad and not ce.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), s)[0], torch.autograd.grad(expected.sum(), s)[0])
+
+
+def test_alpha_one_needs_no_target_and_alpha_zero_is_lsce_cross_entropy():
+    s, t = logits(), logits(seed=1).detach()
+    y = torch.randint(0, s.shape[1], (s.shape[0],), generator=torch.Generator().manual_seed(2))
+    kd = lsce.distillation_loss(s, teacher_logits=t, alpha=1.0)
+    torch.testing.assert_close(kd, kl(F.log_softmax(t, -1), F.log_softmax(s, -1)).mean())
+    ce = lsce.distillation_loss(s, y, teacher_logits=t, alpha=0.0, label_smoothing=0.2)
+    torch.testing.assert_close(ce, F.cross_entropy(s, y, label_smoothing=0.2))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_top_k_renormalized_equals_the_dense_teacher_restricted_to_the_k(beta, temperature):
+    """k = K (ids in any order): the dense divergence. k < K: the dense
+    divergence of both distributions restricted to the ids and renormalised."""
+    N, K, k = 5, 9, 4
+    s, t = logits(N, K), logits(N, K, seed=1).detach()
+    lp = F.log_softmax(t, -1)
+    perm = torch.stack([torch.randperm(K, generator=torch.Generator().manual_seed(i)) for i in range(N)])
+    full = lsce.distillation_loss(s, teacher_topk_ids=perm, teacher_topk_logprobs=lp.gather(1, perm), alpha=1.0,
+                                  beta=beta, temperature=temperature, reduction="none")
+    dense = lsce.distillation_loss(s, teacher_logits=t, alpha=1.0, beta=beta, temperature=temperature,
+                                   reduction="none")
+    torch.testing.assert_close(full, dense)
+    ids = perm[:, :k]
+    top = lsce.distillation_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=lp.gather(1, ids), alpha=1.0,
+                                 beta=beta, temperature=temperature, reduction="none")
+    restricted = lsce.distillation_loss(s.gather(1, ids), teacher_logits=t.gather(1, ids), alpha=1.0, beta=beta,
+                                        temperature=temperature, reduction="none")
+    torch.testing.assert_close(top, restricted)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_top_k_remainder_is_the_divergence_over_k_plus_one_buckets(beta):
+    """The classes outside the top k merged into one bucket, for both models,
+    summed from the dense distributions."""
+    N, K, k = 5, 12, 3
+    s, t = logits(N, K), logits(N, K, seed=1).detach()
+    log_t = F.log_softmax(t, -1)
+    ids = log_t.topk(k, -1).indices
+    out = lsce.distillation_loss(s, teacher_topk_ids=ids, teacher_topk_logprobs=log_t.gather(1, ids), alpha=1.0,
+                                 beta=beta, topk_mass="remainder", reduction="none")
+    outside = torch.ones(N, K, dtype=torch.bool).scatter(1, ids, False)
+
+    def buckets(log_p):
+        p = log_p.exp()
+        return torch.cat([p.gather(1, ids), (p * outside).sum(-1, keepdim=True)], -1).log()
+
+    log_s = F.log_softmax(s, -1)
+    expected = {0.0: kl(buckets(log_t), buckets(log_s)), 1.0: kl(buckets(log_s), buckets(log_t))}.get(
+        beta, skew_jsd(buckets(log_t), buckets(log_s), beta))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), s)[0], torch.autograd.grad(expected.sum(), s)[0])
+
+
+@pytest.mark.parametrize("teacher", ["dense", "topk renormalize", "topk remainder"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gradcheck_and_no_gradient_to_the_teacher(teacher, beta):
+    N, K, k = 4, 7, 3
+    s = logits(N, K)
+    t = logits(N, K, seed=1)  # requires grad: none may reach it
+    y = torch.tensor([1, -100, 6, 0])
+    if teacher == "dense":
+        kw = dict(teacher_logits=t)
+    else:
+        lp = F.log_softmax(t, -1)
+        ids = lp.topk(k, -1).indices
+        kw = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp.gather(1, ids), topk_mass=teacher.split()[1])
+    temperature = 1.0 if teacher == "topk remainder" else 1.7
+    before = {n: v.detach().clone() for n, v in kw.items() if torch.is_tensor(v)}
+
+    def f(x):
+        return lsce.distillation_loss(x, y, temperature=temperature, beta=beta, label_smoothing=0.1, **kw)
+
+    assert torch.autograd.gradcheck(f, (s,))
+    f(s).backward()
+    assert t.grad is None
+    for n, v in before.items():
+        assert torch.equal(kw[n], v)
+
+
+def test_row_chunks_give_the_same_loss_and_gradient(monkeypatch):
+    s, t = logits(N=37, K=19), logits(N=37, K=19, seed=1).detach()
+    y = torch.randint(0, 19, (37,), generator=torch.Generator().manual_seed(2))
+    one = lsce.distillation_loss(s, y, teacher_logits=t, beta=0.5, temperature=2.0)
+    g_one, = torch.autograd.grad(one, s)
+    monkeypatch.setattr(distillation, "_CHUNK_ELEMS", 19 * 5)  # 8 chunks, the last of 2 rows
+    chunked = lsce.distillation_loss(s, y, teacher_logits=t, beta=0.5, temperature=2.0)
+    g_chunked, = torch.autograd.grad(chunked, s)
+    torch.testing.assert_close(chunked, one, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_chunked, g_one, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_is_no_further_from_fp64_than_pytorchs_kl_div(dtype):
+    s64, t64 = logits(N=16, K=300, scale=4.0).detach(), logits(N=16, K=300, seed=1, scale=4.0).detach()
+    truth = kl(F.log_softmax(t64, -1), F.log_softmax(s64, -1)).mean()
+    s, t = s64.to(dtype), t64.to(dtype)
+    ours = lsce.distillation_loss(s, teacher_logits=t, alpha=1.0).double()
+    theirs = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True).double()
+    assert (ours - truth).abs() <= (theirs - truth).abs() + 1e-6 * truth.abs()
+
+
+def _args(**over):
+    s, t = logits(), logits(seed=1).detach()
+    y = torch.zeros(s.shape[0], dtype=torch.int64)
+    kw = dict(student_logits=s, target=y, teacher_logits=t)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(teacher_logits=None), ValueError, "either teacher_logits or"),
+    (dict(teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "either teacher_logits or"),
+    (dict(teacher_logits=torch.zeros(6, 10, dtype=torch.float64)), ValueError, "teacher_logits must be"),
+    (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "go together"),
+    (dict(teacher_logits=None, teacher_topk_ids=torch.full((6, 2), 11), teacher_topk_logprobs=torch.zeros(6, 2)),
+     IndexError, "out of range"),
+    (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64),
+          teacher_topk_logprobs=torch.zeros(6, 2), topk_mass="remainder", temperature=2.0), ValueError,
+     "needs temperature=1"),
+    (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64),
+          teacher_topk_logprobs=torch.zeros(6, 2), topk_mass="other"), ValueError, "topk_mass"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(alpha=1.5), ValueError, "alpha and beta"),
+    (dict(beta=-0.1), ValueError, "alpha and beta"),
+    (dict(target=None), ValueError, "target is needed"),
+    (dict(student_logits=torch.zeros(6)), ValueError, "student_logits"),
+])
+def test_bad_input_raises_before_anything_and_changes_nothing(over, error, match):
+    kw = _args(**over)
+    before = {n: v.detach().clone() for n, v in kw.items() if torch.is_tensor(v)}
+    with pytest.raises(error, match=match):
+        lsce.distillation_loss(**kw)
+    for n, v in before.items():
+        assert torch.equal(kw[n], v)
