@@ -8,11 +8,11 @@
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
-from .distillation import distillation_loss
+from .distillation import distillation_loss, linear_distillation_loss
 from . import distributed  # noqa: E402  (lsce.distributed.vocab_parallel_*)
 from .cache import empty_cache
 from . import integrations  # noqa: E402  (lsce.integrations.transformers; transformers itself is imported on use)
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss", "distillation_loss",
-           "empty_cache"]
+           "linear_distillation_loss", "empty_cache"]
 __version__ = "0.1.0"

@@ -32,14 +32,18 @@ reaches the teacher.
 them; ``mean`` is ``alpha·T²·(Σ_i D_i) / (rows counted) + (1 − alpha)·CE_ε``
 with CE's own mean (``F.cross_entropy``'s: divided by ``Σ w_y``).
 
-This is computed with PyTorch ops in row chunks under activation
-checkpointing (memory: a few chunk-sized fp32 temporaries, not N×K); no
-fused kernel yet.
+:func:`linear_distillation_loss` takes the student's last hidden states and
+LM head (and a live teacher's) instead of logits. Both are computed with
+PyTorch ops in row chunks under activation checkpointing: a chunk's logits
+(the student's, the teacher's) exist only while that chunk is computed, in
+the forward and again in the backward, so memory holds a few chunk-sized
+temporaries, never N×K. No fused kernel yet.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +53,9 @@ from torch.utils.checkpoint import checkpoint
 from . import checks
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
+from .linear import default_chunk_size
 
-__all__ = ["distillation_loss", "divergence"]
+__all__ = ["distillation_loss", "linear_distillation_loss", "divergence"]
 
 TOPK_MASS = ("renormalize", "remainder")
 _CHUNK_ELEMS = 1 << 22  # elements of the (rows, K) temporaries per chunk
@@ -95,54 +100,110 @@ def _chunk_divergence(z, teacher, ids, temperature, beta, topk_mass):
     return divergence(lp, log_s, beta)
 
 
-def _divergence_rows(z, teacher, ids, temperature, beta, topk_mass):
-    """D_β per row of (N, K) student logits, in row chunks, each recomputed in the backward."""
-    rows = max(1, _CHUNK_ELEMS // max(1, z.shape[1]))
-    parts = []
-    for i in range(0, z.shape[0], rows):
-        args = (z[i:i + rows], teacher[i:i + rows], None if ids is None else ids[i:i + rows])
-        if z.requires_grad and torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_divergence, *args, temperature, beta, topk_mass, use_reentrant=False))
-        else:
-            parts.append(_chunk_divergence(*args, temperature, beta, topk_mass))
-    return torch.cat(parts) if parts else z.new_zeros(0, dtype=acc_dtype(z.dtype))
+class _Settings(NamedTuple):
+    temperature: float
+    alpha: float
+    beta: float
+    label_smoothing: float
+    weight: Optional[Tensor]
+    ignore_index: int
+    topk_mass: str
 
 
-def _check(student, target, teacher_logits, ids, logprobs, temperature, alpha, beta, topk_mass):
-    if not torch.is_tensor(student) or student.dim() != 2 or not student.is_floating_point():
-        raise ValueError("lsce.distillation_loss: student_logits must be a float (N, K) tensor")
-    N, K = student.shape
-    if (teacher_logits is None) == (ids is None and logprobs is None):
-        raise ValueError("lsce.distillation_loss: give either teacher_logits or teacher_topk_ids with "
-                         "teacher_topk_logprobs")
-    if teacher_logits is not None:
-        if not torch.is_tensor(teacher_logits) or teacher_logits.shape != student.shape or \
-                not teacher_logits.is_floating_point() or teacher_logits.device != student.device:
-            raise ValueError(f"lsce.distillation_loss: teacher_logits must be float {tuple(student.shape)} on "
-                             f"{student.device}, as the student's")
-    else:
+def _rows(student, teacher, ids, target, N: int, K: int, chunk_rows: int, s: _Settings):
+    """Per-row ``T²·D_i`` and ``CE_i`` (each (N,), 0 on ignored rows) in row chunks.
+
+    ``student(i, j)`` gives the student's logits of rows [i, j) (K columns),
+    ``teacher(i, j)`` the teacher's logits or top-k log-probabilities; each
+    chunk runs under activation checkpointing, so only its inputs are kept
+    and its logits are recomputed in the backward.
+    """
+
+    def chunk(i: int, j: int):
+        z = student(i, j)
+        with torch.no_grad():
+            t = teacher(i, j)
+        kd = _chunk_divergence(z, t, None if ids is None else ids[i:j], s.temperature, s.beta, s.topk_mass)
+        kd = kd * s.temperature ** 2
+        if target is None:
+            return kd, torch.zeros_like(kd)
+        y = target[i:j]
+        ce = cross_entropy(z, y, s.weight, ignore_index=s.ignore_index, reduction="none",
+                           label_smoothing=s.label_smoothing, out_dtype=kd.dtype)
+        return torch.where(y != s.ignore_index, kd, 0), ce
+
+    run = functools.partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
+    parts = [run(i, min(i + chunk_rows, N)) for i in range(0, N, chunk_rows)]
+    if not parts:
+        return None
+    return torch.cat([kd for kd, _ in parts]), torch.cat([ce for _, ce in parts])
+
+
+def _reduce(kd: Tensor, ce: Tensor, target: Optional[Tensor], reduction: str, s: _Settings) -> Tensor:
+    """The module docstring's reductions of the per-row terms."""
+    if reduction == "none":
+        return s.alpha * kd + (1 - s.alpha) * ce
+    if reduction == "sum":
+        return s.alpha * kd.sum() + (1 - s.alpha) * ce.sum()
+    if target is None:
+        return s.alpha * kd.sum() / kd.shape[0]
+    w = None if s.weight is None else s.weight.to(kd.dtype)
+    valid, count, total_weight = mean_denominators(target, w, s.ignore_index, kd.dtype)
+    return s.alpha * kd.sum() / count + (1 - s.alpha) * ce.sum() / total_weight
+
+
+def _loss(student, teacher, ids, target, N, K, chunk_rows, s: _Settings, reduction, dtype, device, return_parts):
+    acc = acc_dtype(dtype)
+    rows = _rows(student, teacher, ids, target, N, K, max(1, chunk_rows), s)
+    kd, ce = rows if rows is not None else (torch.zeros(0, dtype=acc, device=device),) * 2
+    out = _reduce(kd, ce, target, reduction, s).to(dtype)
+    return (out, kd.detach(), ce.detach()) if return_parts else out
+
+
+def _float(name: str, t, shape, device) -> None:
+    if not torch.is_tensor(t) or not t.is_floating_point() or tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(f"lsce.distillation_loss: {name} must be a float tensor of shape {tuple(shape)} on {device}"
+                         + ("" if not torch.is_tensor(t) else f", got {t.dtype} {tuple(t.shape)} on {t.device}"))
+
+
+def _check_teacher_and_settings(N, K, device, target, dense, ids, logprobs, temperature, alpha, beta, topk_mass,
+                                weight, reduction, label_smoothing, ignore_index) -> _Settings:
+    """The checks common to both entry points, given the student's N rows of K classes; ``dense``: whether
+    a dense teacher (logits or hidden states) was given."""
+    if dense == (ids is not None or logprobs is not None):
+        raise ValueError("lsce.distillation_loss: give either a dense teacher (logits, or hidden states and "
+                         "weight) or teacher_topk_ids with teacher_topk_logprobs")
+    if not dense:
         if ids is None or logprobs is None:
             raise ValueError("lsce.distillation_loss: teacher_topk_ids and teacher_topk_logprobs go together")
-        if ids.dim() != 2 or ids.shape[0] != N or logprobs.shape != ids.shape or ids.dtype != torch.int64 \
-                or not logprobs.is_floating_point() or ids.device != student.device or logprobs.device != student.device:
-            raise ValueError(f"lsce.distillation_loss: teacher_topk_ids (int64) and teacher_topk_logprobs (float) "
-                             f"must both be (N={N}, k) on {student.device}")
-        bad = ((ids < 0) | (ids >= K)).any()
-        if ids.device.type == "cuda":  # no host synchronisation on CUDA
-            torch._assert_async(~bad, "lsce.distillation_loss: teacher_topk_ids out of [0, K)")
-        elif bad:
-            raise IndexError(f"lsce.distillation_loss: teacher_topk_ids out of range [0, {K})")
+        if not torch.is_tensor(ids) or ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != N \
+                or ids.device != device:
+            raise ValueError(f"lsce.distillation_loss: teacher_topk_ids must be int64 (N={N}, k) on {device}")
+        _float("teacher_topk_logprobs", logprobs, ids.shape, device)
         if topk_mass not in TOPK_MASS:
             raise ValueError(f"lsce.distillation_loss: topk_mass must be one of {TOPK_MASS}, got {topk_mass!r}")
         if topk_mass == "remainder" and temperature != 1:
             raise ValueError("lsce.distillation_loss: topk_mass='remainder' needs temperature=1 (the stored "
                              "log-probabilities fix the teacher's distribution at T = 1)")
+        bad = ((ids < 0) | (ids >= K)).any()
+        if ids.device.type == "cuda":  # no host synchronisation on CUDA
+            torch._assert_async(~bad, "lsce.distillation_loss: teacher_topk_ids out of [0, K)")
+        elif bad:
+            raise IndexError(f"lsce.distillation_loss: teacher_topk_ids out of range [0, {K})")
     if not temperature > 0:
         raise ValueError(f"lsce.distillation_loss: temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1 or not 0 <= beta <= 1:
         raise ValueError(f"lsce.distillation_loss: alpha and beta must lie in [0, 1], got {alpha}, {beta}")
     if alpha < 1 and target is None:
         raise ValueError("lsce.distillation_loss: a target is needed unless alpha=1")
+    checks.check_options(K, device, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    ignore_index = checks.as_ignore_index(ignore_index)
+    if target is not None:
+        checks.check_target(target, device)
+        if tuple(target.shape) != (N,):
+            raise ValueError(f"lsce.distillation_loss: target must have shape ({N},), got {tuple(target.shape)}")
+        checks.check_values(target, None, K, ignore_index)
+    return _Settings(temperature, alpha, beta, float(label_smoothing), weight, ignore_index, topk_mass)
 
 
 def distillation_loss(
@@ -170,39 +231,77 @@ def distillation_loss(
     returns ``(kd, ce)``, each (N,) without gradient: ``T²·D_i`` and ``CE_i``
     (0 on ignored rows).
     """
-    temperature, alpha, beta = float(temperature), float(alpha), float(beta)
-    _check(student_logits, target, teacher_logits, teacher_topk_ids, teacher_topk_logprobs, temperature, alpha,
-           beta, topk_mass)
-    checks.check_options(student_logits.shape[1], student_logits.device, weight=weight, reduction=reduction,
-                         label_smoothing=label_smoothing)
-    ignore_index = checks.as_ignore_index(ignore_index)
-    acc = acc_dtype(student_logits.dtype)
-    N = student_logits.shape[0]
+    if not torch.is_tensor(student_logits) or student_logits.dim() != 2 or not student_logits.is_floating_point():
+        raise ValueError("lsce.distillation_loss: student_logits must be a float (N, K) tensor")
+    (N, K), device = student_logits.shape, student_logits.device
+    if teacher_logits is not None:
+        _float("teacher_logits", teacher_logits, (N, K), device)
+    s = _check_teacher_and_settings(N, K, device, target, teacher_logits is not None, teacher_topk_ids,
+                                    teacher_topk_logprobs, float(temperature), float(alpha), float(beta), topk_mass,
+                                    weight, reduction, label_smoothing, ignore_index)
     teacher = (teacher_logits if teacher_logits is not None else teacher_topk_logprobs).detach()
-    ids = None if teacher_topk_ids is None else teacher_topk_ids.detach()
-    if target is not None:
-        checks.check_logits(student_logits, target)
-        valid = target != ignore_index
-    else:
-        valid = torch.ones(N, dtype=torch.bool, device=student_logits.device)
+    return _loss(lambda i, j: student_logits[i:j], lambda i, j: teacher[i:j], teacher_topk_ids, target, N, K,
+                 _CHUNK_ELEMS // max(1, K), s, reduction, student_logits.dtype, device, return_parts)
 
-    kd = torch.where(valid, _divergence_rows(student_logits, teacher, ids, temperature, beta, topk_mass), 0)
-    kd = kd * temperature ** 2
-    ce_rows = None
-    if target is not None:
-        ce_rows = cross_entropy(student_logits, target, weight, ignore_index=ignore_index, reduction="none",
-                                label_smoothing=label_smoothing, out_dtype=acc)
-    if reduction == "none":
-        out = alpha * kd + (0.0 if ce_rows is None else (1 - alpha) * ce_rows)
-    elif reduction == "sum":
-        out = alpha * kd.sum() + (0.0 if ce_rows is None else (1 - alpha) * ce_rows.sum())
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    teacher_topk_ids: Optional[Tensor] = None,
+    teacher_topk_logprobs: Optional[Tensor] = None,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.0,
+    label_smoothing: float = 0.0,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    topk_mass: str = "renormalize",
+    return_parts: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """:func:`distillation_loss` of the LM heads' logits, ``student_hidden @ student_weight.T + student_bias``
+    (and the live teacher's likewise), computed in chunks of ``chunk_size`` rows (default: as
+    lsce.linear_cross_entropy chooses), so that neither model's N×K logits exist whole.
+
+    Shapes: ``student_hidden`` (N, H), ``student_weight`` (K, H), ``student_bias`` (K,);
+    ``teacher_hidden`` (N, H_t), ``teacher_weight`` (K, H_t), ``teacher_bias`` (K,);
+    or the top-k form of :func:`distillation_loss`. Gradients reach the student's hidden
+    states, weight and bias; none reaches the teacher.
+    """
+    if not torch.is_tensor(student_hidden) or student_hidden.dim() != 2 or not student_hidden.is_floating_point():
+        raise ValueError("lsce.distillation_loss: student_hidden must be a float (N, H) tensor")
+    (N, H), device = student_hidden.shape, student_hidden.device
+    if not torch.is_tensor(student_weight) or student_weight.dim() != 2:
+        raise ValueError("lsce.distillation_loss: student_weight must be a (K, H) tensor")
+    K = student_weight.shape[0]
+    _float("student_weight", student_weight, (K, H), device)
+    if student_bias is not None:
+        _float("student_bias", student_bias, (K,), device)
+    dense = teacher_hidden is not None or teacher_weight is not None
+    if dense:
+        if teacher_hidden is None or teacher_weight is None or teacher_hidden.dim() != 2:
+            raise ValueError("lsce.distillation_loss: a live teacher needs teacher_hidden (N, H_t) and "
+                             "teacher_weight (K, H_t)")
+        _float("teacher_hidden", teacher_hidden, (N, teacher_hidden.shape[1]), device)
+        _float("teacher_weight", teacher_weight, (K, teacher_hidden.shape[1]), device)
+        if teacher_bias is not None:
+            _float("teacher_bias", teacher_bias, (K,), device)
+    s = _check_teacher_and_settings(N, K, device, target, dense, teacher_topk_ids, teacher_topk_logprobs,
+                                    float(temperature), float(alpha), float(beta), topk_mass, weight, reduction,
+                                    label_smoothing, ignore_index)
+    checks.check_chunk_size(chunk_size)
+    rows = chunk_size or default_chunk_size(N, H, K, student_hidden.dtype)
+    if dense:
+        teacher = lambda i, j: F.linear(teacher_hidden[i:j].detach(), teacher_weight.detach(),  # noqa: E731
+                                        None if teacher_bias is None else teacher_bias.detach())
     else:
-        out = alpha * kd.sum() / valid.sum().to(acc)
-        if ce_rows is not None:
-            w = None if weight is None else weight.to(acc)
-            out = out + (1 - alpha) * ce_rows.sum() / mean_denominators(target, w, ignore_index, acc)[2]
-    out = out.to(student_logits.dtype)
-    if not return_parts:
-        return out
-    ce = torch.zeros(N, dtype=acc, device=student_logits.device) if ce_rows is None else ce_rows.detach()
-    return out, kd.detach(), ce
+        teacher = lambda i, j: teacher_topk_logprobs[i:j].detach()  # noqa: E731
+    return _loss(lambda i, j: F.linear(student_hidden[i:j], student_weight, student_bias), teacher,
+                 teacher_topk_ids, target, N, K, rows, s, reduction, student_hidden.dtype, device, return_parts)

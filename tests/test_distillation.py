@@ -189,8 +189,8 @@ def _args(**over):
 
 
 @pytest.mark.parametrize("over, error, match", [
-    (dict(teacher_logits=None), ValueError, "either teacher_logits or"),
-    (dict(teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "either teacher_logits or"),
+    (dict(teacher_logits=None), ValueError, "give either a dense teacher"),
+    (dict(teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "give either a dense teacher"),
     (dict(teacher_logits=torch.zeros(6, 10, dtype=torch.float64)), ValueError, "teacher_logits must be"),
     (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64)), ValueError, "go together"),
     (dict(teacher_logits=None, teacher_topk_ids=torch.full((6, 2), 11), teacher_topk_logprobs=torch.zeros(6, 2)),
@@ -213,3 +213,88 @@ def test_bad_input_raises_before_anything_and_changes_nothing(over, error, match
         lsce.distillation_loss(**kw)
     for n, v in before.items():
         assert torch.equal(kw[n], v)
+
+
+def heads(N=9, H=5, Ht=7, K=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return (r(N, H).requires_grad_(), r(K, H).requires_grad_(), r(K).requires_grad_(),
+            r(N, Ht).requires_grad_(), r(K, Ht).requires_grad_(), r(K).requires_grad_())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2, 4])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_linear_variant_equals_the_loss_of_the_heads_logits(chunk_size, reduction, beta):
+    """Same loss and the same gradients of the student's hidden states, weight
+    and bias as distillation_loss on materialised logits; nothing reaches the
+    teacher's hidden states, weight or bias."""
+    h, W, b, th, tW, tb = heads()
+    y = torch.randint(0, 13, (9,), generator=torch.Generator().manual_seed(5))
+    y[3] = -100
+    kw = dict(temperature=1.5, beta=beta, alpha=0.6, label_smoothing=0.1, reduction=reduction, return_parts=True)
+    out, kd, ce = lsce.linear_distillation_loss(h, W, y, teacher_hidden=th, teacher_weight=tW, student_bias=b,
+                                                teacher_bias=tb, chunk_size=chunk_size, **kw)
+    ref, ref_kd, ref_ce = lsce.distillation_loss(F.linear(h, W, b), y, teacher_logits=F.linear(th, tW, tb).detach(),
+                                                 **kw)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(kd, ref_kd)
+    torch.testing.assert_close(ce, ref_ce)
+    got = torch.autograd.grad(out.sum(), (h, W, b), retain_graph=True)
+    for g_ours, g_ref in zip(got, torch.autograd.grad(ref.sum(), (h, W, b))):
+        torch.testing.assert_close(g_ours, g_ref)
+    out.sum().backward()
+    assert th.grad is None and tW.grad is None and tb.grad is None
+
+
+def test_linear_variant_with_an_offline_top_k_and_gradcheck():
+    h, W, b, th, tW, tb = heads(N=5, K=9)
+    lp = F.log_softmax(F.linear(th, tW, tb), -1).detach()
+    top = lp.topk(3, -1)
+    y = torch.tensor([0, 4, -100, 8, 2])
+    kw = dict(teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values, topk_mass="remainder", beta=0.3,
+              label_smoothing=0.2)
+
+    def f(h, W, b):
+        return lsce.linear_distillation_loss(h, W, y, student_bias=b, chunk_size=2, **kw)
+
+    torch.testing.assert_close(f(h, W, b), lsce.distillation_loss(F.linear(h, W, b), y, **kw))
+    assert torch.autograd.gradcheck(f, (h, W, b))
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(teacher_weight=None), "a live teacher needs"),
+    (dict(teacher_hidden=torch.zeros(8, 7, dtype=torch.float64)), "teacher_hidden must be"),
+    (dict(teacher_weight=torch.zeros(12, 7, dtype=torch.float64)), "teacher_weight must be"),
+    (dict(student_weight=torch.zeros(13, 4, dtype=torch.float64)), "student_weight must be"),
+    (dict(student_bias=torch.zeros(12, dtype=torch.float64)), "student_bias must be"),
+    (dict(target=torch.zeros(8, dtype=torch.int64)), "target must have shape"),
+])
+def test_linear_variant_bad_input(over, match):
+    h, W, b, th, tW, tb = heads()
+    kw = dict(student_hidden=h, student_weight=W, target=torch.zeros(9, dtype=torch.int64), teacher_hidden=th,
+              teacher_weight=tW, student_bias=b, teacher_bias=tb)
+    kw.update(over)
+    before = {n: v.detach().clone() for n, v in kw.items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=match):
+        lsce.linear_distillation_loss(**kw)
+    for n, v in before.items():
+        assert torch.equal(kw[n], v)
+
+
+def test_linear_variant_keeps_no_logits_for_the_backward():
+    """What autograd keeps for the backward: nothing of a chunk's logits size
+    or larger (the chunks are recomputed), so no N×K tensor of either model."""
+    N, K = 64, 50
+    h, W, b, th, tW, tb = heads(N=N, K=K)
+    y = torch.randint(0, K, (N,), generator=torch.Generator().manual_seed(5))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = lsce.linear_distillation_loss(h, W, y, teacher_hidden=th, teacher_weight=tW, student_bias=b,
+                                            teacher_bias=tb, chunk_size=8, beta=0.5)
+    assert saved and max(saved) < 8 * K
+    out.backward()
+    assert h.grad is not None and W.grad is not None
