@@ -208,6 +208,7 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="Trainer's bf16 mixed precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fast", action="store_true", help="a smoke run: 4000 words, 64×4 tokens, 6 steps")
+    p.add_argument("--tables", choices=("both", "trainer", "sft"), default="both", help="which tables to run")
     p.add_argument("--variant", choices=VARIANTS + SFT_VARIANTS, help=argparse.SUPPRESS)  # one run, in a child
     args = p.parse_args(argv)
     if args.fast:
@@ -216,8 +217,8 @@ def main(argv=None):
         return reply(run_one(args.variant, args))
     settings = ("vocab", "hidden", "layers", "seq", "batch", "steps", "lr", "eps", "device")
     child = [a for name in settings for a in (f"--{name}", str(getattr(args, name)))] + ["--bf16"] * args.bf16
-    tables = (("Trainer, from scratch", VARIANTS), (f"SFTTrainer, LoRA rank {LORA_RANK}", SFT_VARIANTS))
-    for title, variants in tables:
+    tables = {"trainer": ("Trainer, from scratch", VARIANTS), "sft": (f"SFTTrainer, LoRA rank {LORA_RANK}", SFT_VARIANTS)}
+    for title, variants in (tables.values() if args.tables == "both" else [tables[args.tables]]):
         results = []
         for variant in variants:
             print(f"training with {variant} ...", flush=True)
