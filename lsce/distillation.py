@@ -185,11 +185,14 @@ def _check_teacher_and_settings(N, K, device, target, dense, ids, logprobs, temp
         if topk_mass == "remainder" and temperature != 1:
             raise ValueError("lsce.distillation_loss: topk_mass='remainder' needs temperature=1 (the stored "
                              "log-probabilities fix the teacher's distribution at T = 1)")
-        bad = ((ids < 0) | (ids >= K)).any()
+        bad_ids, bad_lp = ((ids < 0) | (ids >= K)).any(), (logprobs > 0).any()
         if ids.device.type == "cuda":  # no host synchronisation on CUDA
-            torch._assert_async(~bad, "lsce.distillation_loss: teacher_topk_ids out of [0, K)")
-        elif bad:
+            torch._assert_async(~bad_ids, "lsce.distillation_loss: teacher_topk_ids out of [0, K)")
+            torch._assert_async(~bad_lp, "lsce.distillation_loss: teacher_topk_logprobs above 0")
+        elif bad_ids:
             raise IndexError(f"lsce.distillation_loss: teacher_topk_ids out of range [0, {K})")
+        elif bad_lp:
+            raise ValueError("lsce.distillation_loss: teacher_topk_logprobs must be log-probabilities (<= 0)")
     if not temperature > 0:
         raise ValueError(f"lsce.distillation_loss: temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1 or not 0 <= beta <= 1:

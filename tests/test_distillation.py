@@ -200,6 +200,9 @@ def _args(**over):
      "needs temperature=1"),
     (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64),
           teacher_topk_logprobs=torch.zeros(6, 2), topk_mass="other"), ValueError, "topk_mass"),
+    (dict(teacher_logits=None, teacher_topk_ids=torch.zeros(6, 2, dtype=torch.int64),
+          teacher_topk_logprobs=torch.full((6, 2), 0.5, dtype=torch.float64)), ValueError, "log-probabilities"),
+    (dict(teacher_logits=logits(6, 12).detach()), ValueError, "teacher_logits must be"),  # another vocabulary
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(alpha=1.5), ValueError, "alpha and beta"),
     (dict(beta=-0.1), ValueError, "alpha and beta"),
