@@ -109,6 +109,66 @@ def _check_options(label_smoothing, options, K: int = 1, device=None) -> None:
     checks.check_chunk_size(options.get("chunk_size"))
 
 
+def causal_lm_distillation_loss(
+    student: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    teacher: Optional[nn.Module] = None,
+    teacher_topk_ids: Optional[Tensor] = None,
+    teacher_topk_logprobs: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    **options,
+) -> Tensor:
+    """Distil a causal LM: :func:`lsce.linear_distillation_loss` of the
+    student's next-token distributions against a live ``teacher`` model's (same
+    vocabulary) or an offline teacher's top-k, mixed with the label-smoothed
+    cross-entropy of ``labels``.
+
+    Position t predicts label t+1, as the models' own loss; positions whose
+    next label is ``ignore_index`` count in neither term. Both models run
+    their decoders (the teacher without gradient) and the heads run fused
+    with the loss in row chunks: neither model's logits exist whole. A head
+    that is not a plain ``nn.Linear`` (:func:`unfused_reason`) runs its own
+    forward, with that model's logits materialised. The top-k tensors are
+    (B, T, k), at the positions that predict (position t: the teacher's top-k
+    for token t+1). The mean over predicted tokens, or the sum divided by
+    ``num_items_in_batch``. ``options``: ``temperature``, ``alpha``,
+    ``beta``, ``label_smoothing``, ``weight``, ``topk_mass`` of
+    :func:`lsce.distillation_loss`.
+    """
+    from ..distillation import distillation_loss, linear_distillation_loss
+
+    target = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+    hidden = student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    kw = dict(ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum", **options)
+    if teacher is None:  # the top-k, or nothing (then lsce.distillation_loss says what is missing)
+        kw.update({name: None if t is None else t.reshape(target.shape[0], -1) for name, t in
+                   (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs))})
+    else:
+        with torch.no_grad():
+            teacher_hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            teacher_hidden = teacher_hidden.last_hidden_state.reshape(target.shape[0], -1)
+    heads = [student.get_output_embeddings()] + ([] if teacher is None else [teacher.get_output_embeddings()])
+    if all(unfused_reason(h) is None for h in heads):
+        if teacher is not None:
+            kw.update(teacher_hidden=teacher_hidden, teacher_weight=heads[1].weight, teacher_bias=heads[1].bias)
+        loss = linear_distillation_loss(rows, heads[0].weight, target, student_bias=heads[0].bias,
+                                        chunk_size=chunk_size, **kw)
+    else:
+        if teacher is not None:
+            with torch.no_grad():
+                kw["teacher_logits"] = heads[1](teacher_hidden)
+        loss = distillation_loss(heads[0](rows), target, **kw)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
+
+
 def _logits(outputs) -> Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
