@@ -329,11 +329,10 @@ def test_kernels_release_the_gil():
     releases the GIL. (Counts loop iterations, not time: no speed is asserted.)"""
     x = torch.randn(2048, 32000)
     t = torch.randint(0, 32000, (2048,))
-    loss = torch.empty(2048)
-    lse = torch.empty(2048)
+    loss, m, log_s = torch.empty(2048), torch.empty(2048), torch.empty(2048)
     args = dict(dtype=0, logits=x.data_ptr(), N=2048, K=32000, row_stride=32000, target=t.data_ptr(),
                 ignore_index=-100, weight=0, c=0, C=1.0, uniform_over=32000, eps=0.1, z_loss=0.0, softcap=0.0,
-                loss=loss.data_ptr(), lse=lse.data_ptr(), nthreads=1)
+                loss=loss.data_ptr(), m=m.data_ptr(), log_s=log_s.data_ptr(), nthreads=1)
     _C.forward(**args)  # warm
 
     # Python steps per second on this thread, alone (the same loop as below).
