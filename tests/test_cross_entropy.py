@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lsce
 from _util import (
-    LOW_PRECISION, ULP, assert_close_to_truth, assert_matches, assert_no_worse_than_torch, loss_and_grad,
+    ULP, assert_close_to_truth, assert_matches, assert_no_worse_than_torch, loss_and_grad,
     make_options, make_problem, torch_cross_entropy, torch_supports, truth, upstream_for,
 )
 
