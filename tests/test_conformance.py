@@ -439,6 +439,26 @@ def test_confident_bf16_gradient_at_target(backend, shape, eps):
         assert ((rounded_first - ref_y).abs() > 4 * tol).any()
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e6, -1e30])
+@pytest.mark.parametrize("shape", [(3, 50), (2, 9000)])
+@over_dtypes
+@over_backends
+def test_m_is_the_row_max_and_log_s_is_relative_to_it(backend, dtype, shape, offset):
+    """The forward's m is exactly the row's largest logit (without softcap), on
+    rows at any offset, and log_s = log Σ exp(z − m) lies in [0, log K]: the
+    max's own term is 1 (docs/design.md §1, Precision)."""
+    if offset and dtype == torch.float16:
+        offset = 3e4 if offset > 0 else -6e4  # within fp16's range
+    case = make_case(*shape, dtype, backend.device, eps=0.1, weight=True)
+    x = (case.logits.double() + offset).to(dtype)
+    loss, m, log_s = backend.kernels.forward(x, case.target, case.coef, case.opts)
+    assert torch.equal(m, x.to(m.dtype).amax(1))
+    assert bool((log_s >= 0).all()) and bool((log_s <= math.log(shape[1]) + 1e-6).all()), log_s
+    ref = reference.rows_forward(x.double(), case.target, case.coef64, case.opts)
+    for what, got, want in zip(("loss", "m", "log_s"), (loss, m, log_s), ref):
+        assert_rows_close(got, want, dtype, what)
+
+
 @over_backends
 def test_rejects_unsupported_dtype(backend):
     """Integer logits are refused with a TypeError (lsce.checks refuses them above
