@@ -158,7 +158,7 @@ def _store_row(
 # or 4 partials of 4 B per split, which _combine_kernel reads back.
 @triton.jit
 def _forward_kernel(
-    logits_ptr, target_ptr, weight_ptr, coef_ptr, csum_ptr, coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr, partial_ptr,
+    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr, partial_ptr,
     N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
     uniform_c_arg: tl.float64, uniform_over, cols_per_split, n_splits,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -198,15 +198,13 @@ def _forward_kernel(
             prev_shift = shift
             # Zero the padding before multiplying: c · (−inf) is NaN even where c = 0.
             d_or_zero = tl.where(mask, d, 0.0)
-            lo = tl.minimum(col0 + start, K)
-            hi = tl.minimum(col0 + start + BLOCK, K)
             if HAS_COEF:
-                dot += tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC) * d_or_zero
-                # Σ c over this block's columns from the fp64 prefix sums: no reduction per block.
-                seen += (tl.load(csum_ptr + hi) - tl.load(csum_ptr + lo)).to(ACC)
+                c = tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC)
+                dot += c * d_or_zero
+                seen += tl.sum(c, 0)
             else:
                 dot += d_or_zero
-                seen += (hi - lo).to(ACC)
+                seen += (tl.minimum(col0 + start + BLOCK, K) - tl.minimum(col0 + start, K)).to(ACC)
     dot_sum = -(tl.sum(dot, 0) + corr)  # Σ c·(m − zc), m standing for its finite-or-zero shift
 
     if SPLIT:
@@ -362,13 +360,9 @@ def forward(logits: Tensor, target: Tensor, coef: Coefficients,
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
     partials = torch.empty((4, N, n_splits), dtype=acc, device=logits.device) if n_splits > 1 else None
     coef_sum = coef.C if coef.c is not None else None
-    # fp64 prefix sums of c with a leading 0 (K + 1 values, on the device: no
-    # host sync): any block's Σ c is one subtraction (_forward_kernel).
-    csum = (torch.nn.functional.pad(torch.cumsum(coef.c, 0, dtype=torch.float64), (1, 0))
-            if coef.c is not None and flags["HAS_SMOOTHING"] else None)
     with _device_guard(logits):
         _forward_kernel[(N, n_splits)](
-            logits, target, coef.weight, coef.c, csum, coef_sum, loss, m, log_s, partials,
+            logits, target, coef.weight, coef.c, coef_sum, loss, m, log_s, partials,
             N, K, logits.stride(0), opts.ignore_index, *scalars, cols_per_split, n_splits,
             SPLIT=n_splits > 1, BLOCK=block, num_warps=num_warps, **flags,
         )
