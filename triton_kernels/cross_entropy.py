@@ -281,6 +281,7 @@ def _backward_kernel(
     g = tl.where(valid, tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC), 0.0)
     m = tl.load(m_ptr + row).to(ACC)
     log_s = tl.load(log_s_ptr + row).to(ACC)
+    log_s2 = log_s * 1.4426950408889634
     if HAS_WEIGHT:
         w_y = tl.where(own, tl.load(weight_ptr + tl.maximum(y_safe, 0)).to(ACC), 0.0)
     else:
@@ -307,7 +308,12 @@ def _backward_kernel(
         zc, t = _capped(z, softcap, HAS_SOFTCAP)
         # p relative to the row max: exp(zc − lse) with an absolute lse rounded
         # to ACC loses p on rows far from 0 (randn + 1e6, rows of −1e30).
-        d = p_coef * tl.exp((zc - m) - log_s)
+        if ACC == tl.float32:
+            # exp as the GPU computes it (ex2 of x·log2 e), with log_s·log2 e
+            # per row: (zc − m)·log2 e − that is one FMA, no more than exp(zc − lse).
+            d = p_coef * tl.math.exp2((zc - m) * 1.4426950408889634 - log_s2)
+        else:
+            d = p_coef * tl.exp((zc - m) - log_s)
         if HAS_SMOOTHING:
             if HAS_COEF:
                 d -= smooth_coef * tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC)
