@@ -297,8 +297,8 @@ def check_opcheck(ctx: Context) -> str:
             prior = kw.get("smoothing_prior")
             args = (z, y, w, prior, -100, EPS, kw.get("z_loss", 0.0), kw.get("softcap", 0.0), ctx.backend)
             torch.library.opcheck(torch.ops.lsce.cross_entropy_forward, args)
-            loss, lse = torch.ops.lsce.cross_entropy_forward(*args)
-            bargs = (torch.rand_like(loss), torch.rand_like(lse), *args[:4], lse, *args[4:])
+            loss, lse, m, log_s = torch.ops.lsce.cross_entropy_forward(*args)
+            bargs = (torch.rand_like(loss), torch.rand_like(lse), *args[:4], m, log_s, *args[4:])
             torch.library.opcheck(torch.ops.lsce.cross_entropy_backward, bargs)
             n += 2
     return f"{n} opchecks passed (fp32, bf16 × plain, all)"

@@ -53,7 +53,7 @@ const Field kFields[] = {
     LSCE_FIELD(uniform_over, kBoth),
     LSCE_FIELD(eps, kBoth), LSCE_FIELD(z_loss, kBoth), LSCE_FIELD(softcap, kBoth), LSCE_FIELD(nthreads, kBoth),
     // per-row values, upstream gradients and the gradient
-    LSCE_FIELD(loss, kForward), LSCE_FIELD(lse, kBoth),
+    LSCE_FIELD(loss, kForward), LSCE_FIELD(m, kBoth), LSCE_FIELD(log_s, kBoth),
     LSCE_FIELD(grad_loss, kBackward | kFused), LSCE_FIELD(grad_loss_stride, kBackward | kFused),
     LSCE_FIELD(grad_lse, kBackward | kMayBeNull), LSCE_FIELD(grad_lse_stride, kBackward), LSCE_FIELD(grad, kBackward),
 };
@@ -120,7 +120,7 @@ PYBIND11_MODULE(_C, m) {
   static const std::string keywords =
       " Keywords (the fields of lsce::Args, csrc/lsce_api.h; pointers as ints, 0 for null): " + keyword_list() + ".";
   static const std::string forward_doc =
-      "per-row loss and lse, and with grad (N x K, contiguous) also the gradient for the upstream grad_loss in "
+      "per-row loss, m (row max) and log_s (log sum exp(z - m)), and with grad (N x K, contiguous) also the gradient for the upstream grad_loss in "
       "the same pass; returns the instruction set used." + keywords;
   static const std::string backward_doc = "gradient of the logits; returns the instruction set used." + keywords;
   m.def("forward", &forward, forward_doc.c_str());

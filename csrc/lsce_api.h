@@ -24,9 +24,12 @@ struct Args {
   int64_t uniform_over;      // >= 1: classes the uniform c spreads over (K for full rows)
   double eps, z_loss, softcap;  // softcap 0: off
   int nthreads;
-  // forward outputs, (N,) acc; backward reads lse
+  // forward outputs, (N,) acc; backward reads m and log_s: the row max of the
+  // (capped) logits and log Σ exp(zc − m), so that p = exp((zc − m) − log_s)
+  // (lse = m + log_s is never formed in the kernels but for the z-loss)
   void* loss;
-  void* lse;
+  void* m;
+  void* log_s;
   // backward; and the forward when grad is set (it then also writes the
   // gradient for grad_loss, with grad_lse null: the fused training step)
   const void* grad_loss;     // (N,) acc at grad_loss[i * grad_loss_stride] (stride 0: a scalar)

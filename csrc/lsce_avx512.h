@@ -119,24 +119,27 @@ static inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
 template <typename T> struct Wide {
   static constexpr bool on = true;
 
-  // Softcap's first pass over z[0:n]: buf[j] = cap·tanh(z[j]/cap); returns
-  // their max and Σ (c[j]·) buf[j] (c: null without coefficients).
-  static inline void capped_max_dot(const T* z, float* buf, int64_t n, float cap, const float* c,
-                                    float& m, float& dot) {
+  // Softcap's first pass over z[0:n]: buf[j] = cap·tanh(z[j]/cap); returns their max.
+  static inline void capped_max(const T* z, float* buf, int64_t n, float cap, float& m) {
     const __m512 vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(1.0f / cap);
-    __m512 vm = _mm512_set1_ps(neg_inf<float>()), vd = _mm512_setzero_ps();
+    __m512 vm = _mm512_set1_ps(neg_inf<float>());
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 k = first_lanes(n - j);
       const __m512 v = _mm512_mul_ps(vcap, tanh16(_mm512_mul_ps(Lanes<T>::load(z + j, k, vinv), vinv)));
       _mm512_mask_storeu_ps(buf + j, k, v);
       vm = _mm512_mask_max_ps(vm, k, vm, v);
-      vd = c ? _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, c + j), v, vd, k) : _mm512_mask_add_ps(vd, k, vd, v);
     }
     m = hmax(vm);
-    dot = hsum(vd);
   }
 
-  // Σ exp(v[j] − m) over j < n, v = buf[j] when buf is set, else z[j]; m > -inf.
+  // Adds c[j]·d (or d without coefficients, c null) to vd in lanes k: the
+  // smoothing term's Σ c·(v − reference), from the subtraction exp needs.
+  static inline __m512 dot_add(__m512 vd, const float* c, int64_t j, __mmask16 k, __m512 d) {
+    return c ? _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, c + j), d, vd, k) : _mm512_mask_add_ps(vd, k, vd, d);
+  }
+
+  // Σ exp(v[j] − m) over j < n, v = buf[j] when buf is set, else z[j]; m > -inf;
+  // and dot = Σ c[j]·(m − v[j]) (Σ (m − v[j]) with c null).
   // This pass runs from L1, and without loads that miss the hardware
   // prefetcher stops: it prefetches the n values after z[0:n] (the next block,
   // or the next row), so that memory and exp overlap instead of taking turns.
@@ -145,22 +148,26 @@ template <typename T> struct Wide {
   // so that the loss is the same bits whether or not the forward is fused.
   static constexpr int kSumDeg = sizeof(T) == 4 ? 6 : 5;
   template <bool KEEP>
-  static inline float exp_sum_impl(const T* z, const float* buf, int64_t n, float m, float* e) {
+  static inline float exp_sum_impl(const T* z, const float* buf, int64_t n, float m, const float* c, float* e,
+                                   float& dot) {
     const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(neg_inf<float>());
-    __m512 s = _mm512_setzero_ps();
+    __m512 s = _mm512_setzero_ps(), vd = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(z + n + j), _MM_HINT_T0);
       const __mmask16 k = first_lanes(n - j);
       const __m512 v = buf ? _mm512_mask_loadu_ps(ninf, k, buf + j) : Lanes<T>::load(z + j, k, ninf);
-      const __m512 x = exp16<kSumDeg>(_mm512_sub_ps(v, vm));
+      const __m512 d = _mm512_sub_ps(v, vm);
+      const __m512 x = exp16<kSumDeg>(d);
       if (KEEP) _mm512_mask_storeu_ps(e + j, k, x);
       s = _mm512_add_ps(s, x);
+      vd = dot_add(vd, c, j, k, d);
     }
+    dot = -hsum(vd);
     return hsum(s);
   }
   // One pass over z[0:n] for range_stats: Σ exp(z[j] − r) for a reference r
   // (not this block's max), and the block's max m and
-  // Σ (c[j]·) z[j]; each term into e[j] when e is set.
+  // dot = Σ (c[j]·) (r − z[j]); each term into e[j] when e is set.
   static inline float exp_sum_ref(const T* z, int64_t n, float r, const float* c, float* e, float& m, float& dot) {
     const __m512 vr = _mm512_set1_ps(r), ninf = _mm512_set1_ps(neg_inf<float>());
     __m512 s = _mm512_setzero_ps(), vm = ninf, vd = _mm512_setzero_ps();
@@ -169,30 +176,34 @@ template <typename T> struct Wide {
       const __mmask16 k = first_lanes(n - j);
       const __m512 v = Lanes<T>::load(z + j, k, ninf);
       vm = _mm512_max_ps(vm, v);  // NaN: the block may be kept, and the NaN reaches the sum
-      vd = c ? _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, c + j), v, vd, k) : _mm512_mask_add_ps(vd, k, vd, v);
-      const __m512 x = exp16<kSumDeg>(_mm512_sub_ps(v, vr));
+      const __m512 d = _mm512_sub_ps(v, vr);
+      const __m512 x = exp16<kSumDeg>(d);
       if (e) _mm512_mask_storeu_ps(e + j, k, x);
       s = _mm512_add_ps(s, x);
+      vd = dot_add(vd, c, j, k, d);
     }
     m = hmax(vm);
-    dot = hsum(vd);
+    dot = -hsum(vd);
     return hsum(s);
   }
+  // exp_sum_ref's term for one value x, bitwise the same as in its lanes.
+  static inline float exp1(float x) { return _mm512_cvtss_f32(exp16<kSumDeg>(_mm512_set1_ps(x))); }
 
-  static inline float exp_sum(const T* z, const float* buf, int64_t n, float m) {
-    return exp_sum_impl<false>(z, buf, n, m, nullptr);
+  static inline float exp_sum(const T* z, const float* buf, int64_t n, float m, const float* c, float& dot) {
+    return exp_sum_impl<false>(z, buf, n, m, c, nullptr, dot);
   }
-  static inline float exp_sum_keep(const T* z, const float* buf, int64_t n, float m, float* e) {
-    return exp_sum_impl<true>(z, buf, n, m, e);
+  static inline float exp_sum_keep(const T* z, const float* buf, int64_t n, float m, const float* c, float* e,
+                                   float& dot) {
+    return exp_sum_impl<true>(z, buf, n, m, c, e, dot);
   }
 
   // A row's RowGrad broadcast to 16 lanes, once per loop (y stays scalar).
   struct Row16 {
-    __m512 lse, p, c, u, t, cap, inv;  // lse, coef_p, coef_c, uniform, tcls, cap, inv_cap
+    __m512 m, log_s, p, c, u, t, cap, inv;  // m, log_s, coef_p, coef_c, uniform, tcls, cap, inv_cap
     int64_t y;
     bool stream;
     explicit Row16(const RowGrad<float>& r)
-        : lse(_mm512_set1_ps(r.lse)), p(_mm512_set1_ps(r.coef_p)), c(_mm512_set1_ps(r.coef_c)),
+        : m(_mm512_set1_ps(r.m)), log_s(_mm512_set1_ps(r.log_s)), p(_mm512_set1_ps(r.coef_p)), c(_mm512_set1_ps(r.coef_c)),
           u(_mm512_set1_ps(r.uniform)), t(_mm512_set1_ps(r.tcls)), cap(_mm512_set1_ps(r.cap)),
           inv(_mm512_set1_ps(r.inv_cap)), y(r.y), stream(r.stream) {}
   };
@@ -231,14 +242,16 @@ template <typename T> struct Wide {
         t = tanh16(_mm512_mul_ps(v, r.inv));
         v = _mm512_mul_ps(r.cap, t);
       }
-      const __m512 p = exp16<sizeof(T) == 4 ? 6 : 4>(_mm512_sub_ps(v, r.lse));
+      // (v − m) − log_s: relative to the row max (one subtraction more than
+      // v − lse, which an absolute lse rounded to fp32 would make inexact).
+      const __m512 p = exp16<sizeof(T) == 4 ? 6 : 4>(_mm512_sub_ps(_mm512_sub_ps(v, r.m), r.log_s));
       put<CAP, COEF>(out, c, j, k, p, t, r);
     }
     if (r.stream) _mm_sfence();  // non-temporal stores are weakly ordered: visible before the kernel returns
   }
 
   // The fused forward's gradient of n elements from the kept e = exp(v − bmax)
-  // (row.coef_p = coef_p·exp(bmax − lse), row.y relative to e) and, with
+  // (row.coef_p = coef_p·exp((bmax − m) − log_s), row.y relative to e) and, with
   // softcap, the kept v.
   template <bool CAP, bool COEF>
   static inline void kept_grad(const float* e, const float* v, const float* c, T* out, int64_t n,

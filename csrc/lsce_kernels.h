@@ -8,7 +8,7 @@
 // generic build and crash an older CPU.
 //
 // Data flow per row i (docs/design.md §2):
-//   forward : one read of z[i, :]       -> loss[i], lse[i]      (acc)
+//   forward : one read of z[i, :]       -> loss[i], m[i], log_s[i]  (acc)
 //   backward: one read of z[i, :], one write of grad[i, :]      (logits' dtype)
 // with the row split across threads into vocabulary blocks when N is small.
 //
@@ -58,7 +58,7 @@ template <> struct Io<_Float16> {
 // ---------------------------------------------------------------------------
 // Math. exp_acc(float) is a branch-free Cephes-style exp (1.2 ulp at most on
 // [-87, 0]) that the compiler vectorises; libm's expf is a call per element.
-// Its domain is x <= 0 (callers pass z - max or z - lse) and NaN, which it
+// Its domain is x <= 0 (callers pass z - max or (z - m) - log_s) and NaN, which it
 // propagates. Below -87 it returns exp(-87) ~ 1.6e-38, harmless inside a sum;
 // ZERO_BELOW makes it exactly 0 there, as the gradient of a -inf logit must be.
 // exp_acc(double) is libm's: fp64 is for gradcheck.
@@ -120,12 +120,14 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // What the backward loops need of one row (row_grad fills it): over a range
 // of its columns,
 //   grad[k] = (coef_p · p_k − (coef_c · c_k or uniform) − [k = y] · tcls) · dcap_k
-// with p_k = exp(zc_k − lse) and, with softcap, dcap_k = 1 − (zc_k / cap)².
+// with p_k = exp((zc_k − m) − log_s) and, with softcap, dcap_k = 1 − (zc_k / cap)².
+// Relative to the row max m: an absolute lse = m + log_s rounded to acc would
+// cost p its precision on rows far from 0 (randn + 1e6, rows of −1e30).
 // The true-class term `tcls` is subtracted in acc before the one store: p_y − 1
 // must not be rounded to bf16 first (Liger-Kernel issue 1329). The fused
 // forward's loops take a copy per block, with coef_p and y relative to it.
 template <typename A> struct RowGrad {
-  A lse, coef_p, coef_c, uniform, tcls;
+  A m, log_s, coef_p, coef_c, uniform, tcls;
   A cap, inv_cap;  // softcap and 1 / softcap (0 without)
   int64_t y;       // the true class, relative to the range at hand; -1: none in it
   bool zeros;      // ignored row with a finite lse: exact zeros (else 0·NaN, as PyTorch)
@@ -145,24 +147,38 @@ template <typename T> struct Wide {
 // ---------------------------------------------------------------------------
 // Forward.
 
-// Running statistics of part of a row: max, Σ exp(zc - max), Σ c·zc (Σ zc
-// without coefficients).
+// Running statistics of part of a row: its max m, s = Σ exp(zc − m), and
+// dot = Σ c·(m − zc) (c ≡ 1 without coefficients), relative to the max so
+// that it neither overflows nor cancels (docs/design.md §1); cs = Σ c over the
+// elements (their count without coefficients) moves dot to another max.
+// With m = −inf (no element above it) dot is relative to 0: +inf or NaN.
 template <typename A> struct Part {
-  A m, s, dot;
+  A m, s, dot, cs;
 };
 
-// Folds a (max, sum) pair into a running one. The -inf guards keep a block of
-// -inf logits from contributing exp(-inf - (-inf)) = NaN (flash-attention 1930).
+// dot = Σ c·(from − zc) moved to Σ c·(to − zc); −inf stands for 0 (see Part).
 template <typename A>
-static inline void merge(Part<A>& p, A m, A s, A dot) {
-  p.dot += dot;
-  if (s == A(0) && m == neg_inf<A>()) return;
-  if (m > p.m) {
-    p.s = (p.m == neg_inf<A>() ? p.s : p.s * exp_acc(p.m - m)) + s;  // p.s is 0, or NaN from a NaN-only block
-    p.m = m;
+static inline A shifted(A dot, A cs, A from, A to) {
+  const A rf = from == neg_inf<A>() ? A(0) : from, rt = to == neg_inf<A>() ? A(0) : to;
+  return rt == rf ? dot : dot + cs * (rt - rf);
+}
+
+// Folds the statistics q into the running p. The -inf guards keep a block of
+// -inf logits from contributing exp(-inf - (-inf)) = NaN (flash-attention 1930).
+// The new max's own term stays exactly 1: it is q's (two-pass blocks).
+template <typename A>
+static inline void merge(Part<A>& p, const Part<A>& q) {
+  if (q.s == A(0) && q.m == neg_inf<A>()) {  // only -inf (or nothing): dot is +inf (or NaN, or 0)
+    p.dot += shifted(q.dot, q.cs, q.m, p.m);
+  } else if (q.m > p.m) {
+    p.s = (p.m == neg_inf<A>() ? p.s : p.s * exp_acc(p.m - q.m)) + q.s;  // p.s is 0, or NaN from a NaN-only block
+    p.dot = shifted(p.dot, p.cs, p.m, q.m) + q.dot;
+    p.m = q.m;
   } else {
-    p.s += s * exp_acc(m - p.m);
+    p.s += q.s * exp_acc(q.m - p.m);
+    p.dot += shifted(q.dot, q.cs, q.m, p.m);
   }
+  p.cs += q.cs;
 }
 
 // Elements per block of a row: its two passes (max, then exp) run in L1.
@@ -178,57 +194,69 @@ template <typename A> struct Kept {
 };
 
 // Statistics of z[k0:k1] of one row (z points at the row's start); with
-// `keep` (k0 = 0) also what the row's gradient needs.
+// `keep` (k0 = 0) also what the row's gradient needs. csum: prefix sums of c
+// (csum[k] = Σ_{j<k} c_j, in double), null without coefficients.
 template <typename T, bool CAP, bool COEF>
 static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
                                              typename Io<T>::acc cap,
-                                             const typename Io<T>::acc* c,
+                                             const typename Io<T>::acc* c, const double* csum,
                                              const Kept<typename Io<T>::acc>* keep = nullptr) {
   using A = typename Io<T>::acc;
   const A inv_cap = CAP ? A(1) / cap : A(0);
-  Part<A> p{neg_inf<A>(), A(0), A(0)};
+  Part<A> p{neg_inf<A>(), A(0), A(0), A(0)};
   alignas(64) A block_buf[CAP ? kBlock : 1];
   for (int64_t b = k0; b < k1; b += kBlock) {
     const int64_t n = (k1 - b < kBlock) ? k1 - b : kBlock;
     const T* zb = z + b;
     A* buf = keep && CAP ? keep->v + b : block_buf;
     A* e = keep ? keep->e + b : nullptr;
+    const A cs = COEF ? A(csum[b + n] - csum[b]) : A(n);  // Σ c over the block
     if constexpr (Wide<T>::on && !CAP) {
       // After the first block: one pass, exp relative to the running max p.m
       // instead of this block's, which a second pass would need; kept unless
       // the block's max is NaN or more than kJump above p.m (its terms could
-      // overflow), and then redone below. The reference is only an offset:
-      // p = (reference, Σ exp(v − reference)) wherever Part is used.
+      // overflow), and then redone below. A block that raises the max moves
+      // p to it, its max's term (computed as exp(mb − p.m)) replaced by an
+      // exact 1, so that p.m is always the max and s carries no more error
+      // than a two-pass sum.
       constexpr A kJump = A(16);
       if (p.m - p.m == A(0)) {  // finite
         A mb, dotb;
         const A sb = Wide<T>::exp_sum_ref(zb, n, p.m, COEF ? c + b : nullptr, e, mb, dotb);
         if (mb <= p.m + kJump) {
+          if (keep) keep->bmax[b / kBlock] = p.m;
           p.s += sb;
           p.dot += dotb;
-          if (keep) keep->bmax[b / kBlock] = p.m;
+          p.cs += cs;
+          if (mb > p.m) {
+            p.s = (p.s - Wide<T>::exp1(mb - p.m)) * exp_acc(p.m - mb) + A(1);
+            p.dot = shifted(p.dot, p.cs, p.m, mb);
+            p.m = mb;
+          }
           continue;
         }
       }
     }
-    A m = neg_inf<A>(), dot = A(0);
+    A m = neg_inf<A>();
     if constexpr (Wide<T>::on && CAP) {
-      Wide<T>::capped_max_dot(zb, buf, n, cap, COEF ? c + b : nullptr, m, dot);
+      Wide<T>::capped_max(zb, buf, n, cap, m);
     } else {
-#pragma omp simd reduction(max : m) reduction(+ : dot)
+#pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) {
         A v = capped<CAP>(Io<T>::load(zb[j]), cap, inv_cap);
         if (CAP) buf[j] = v;
         m = v > m ? v : m;
-        dot += COEF ? c[b + j] * v : v;
       }
     }
-    A s = A(0);
+    // Second pass: Σ exp(v − m) and Σ c·(v − m), one subtraction for both.
+    A s = A(0), dot = A(0);
     if (m != neg_inf<A>()) {
       // Capped values come from the buffer (tanh once); plain ones are re-read
       // from L1, which is cheaper than the buffer's store and load.
+      const A* cb = COEF ? c + b : nullptr;
       if constexpr (Wide<T>::on) {
-        s = e ? Wide<T>::exp_sum_keep(zb, CAP ? buf : nullptr, n, m, e) : Wide<T>::exp_sum(zb, CAP ? buf : nullptr, n, m);
+        s = e ? Wide<T>::exp_sum_keep(zb, CAP ? buf : nullptr, n, m, cb, e, dot)
+              : Wide<T>::exp_sum(zb, CAP ? buf : nullptr, n, m, cb, dot);
       } else {
         // In steps of 256, each after prefetching the values as far after this
         // block (as exp_sum of lsce_avx512.h does, for the same reason).
@@ -237,37 +265,60 @@ static Part<typename Io<T>::acc> range_stats(const T* z, int64_t k0, int64_t k1,
           for (int64_t l = 0; l < 256 * int64_t(sizeof(T)); l += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(zb + n + j0) + l);
           if (e) {
-#pragma omp simd reduction(+ : s)
+#pragma omp simd reduction(+ : s, dot)
             for (int64_t j = j0; j < j1; ++j) {
-              e[j] = exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+              const A d = (CAP ? buf[j] : Io<T>::load(zb[j])) - m;
+              e[j] = exp_acc(d);
               s += e[j];
+              dot += COEF ? cb[j] * d : d;
             }
           } else {
-#pragma omp simd reduction(+ : s)
-            for (int64_t j = j0; j < j1; ++j) s += exp_acc((CAP ? buf[j] : Io<T>::load(zb[j])) - m);
+#pragma omp simd reduction(+ : s, dot)
+            for (int64_t j = j0; j < j1; ++j) {
+              const A d = (CAP ? buf[j] : Io<T>::load(zb[j])) - m;
+              s += exp_acc(d);
+              dot += COEF ? cb[j] * d : d;
+            }
           }
         }
+        dot = -dot;  // Σ c·(m − v)
       }
     } else {
-      // No element above -inf: NaN or -inf only. A NaN must still reach the sum.
+      // No element above -inf: NaN or -inf only. A NaN must still reach the
+      // sum; dot is relative to 0 (Part), +inf from c·(0 − (−inf)).
       for (int64_t j = 0; j < n; ++j) {
         const A v = CAP ? buf[j] : Io<T>::load(zb[j]);
         if (v != v) s = v;
+        dot -= COEF ? c[b + j] * v : v;
         if (e) e[j] = v != v ? v : A(0);
       }
     }
     if (keep) keep->bmax[b / kBlock] = m;
-    merge(p, m, s, dot);
+    merge(p, Part<A>{m, s, dot, cs});
   }
   return p;
 }
 
 template <typename T, bool CAP, bool COEF>
 static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64_t k0, int64_t k1,
+                                                 const double* csum,
                                                  const Kept<typename Io<T>::acc>* keep = nullptr) {
   using A = typename Io<T>::acc;
   const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
-  return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c), keep);
+  return range_stats<T, CAP, COEF>(z, k0, k1, A(a.softcap), static_cast<const A*>(a.c), csum, keep);
+}
+
+// Prefix sums of the coefficients c, in double (csum[k] = Σ_{j<k} c_j), so
+// that any block's Σ c is one subtraction; null without coefficients. Once
+// per call: O(K) against the kernels' O(N·K). Freed with delete[].
+template <bool COEF, typename A>
+static inline double* coef_prefix(const Args& a) {
+  if (!COEF) return nullptr;
+  const A* c = static_cast<const A*>(a.c);
+  double* csum = new double[a.K + 1];
+  csum[0] = 0.0;
+  for (int64_t k = 0; k < a.K; ++k) csum[k + 1] = csum[k] + double(c[k]);
+  return csum;
 }
 
 // Whether a target y (not ignore_index) is one of these columns. One outside
@@ -275,12 +326,15 @@ static inline Part<typename Io<T>::acc> stats_of(const Args& a, int64_t i, int64
 // its row gets no true-class term, and neither w_y nor z[y] is read.
 static inline bool owns_target(const Args& a, int64_t y) { return y >= 0 && y < a.K; }
 
-// Turns a row's statistics into its loss and lse (docs/design.md §1).
+// Turns a row's statistics into its loss, m and log_s (docs/design.md §1),
+// every term relative to the row max: (m − zc_y) + log_s is not the difference
+// of two large numbers, and Σ c·(m − zc) cannot overflow for finite rows.
 template <typename T, bool CAP, bool COEF>
 static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T>::acc>& p) {
   using A = typename Io<T>::acc;
-  const A lse = p.m + log_acc(p.s);  // all -inf: -inf; any NaN or +inf: NaN
-  static_cast<A*>(a.lse)[i] = lse;
+  const A m = p.m, log_s = log_acc(p.s);  // all -inf: -inf, -inf; any NaN or +inf: log_s NaN
+  static_cast<A*>(a.m)[i] = m;
+  static_cast<A*>(a.log_s)[i] = log_s;
   A loss = A(0);
   const int64_t y = a.target[i];
   if (y != a.ignore_index) {
@@ -290,13 +344,16 @@ static inline void finish_row(const Args& a, int64_t i, const Part<typename Io<T
       const T* z = static_cast<const T*>(a.logits) + i * a.row_stride;
       const A zy = capped<CAP>(Io<T>::load(z[y]), cap, CAP ? A(1) / cap : A(0));
       const A wy = a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
-      loss = (A(1) - eps) * wy * (lse - zy);
+      loss = (A(1) - eps) * wy * ((m - zy) + log_s);
     }
     if (a.eps > 0) {
       const A dot = COEF ? p.dot : p.dot / A(a.uniform_over);
-      loss += eps * (A(a.C) * lse - dot);
+      loss += eps * (A(a.C) * log_s + dot);
     }
-    if (a.z_loss > 0) loss += A(a.z_loss) * lse * lse;
+    if (a.z_loss > 0) {
+      const A lse = m + log_s;
+      loss += A(a.z_loss) * lse * lse;
+    }
   }
   static_cast<A*>(a.loss)[i] = loss;
 }
@@ -337,6 +394,7 @@ static void forward_impl(const Args& a) {
   using A = typename Io<T>::acc;
   const int64_t N = a.N, K = a.K;
   const int64_t nb = blocks_per_row(a);
+  double* csum = coef_prefix<COEF, A>(a);
   if (nb == 1 && a.grad) {
     const int64_t nblocks = (K + kBlock - 1) / kBlock;
 #pragma omp parallel num_threads(a.nthreads) if (parallel_worth(a))
@@ -345,16 +403,18 @@ static void forward_impl(const Args& a) {
       const Kept<A> keep{scratch, CAP ? scratch + K : nullptr, scratch + (CAP ? 2 : 1) * K};
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < N; ++i) {
-        finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K, &keep));
+        finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K, csum, &keep));
         kept_grad_row<T, CAP, COEF>(a, i, keep);
       }
       delete[] scratch;
     }
+    delete[] csum;
     return;
   }
   if (nb == 1) {
 #pragma omp parallel for num_threads(a.nthreads) schedule(static) if (parallel_worth(a))
-    for (int64_t i = 0; i < N; ++i) finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K));
+    for (int64_t i = 0; i < N; ++i) finish_row<T, CAP, COEF>(a, i, stats_of<T, CAP, COEF>(a, i, 0, K, csum));
+    delete[] csum;
     return;
   }
   // Split rows: per-block statistics first, then one merge per row. Blocks
@@ -367,14 +427,15 @@ static void forward_impl(const Args& a) {
   for (int64_t t = 0; t < N * nb; ++t) {
     const int64_t i = t / nb, k0 = (t % nb) * bw;
     const int64_t k1 = k0 + bw < K ? k0 + bw : K;
-    parts[t] = k0 < K ? stats_of<T, CAP, COEF>(a, i, k0, k1) : Part<A>{neg_inf<A>(), A(0), A(0)};
+    parts[t] = k0 < K ? stats_of<T, CAP, COEF>(a, i, k0, k1, csum) : Part<A>{neg_inf<A>(), A(0), A(0), A(0)};
   }
   for (int64_t i = 0; i < N; ++i) {
-    Part<A> p{neg_inf<A>(), A(0), A(0)};
-    for (int64_t b = 0; b < nb; ++b) merge(p, parts[i * nb + b].m, parts[i * nb + b].s, parts[i * nb + b].dot);
+    Part<A> p{neg_inf<A>(), A(0), A(0), A(0)};
+    for (int64_t b = 0; b < nb; ++b) merge(p, parts[i * nb + b]);
     finish_row<T, CAP, COEF>(a, i, p);
   }
   delete[] parts;
+  delete[] csum;
   if (a.grad) backward_impl<T, CAP, COEF>(a);
 }
 
@@ -389,18 +450,20 @@ static inline RowGrad<typename Io<T>::acc> row_grad(const Args& a, int64_t i) {
   const int64_t y = a.target[i];
   const bool valid = y != a.ignore_index, own = valid && owns_target(a, y);
   RowGrad<A> r;
-  r.lse = static_cast<const A*>(a.lse)[i];
+  r.m = static_cast<const A*>(a.m)[i];
+  r.log_s = static_cast<const A*>(a.log_s)[i];
+  const A lse = r.m + r.log_s;
   const A g = valid ? static_cast<const A*>(a.grad_loss)[i * a.grad_loss_stride] : A(0);
   const A h = a.grad_lse ? static_cast<const A*>(a.grad_lse)[i * a.grad_lse_stride] : A(0);
   // w_y·[own]: 0 leaves out the true-class term of a row whose class is not in these columns.
   const A wy = !own ? A(0) : a.weight ? static_cast<const A*>(a.weight)[y] : A(1);
   r.coef_p = h;  // coefficient of p_k
-  if (valid) r.coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * r.lse);
+  if (valid) r.coef_p += g * ((A(1) - eps) * wy + eps * A(a.C) + A(2) * A(a.z_loss) * lse);
   r.coef_c = g * eps;                       // times c_k (COEF)
   r.uniform = g * eps / A(a.uniform_over);  // otherwise
   r.tcls = g * (A(1) - eps) * wy;
   r.y = own ? y : -1;
-  r.zeros = r.coef_p == A(0) && g == A(0) && r.lse - r.lse == A(0);
+  r.zeros = r.coef_p == A(0) && g == A(0) && lse - lse == A(0);
   r.cap = A(a.softcap);
   r.inv_cap = a.softcap != 0.0 ? A(1) / r.cap : A(0);
   r.stream = a.N * a.K * int64_t(sizeof(T)) >= kStreamBytes;
@@ -437,20 +500,20 @@ static void backward_range(const Args& a, int64_t i, int64_t k0, int64_t k1) {
 #pragma omp simd
     for (int64_t k = j0; k < j1; ++k) {
       const A v = capped<CAP>(Io<T>::load(z[k]), cap, inv_cap);
-      A d = r.coef_p * exp_acc<true>(v - r.lse) - (COEF ? r.coef_c * c[k] : r.uniform);
+      A d = r.coef_p * exp_acc<true>((v - r.m) - r.log_s) - (COEF ? r.coef_c * c[k] : r.uniform);
       if (CAP) d *= A(1) - (v * inv_cap) * (v * inv_cap);
       out[k] = Io<T>::store(d);
     }
   }
   if (has_y) {
-    A d = r.coef_p * exp_acc<true>(vy - r.lse) - (COEF ? r.coef_c * c[r.y] : r.uniform) - r.tcls;
+    A d = r.coef_p * exp_acc<true>((vy - r.m) - r.log_s) - (COEF ? r.coef_c * c[r.y] : r.uniform) - r.tcls;
     if (CAP) d *= A(1) - (vy * inv_cap) * (vy * inv_cap);
     out[r.y] = Io<T>::store(d);
   }
 }
 
-// The fused forward's gradient of row i from what range_stats kept (its lse
-// already stored): p_k = e[k] · exp(bmax − lse) per block, no second read of
+// The fused forward's gradient of row i from what range_stats kept (its m and
+// log_s already stored): p_k = e[k] · exp((bmax − m) − log_s) per block, no second read of
 // the logits and no second exp per element. Reads only `keep`, so grad may
 // be the logits' own storage here too.
 template <typename T, bool CAP, bool COEF>
@@ -467,8 +530,8 @@ static void kept_grad_row(const Args& a, int64_t i, const Kept<typename Io<T>::a
   const A inv_cap = r.inv_cap;
   for (int64_t b = 0; b < a.K; b += kBlock) {
     const int64_t n = (a.K - b < kBlock) ? a.K - b : kBlock;
-    RowGrad<A> rb = r;  // this block's: p_k = e[k] · exp(bmax − lse), y relative to b
-    rb.coef_p = r.coef_p * exp_acc<true>(keep.bmax[b / kBlock] - r.lse);
+    RowGrad<A> rb = r;  // this block's: p_k = e[k] · exp((bmax − m) − log_s), y relative to b
+    rb.coef_p = r.coef_p * exp_acc<true>((keep.bmax[b / kBlock] - r.m) - r.log_s);
     rb.y = r.y >= b && r.y < b + n ? r.y - b : -1;
     const A* e = keep.e + b;
     const A* v = CAP ? keep.v + b : nullptr;

@@ -37,26 +37,26 @@ def _args(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) 
 
 
 def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions, grad: Optional[Tensor] = None,
-            upstream: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse)`` (lsce.interface.RowKernels). With ``grad`` ((N, K)
+            upstream: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, m, log_s)`` (lsce.interface.RowKernels). With ``grad`` ((N, K)
     contiguous), the same pass also writes there the gradient for the upstream
     ``upstream`` (a 1-element tensor) of every row's loss: the fused training step."""
     from . import _C
 
     acc = acc_dtype(logits.dtype)
-    loss, lse = torch.empty(logits.shape[0], dtype=acc), torch.empty(logits.shape[0], dtype=acc)
+    loss, m, log_s = (torch.empty(logits.shape[0], dtype=acc) for _ in range(3))
     fused = {} if grad is None else dict(grad=_ptr(grad), grad_loss=_ptr(upstream), grad_loss_stride=0)
-    _C.forward(**_args(logits, target, coef, opts), loss=_ptr(loss), lse=_ptr(lse), **fused)
-    return loss, lse
+    _C.forward(**_args(logits, target, coef, opts), loss=_ptr(loss), m=_ptr(m), log_s=_ptr(log_s), **fused)
+    return loss, m, log_s
 
 
 def backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, coef: Coefficients,
-             opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None) -> Tensor:
+             opts: RowOptions, m: Tensor, log_s: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The logits' gradient, in ``out`` or a new (cached) tensor; see lsce.interface.RowKernels."""
     from . import _C
 
     grad = grad_buffer(logits, out) if out is not None else cache.empty(logits.shape, logits.dtype)
-    _C.backward(**_args(logits, target, coef, opts), lse=_ptr(lse), grad_loss=_ptr(grad_loss),
+    _C.backward(**_args(logits, target, coef, opts), m=_ptr(m), log_s=_ptr(log_s), grad_loss=_ptr(grad_loss),
                 grad_loss_stride=grad_loss.stride(0), grad_lse=_ptr(grad_lse),
                 grad_lse_stride=0 if grad_lse is None else grad_lse.stride(0), grad=_ptr(grad))
     return grad

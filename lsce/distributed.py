@@ -10,42 +10,49 @@ the gradient of the rank's own slice. :func:`vocab_parallel_linear_cross_entropy
 does the same from the hidden states and the rank's rows of the LM head.
 
 Maths (lsce/reference.py's notation: ``c = π ⊙ w``, ``C = Σ_k c_k``, ``zc``
-the soft-capped logits; one row, target ``y``)::
+the soft-capped logits; one row, target ``y``; every term relative to a max,
+lsce/interface.py)::
 
-    loss = (1 − ε)·w_y·(lse − zc_y) + ε·(C·lse − Σ_k c_k·zc_k)
-         = ((1 − ε)·w_y + ε·C)·lse − Σ_r T_r
-    T_r  = (1 − ε)·w_y·zc_y·[y in slice r] + ε·Σ_{k in r} c_k·zc_k
-    lse  = logsumexp_r(lse_r)
+    loss = (1 − ε)·w_y·((m − zc_y) + log_s) + ε·(C·log_s + Σ_k c_k·(m − zc_k))
+         = X·log_s + Σ_r (T_r + X_r·(m − m_r))
+    T_r  = (1 − ε)·w_y·(m_r − zc_y)·[y in slice r] + ε·Σ_{k in r} c_k·(m_r − zc_k)
+    X_r  = (1 − ε)·w_y·[y in slice r] + ε·C_r,   C_r = Σ_{k in r} c_k,   X = Σ_r X_r
+    m    = max_r m_r,   log_s = log Σ_r exp((m_r − m) + log_s_r)
 
-so a row needs only the global ``lse`` and ``Σ_r T_r``: the forward is **one
-all_gather of an (N, 2) tensor** ``[lse_r, T_r]`` (accumulation dtype),
-combined locally in rank order, so that every rank gets bitwise the same
-loss. Before it, **one all_gather of 8 int64 per rank** checks that the ranks
+with ``m_r`` the slice's max and ``log_s_r = log Σ_{k in r} exp(zc_k − m_r)``,
+so a row needs only per-row values of each slice: the forward is **one
+all_gather of an (N, 4) tensor** ``[m_r, log_s_r, T_r, X_r]`` (accumulation
+dtype), combined locally in rank order, so that every rank gets bitwise the
+same loss. Nothing is formed as the difference of two absolute logsumexps,
+so rows far from 0 (``randn + 1e6``, −1e30) keep their precision, as in one
+process. Before it, **one all_gather of 8 int64 per rank** checks that the ranks
 agree (rows, dtype, options, slices tiling ``[0, K)``) and gives the default
 ``vocab_start_index``; a mismatch raises on every rank instead of leaving
-some waiting in a collective. **Backward sends nothing**: the global ``lse``
-is saved. The z-loss ``λ·lse²`` is added outside the autograd function, from
-the returned ``lse``, so it reaches the gradient through the lse upstream.
+some waiting in a collective. **Backward sends nothing**: the global ``m``
+and ``log_s`` are saved. The z-loss ``λ·lse²`` is added outside the autograd
+function, from the returned ``lse = m + log_s``, so it reaches the gradient
+through the lse upstream.
 
 The per-row kernels (lsce/interface.py, through lsce.ops.row_kernels) do
 the N×K_r work, called with the slice's own coefficients: ``w_r`` and
 ``c_r``, the slice's entries of the global ``w`` and ``c``, the uniform
-``1/K`` (not ``1/K_r``) without weight and prior, and the global ``C`` as
-the coefficient of lse. A row's target is its local column where it lies in
-the slice; a target outside ``[0, K_r)`` tells the kernels that the true class
-is elsewhere (no true-class term); -2 marks ignored rows. The rest is O(N):
+``1/K`` (not ``1/K_r``) without weight and prior. A row's target is its local
+column where it lies in the slice; a target outside ``[0, K_r)`` tells the
+kernels that the true class is elsewhere (no true-class term); -2 marks
+ignored rows. The rest is O(N):
 
-* forward: the kernels, with every target outside the slice, give
-  ``loss_r = ε·(C·lse_r − Σ_{k in r} c_k·zc_k)`` and ``lse_r``; so
-  ``T_r = ε·C·lse_r − loss_r`` plus the true-class term, a gather of
-  ``zc_y`` at the local target. With ``ε = 0`` only that gather and ``lse_r``
-  are used, so -inf logits give no ``0·∞``.
+* forward: the kernels, with every target outside the slice and 0 as the
+  coefficient of log_s, give ``loss_r = ε·Σ_{k in r} c_k·(m_r − zc_k)``,
+  ``m_r`` and ``log_s_r``; ``T_r`` adds the true-class term, a gather of
+  ``zc_y`` at the local target. With ``ε = 0`` only that gather is used, so
+  -inf logits give no ``0·∞``.
 * backward: with ``g`` and ``h`` the upstream gradients of a row's loss and
-  lse, one backward call with the local targets computes the slice's
-  gradient, true-class term included; its coefficient of ``p`` lacks
-  ``g·(1 − ε)·w_y`` on rows whose target is elsewhere, which ``h`` makes up.
+  lse, one backward call with the local targets, the global ``C`` and the
+  global ``(m, log_s)`` computes the slice's gradient, true-class term
+  included; its coefficient of ``p`` lacks ``g·(1 − ε)·w_y`` on rows whose
+  target is elsewhere, which ``h`` makes up.
 
-Costs per call: 2 all_gathers in forward (8·W int64, and 2·N·W per-row
+Costs per call: 2 all_gathers in forward (8·W int64, and 4·N·W per-row
 values), none in backward (the linear variant adds one all_reduce of the
 input's gradient). The checks' all_gather runs on the CPU when the group has
 a CPU backend (gloo, or "cpu:gloo,cuda:nccl"); on an NCCL-only group it is the
@@ -68,7 +75,7 @@ from torch.autograd.function import once_differentiable
 
 from . import checks, ops
 from .functional import reduce_rows
-from .interface import Coefficients, RowOptions, acc_dtype, coefficients
+from .interface import Coefficients, RowOptions, acc_dtype, coefficients, fixed_sum
 from .linear import GradSums, LogitChunks, check_linear_arguments, default_chunk_size
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
@@ -186,6 +193,11 @@ class _Rows(NamedTuple):
         return _Rows(*(t[start:end] for t in self))
 
 
+def _shift(m: Tensor) -> Tensor:
+    """What a max is subtracted as: 0 for −inf (lsce.interface: an all −inf row or slice)."""
+    return torch.where(m == float("-inf"), 0.0, m)
+
+
 class _Slice:
     """One call's constants on this rank's slice, and the steps of the forward and backward."""
 
@@ -193,8 +205,15 @@ class _Slice:
         self.start, self.width, self.eps, self.ignore_index, self.acc = start, width, eps, ignore_index, acc
         self.group, self.world, self.coef = group, world, coef
         cols = slice(start, start + width)
-        self.local = Coefficients(None if coef.weight is None else coef.weight[cols],
-                                  None if coef.c is None else coef.c[cols], coef.C, coef.uniform_over)
+        w_r = None if coef.weight is None else coef.weight[cols]
+        c_r = None if coef.c is None else coef.c[cols]
+        self.local = Coefficients(w_r, c_r, coef.C, coef.uniform_over)
+        # The forward's: 0 as log_s's coefficient, so that the kernels' loss is
+        # the slice's ε·Σ c_k·(m_r − zc_k) alone (lsce/interface.py).
+        zero = 0.0 if c_r is None else torch.zeros((), dtype=acc, device=device)
+        self.stats_coef = Coefficients(w_r, c_r, zero, coef.uniform_over)
+        # C_r = Σ_{k in r} c_k: the slice's share of log_s's coefficient.
+        self.C_r = width / coef.uniform_over if c_r is None else fixed_sum(c_r.double()).to(acc)
         self.opts = RowOptions(_IGNORED, eps, 0.0, cap)
         self.kernels = ops.row_kernels(backend, device)
 
@@ -207,36 +226,41 @@ class _Slice:
         y_local = torch.where(own, col, torch.where(valid, _ELSEWHERE, _IGNORED))
         return _Rows(valid, own, col, y_local, w_y)
 
-    def local_stats(self, z: Tensor, rows: _Rows):
-        """(lse_r, T_r) of the rows of the slice ``z``, from one read of it."""
+    def local_stats(self, z: Tensor, rows: _Rows) -> Tensor:
+        """(N, 4): ``[m_r, log_s_r, T_r, X_r]`` of the rows of the slice ``z``, from one read of it."""
         eps = self.eps
         elsewhere = torch.where(rows.valid, _ELSEWHERE, _IGNORED)  # no true-class term in loss_r
-        loss_r, lse_r = self.kernels.forward(z, elsewhere, self.local, self.opts)
-        T_r = eps * self.coef.C * lse_r - loss_r if eps else torch.zeros_like(lse_r)  # ε·Σ_{k∈r} c_k·zc_k
+        T_r, m_r, log_s_r = self.kernels.forward(z, elsewhere, self.stats_coef, self.opts)  # T_r: ε·Σ c·(m_r − zc)
+        true = torch.where(rows.own, (1 - eps) * rows.w_y, 0)
         if eps < 1:
             zc_y = _capped(z.gather(1, rows.col[:, None]).squeeze(1).to(self.acc), self.opts.softcap)
-            T_r = T_r + torch.where(rows.own, (1 - eps) * rows.w_y * zc_y, 0)
-        return lse_r, T_r
+            T_r = T_r + torch.where(rows.own, true * (_shift(m_r) - zc_y), 0)  # relative to 0 where m_r is -inf
+        return torch.stack([m_r, log_s_r, T_r, true + eps * self.C_r], dim=1)
 
-    def combine(self, lse_r: Tensor, T_r: Tensor, rows: _Rows):
-        """(per-row cross-entropy, global lse): the one all_gather, combined in rank order."""
-        gathered = _all_gather(torch.stack([lse_r, T_r], dim=1), self.group, self.world)
-        lse = torch.logsumexp(gathered[:, :, 0], dim=0)
-        T = gathered[:, :, 1].sum(0)
+    def combine(self, stats: Tensor, rows: _Rows):
+        """(per-row cross-entropy, global m, global log_s): the one all_gather, combined in rank order."""
+        gathered = _all_gather(stats, self.group, self.world)  # (world, N, 4)
+        m_r, log_s_r, T_r, X_r = gathered.unbind(2)
+        m = m_r.amax(0)
+        shift = _shift(m)
+        log_s = torch.logsumexp((m_r - shift) + log_s_r, dim=0)
+        # X_r·(m − m_r) is 0 where X_r is, also for a slice of only −inf.
+        moved = torch.where(X_r == 0, 0, X_r * (shift - _shift(m_r)))
         X = (1 - self.eps) * rows.w_y + self.eps * self.coef.C
-        return torch.where(rows.valid, X * lse - T, 0), lse
+        return torch.where(rows.valid, X * log_s + (T_r + moved).sum(0), 0), m, log_s
 
-    def upstream(self, grad_ce: Optional[Tensor], grad_lse: Optional[Tensor], rows: _Rows, lse: Tensor):
+    def upstream(self, grad_ce: Optional[Tensor], grad_lse: Optional[Tensor], rows: _Rows, m: Tensor):
         """(g, h) for the kernels' backward: the loss's upstream (0 on ignored
         rows) and the lse's, plus the true-class weight of rows whose target
         lies in another slice (the kernels add it only where it lies here)."""
-        g = torch.zeros_like(lse) if grad_ce is None else torch.where(rows.valid, grad_ce.to(lse.dtype), 0)
+        g = torch.zeros_like(m) if grad_ce is None else torch.where(rows.valid, grad_ce.to(m.dtype), 0)
         h = torch.where(rows.valid & ~rows.own, g * (1 - self.eps) * rows.w_y, 0)
-        return g, h if grad_lse is None else h + grad_lse.to(lse.dtype)
+        return g, h if grad_lse is None else h + grad_lse.to(m.dtype)
 
-    def slice_grad(self, g: Tensor, h: Tensor, z: Tensor, rows: _Rows, lse: Tensor, out=None) -> Tensor:
+    def slice_grad(self, g: Tensor, h: Tensor, z: Tensor, rows: _Rows, m: Tensor, log_s: Tensor,
+                   out=None) -> Tensor:
         """The gradient of the slice ``z``: one read and one write by the kernels."""
-        return self.kernels.backward(g, h, z, rows.y_local, self.local, self.opts, lse, out=out)
+        return self.kernels.backward(g, h, z, rows.y_local, self.local, self.opts, m, log_s, out=out)
 
 
 class _VocabParallelRows(torch.autograd.Function):
@@ -245,18 +269,18 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, y: Tensor, sl: _Slice):
         rows = sl.rows(y)
-        ce, lse = sl.combine(*sl.local_stats(z, rows), rows)
-        ctx.save_for_backward(z, lse, *rows)
+        ce, m, log_s = sl.combine(sl.local_stats(z, rows), rows)
+        ctx.save_for_backward(z, m, log_s, *rows)
         ctx.slice = sl
         ctx.set_materialize_grads(False)
-        return ce, lse
+        return ce, m + log_s
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ce: Optional[Tensor], grad_lse: Optional[Tensor]):
-        z, lse, *rows = ctx.saved_tensors
+        z, m, log_s, *rows = ctx.saved_tensors
         rows, sl = _Rows(*rows), ctx.slice
-        return sl.slice_grad(*sl.upstream(grad_ce, grad_lse, rows, lse), z, rows, lse), None, None
+        return sl.slice_grad(*sl.upstream(grad_ce, grad_lse, rows, m), z, rows, m, log_s), None, None
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
@@ -268,25 +292,25 @@ class _VocabParallelLinearRows(torch.autograd.Function):
                 reduce_input_grad: bool):
         rows = sl.rows(y)
         acc = acc_dtype(x.dtype)
-        lse_r, T_r = x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+        stats = x.new_empty((x.shape[0], 4), dtype=acc)
         for s, e, z in LogitChunks(x, W, b, chunk):
-            lse_r[s:e], T_r[s:e] = sl.local_stats(z, rows.chunk(s, e))
-        ce, lse = sl.combine(lse_r, T_r, rows)
-        ctx.save_for_backward(x, W, b, lse, *rows)
+            stats[s:e] = sl.local_stats(z, rows.chunk(s, e))
+        ce, m, log_s = sl.combine(stats, rows)
+        ctx.save_for_backward(x, W, b, m, log_s, *rows)
         ctx.slice, ctx.chunk, ctx.reduce_input_grad = sl, chunk, reduce_input_grad
         ctx.set_materialize_grads(False)
-        return ce, lse
+        return ce, m + log_s
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ce: Optional[Tensor], grad_lse: Optional[Tensor]):
-        x, W, b, lse, *rows = ctx.saved_tensors
+        x, W, b, m, log_s, *rows = ctx.saved_tensors
         rows, sl = _Rows(*rows), ctx.slice
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
-        g, h = sl.upstream(grad_ce, grad_lse, rows, lse)
+        g, h = sl.upstream(grad_ce, grad_lse, rows, m)
         grads = GradSums(x, W, b, mask)
         for s, e, z in LogitChunks(x, W, b, ctx.chunk):
-            d = sl.slice_grad(g[s:e], h[s:e], z, rows.chunk(s, e), lse[s:e], out=z)
+            d = sl.slice_grad(g[s:e], h[s:e], z, rows.chunk(s, e), m[s:e], log_s[s:e], out=z)
             grads.add(d, x[s:e], W, s, e)
         gi, gw, gb = grads.tensors(x, W, b, final=True)
         if mask[0] and ctx.reduce_input_grad:  # the input's gradient is the sum over the slices

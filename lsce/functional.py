@@ -125,7 +125,7 @@ def cross_entropy(
     if expected is not None:
         loss, lse = ops.FusedStep.apply(z, y, w, prior, ignore_index, eps, z_loss, cap, expected)
     else:
-        loss, lse = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
+        loss, lse, _, _ = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
 
     out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
     out = out.to(out_dtype or input.dtype)

@@ -9,21 +9,39 @@ stride and any row stride; everything above it (shapes, argument and value
 checks, class coefficients, reductions) is computed once by the caller.
 
 For row ``i`` with target ``y = target[i]``, ``zc = softcap·tanh(z/softcap)``
-(``zc = z`` when ``softcap`` is 0), ``lse = logsumexp(zc)``, ``p = softmax(zc)``,
-``own = 0 <= y < K`` and the coefficients ``(w, c, C)`` of :class:`Coefficients`::
+(``zc = z`` when ``softcap`` is 0), ``m = max_k zc_k``, ``log_s = log Σ_k exp(zc_k − m)``,
+``lse = m + log_s``, ``p = exp((zc − m) − log_s)``, ``own = 0 <= y < K`` and the
+coefficients ``(w, c, C)`` of :class:`Coefficients`::
 
-    loss = (1 − ε)·w_y·(lse − zc_y)·[own] + ε·(C·lse − Σ_k c_k·zc_k) + λ·lse²
+    loss = (1 − ε)·w_y·((m − zc_y) + log_s)·[own] + ε·(C·log_s + Σ_k c_k·(m − zc_k)) + λ·lse²
 
     A        = g·((1 − ε)·w_y·[own] + ε·C + 2·λ·lse) + h
     ∂/∂zc_k  = A·p_k − g·ε·c_k − g·(1 − ε)·w_y·[k = y]
     ∂/∂z_k   = ∂/∂zc_k · (1 − (zc_k/softcap)²)       (softcap only)
 
-with ``g``, ``h`` the upstream gradients of the row's loss and lse. A row whose
-target is ``ignore_index`` has loss 0 and ``g = 0`` (its lse is still computed,
-and ``h`` still reaches its gradient). A target outside ``[0, K)`` that is not
-``ignore_index`` means that the row's true class lies outside these columns (a
-vocabulary slice, lsce.distributed): the row gets no true-class term. Callers
-range-check targets where they must lie inside (lsce.checks.check_values).
+with ``g``, ``h`` the upstream gradients of the row's loss and lse. For full
+rows (``C = Σ_k c_k``, as :func:`coefficients` makes it) the loss is the
+smoothed cross-entropy ``(1 − ε)·w_y·(lse − zc_y) + ε·(C·lse − Σ_k c_k·zc_k) + λ·lse²``
+and the gradient is its gradient. On a slice of the vocabulary (C is the full
+row's, not the slice's Σ c; lsce.distributed) the loss is the slice's share
+relative to the slice's own max, and the gradient is the formula above (the
+gradient with m held constant). A row whose target is ``ignore_index`` has
+loss 0 and ``g = 0`` (its m and log_s are still computed, and ``h`` still
+reaches its gradient). A target outside ``[0, K)`` that is not
+``ignore_index`` means that the row's true class lies outside these columns
+(a vocabulary slice, lsce.distributed): the row gets no true-class term.
+Callers range-check targets where they must lie inside (lsce.checks.check_values).
+
+Precision: every quantity is formed relative to the row max (docs/design.md
+§1). ``m − zc_k`` is exact wherever ``zc_k`` is within a factor 2 of ``m``, so
+a confident row's loss ``(m − zc_y) + log_s`` is not the difference of two
+large numbers, the smoothing term overflows only where log_softmax does, and
+``p`` keeps its relative precision for rows at any offset (``randn + 1e6``,
+rows of −1e30). That is why the forward returns ``m`` and ``log_s``
+separately and the backward takes both: an absolute ``lse`` rounded to the
+accumulation dtype cannot give ``exp(zc − lse)`` to better than its own ulp.
+A row of only −inf has ``m = log_s = −inf`` (lse −inf); one holding NaN or
++inf has NaN ``log_s``.
 
 Without weight or prior the gradient is ``g·(p − y_ls)``, ``y_ls = (1 − ε)·onehot(y) + ε/K``.
 Everything is accumulated in fp32 (fp64 for fp64 logits); the gradient is
@@ -61,7 +79,7 @@ class Coefficients(NamedTuple):
 
     weight: Optional[Tensor]  # (K,): w, whose w_y scales the true-class term; None: w ≡ 1
     c: Optional[Tensor]  # (K,): c_k of the smoothing term; None: uniform, c_k = 1 / uniform_over
-    C: Union[Tensor, float]  # lse's coefficient in the smoothing term (Σ c of full rows); 0-d tensor iff c is given
+    C: Union[Tensor, float]  # log_s's coefficient in the smoothing term (Σ c of full rows); 0-d tensor iff c is given
     uniform_over: int  # classes the uniform prior spreads over (the full vocabulary)
 
 
@@ -130,17 +148,20 @@ class RowKernels(Protocol):
 
     Shapes: ``logits`` (N, K), unit column stride, any row stride >= 0 (an
     expanded row has stride 0); ``target`` (N,) int64, contiguous; the class
-    vectors of ``coef`` contiguous (K,); ``lse``, ``grad_loss``, ``grad_lse``
-    (N,) in the accumulation dtype, ``grad_loss``/``grad_lse`` any stride (an
-    expanded scalar has stride 0).
+    vectors of ``coef`` contiguous (K,); ``m``, ``log_s``, ``grad_loss``,
+    ``grad_lse`` (N,) in the accumulation dtype, ``grad_loss``/``grad_lse`` any
+    stride (an expanded scalar has stride 0).
     """
 
     def forward(self, logits: Tensor, target: Tensor, coef: Coefficients,
-                opts: RowOptions) -> Tuple[Tensor, Tensor]:
-        """Per-row ``(loss, lse)``, each (N,) in the accumulation dtype, from one read of the logits."""
+                opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-row ``(loss, m, log_s)``, each (N,) in the accumulation dtype, from
+        one read of the logits (the row's lse is ``m + log_s``)."""
 
     def backward(self, grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
-                 coef: Coefficients, opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None) -> Tensor:
+                 coef: Coefficients, opts: RowOptions, m: Tensor, log_s: Tensor,
+                 out: Optional[Tensor] = None) -> Tensor:
         """The gradient of ``Σ g·loss + Σ h·lse`` with respect to the logits, in
-        their dtype, from one read of them and one write: into ``out`` when given
+        their dtype, from one read of them and one write, with ``p = exp((zc − m) − log_s)``
+        from the forward's ``m`` and ``log_s``: into ``out`` when given
         (:func:`grad_buffer`; it may be the logits), else into a new tensor."""

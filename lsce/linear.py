@@ -106,18 +106,18 @@ class _Chunks(LogitChunks):
         self.coef = coefficients(W.shape[0], weight, prior, self.opts.label_smoothing, acc_dtype(x.dtype), x.device)
         self.kernels = ops.row_kernels("auto", x.device)
 
-    def per_row(self) -> Tuple[Tensor, Tensor]:
-        """Two empty (N,) vectors in the accumulation dtype, for the per-row (loss, lse)."""
-        return tuple(torch.empty(self.x.shape[0], dtype=acc_dtype(self.x.dtype), device=self.x.device) for _ in range(2))
+    def per_row(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Three empty (N,) vectors in the accumulation dtype, for the per-row (loss, m, log_s)."""
+        return tuple(torch.empty(self.x.shape[0], dtype=acc_dtype(self.x.dtype), device=self.x.device) for _ in range(3))
 
-    def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor]:
-        """The chunk's per-row (loss, lse)."""
+    def forward(self, z: Tensor, s: int, e: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """The chunk's per-row (loss, m, log_s) (lsce.interface: lse = m + log_s)."""
         return self.kernels.forward(z, self.y[s:e], self.coef, self.opts)
 
     def backward(self, z: Tensor, s: int, e: int, grad_loss: Tensor, grad_lse: Optional[Tensor],
-                 lse: Tensor) -> Tensor:
+                 m: Tensor, log_s: Tensor) -> Tensor:
         """The chunk's logit gradient, written over its logits ``z``."""
-        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.coef, self.opts, lse, out=z)
+        return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.coef, self.opts, m, log_s, out=z)
 
 
 class GradSums:
@@ -203,13 +203,13 @@ def _reduced_impl(
     # the difference, (Σw/count − 1)·2λ·lse.
     lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
-    loss, lse = chunks.per_row()
+    loss, m, log_s = chunks.per_row()
     for s, e, z in chunks:
-        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
+        loss[s:e], m[s:e], log_s[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
-            grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * lse[s:e], 0)
-            grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, lse[s:e]), x[s:e], W, s, e)
-    out = reduce_rows(loss, lse, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
+            grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * (m[s:e] + log_s[s:e]), 0)
+            grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, m[s:e], log_s[s:e]), x[s:e], W, s, e)
+    out = reduce_rows(loss, m + log_s, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
     grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
     return (out, grad_scale, *grads.tensors(x, W, b, final=False))
 
@@ -217,19 +217,21 @@ def _reduced_impl(
 def _rows_impl(
     x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-) -> Tuple[Tensor, Tensor]:
-    """Per-row (loss, lse) of the logits ``x @ W.T + b``, chunk by chunk."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, m, log_s) of the logits ``x @ W.T + b``, chunk by
+    chunk; the backward takes (m, log_s) (lsce.interface), lse = m + log_s is
+    the differentiable one."""
     checks.check_values(y, prior, W.shape[0], ignore_index)
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
-    loss, lse = chunks.per_row()
+    loss, m, log_s = chunks.per_row()
     for s, e, z in chunks:
-        loss[s:e], lse[s:e] = chunks.forward(z, s, e)
-    return loss, lse
+        loss[s:e], m[s:e], log_s[s:e] = chunks.forward(z, s, e)
+    return loss, m + log_s, m, log_s
 
 
 def _rows_backward_impl(
     grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor,
-    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
+    weight: Optional[Tensor], prior: Optional[Tensor], m: Tensor, log_s: Tensor,
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
     grad_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -237,10 +239,10 @@ def _rows_backward_impl(
     bias), recomputing each chunk's logits; empty where grad_mask is False."""
     grads = GradSums(x, W, b, grad_mask)
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
-    lse = lse.contiguous()  # the kernels index it as a plain vector
+    m, log_s = m.contiguous(), log_s.contiguous()  # the kernels index them as plain vectors
     for s, e, z in chunks:
         h = None if grad_lse is None else grad_lse[s:e]
-        grads.add(chunks.backward(z, s, e, grad_loss[s:e], h, lse[s:e]), x[s:e], W, s, e)
+        grads.add(chunks.backward(z, s, e, grad_loss[s:e], h, m[s:e], log_s[s:e]), x[s:e], W, s, e)
     return grads.tensors(x, W, b, final=True)
 
 
@@ -268,11 +270,11 @@ def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap,
 @_rows_op.register_fake
 def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size):
     acc = acc_dtype(x.dtype)
-    return x.new_empty(x.shape[:1], dtype=acc), x.new_empty(x.shape[:1], dtype=acc)
+    return tuple(x.new_empty(x.shape[:1], dtype=acc) for _ in range(4))
 
 
 @_rows_backward_op.register_fake
-def _(grad_loss, grad_lse, x, W, b, y, weight, prior, lse, ignore_index, label_smoothing, z_loss, softcap,
+def _(grad_loss, grad_lse, x, W, b, y, weight, prior, m, log_s, ignore_index, label_smoothing, z_loss, softcap,
       chunk_size, grad_mask):
     return _fake_grads(x, W, b, grad_mask, None)
 
@@ -321,17 +323,18 @@ _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_co
 
 def _rows_setup_context(ctx, inputs, output):
     x, W, b, y, weight, prior, *options = inputs
-    ctx.save_for_backward(x, W, b, y, weight, prior, output[1])
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(x, W, b, y, weight, prior, output[2], output[3])
     ctx.options = options
 
 
-def _rows_backward(ctx, grad_loss, grad_lse):
-    x, W, b, y, weight, prior, lse = ctx.saved_tensors
+def _rows_backward(ctx, grad_loss, grad_lse, _grad_m, _grad_log_s):
+    x, W, b, y, weight, prior, m, log_s = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
+        grad_loss = torch.zeros_like(m)
     gi, gw, gb = torch.ops.lsce.linear_cross_entropy_rows_backward(
-        grad_loss, grad_lse, x, W, b, y, weight, prior, lse, *ctx.options, mask)
+        grad_loss, grad_lse, x, W, b, y, weight, prior, m, log_s, *ctx.options, mask)
     grads = [g if m else None for g, m in zip((gi, gw, gb), mask)]
     return (*grads, None, None, None, None, None, None, None, None)
 
@@ -438,7 +441,7 @@ def linear_cross_entropy(
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk)
 
     if reduction == "none":
-        loss, _ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior, *options)
+        loss, *_ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior, *options)
         return loss.reshape(target.shape).to(out_dtype or input.dtype)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]

@@ -48,46 +48,53 @@ def _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap):
 def cross_entropy_forward(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """Per-row (loss, lse) of 2-D logits; see lsce/interface.py for the formulas."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, m, log_s) of 2-D logits; see lsce/interface.py for the
+    formulas. ``lse = m + log_s`` is the differentiable one; ``m`` and ``log_s``
+    (non-differentiable) are what the backward forms ``p`` from."""
     checks.check_values(target, prior, logits.shape[1], ignore_index)
     kernels = row_kernels(backend, logits.device)
-    return kernels.forward(*_prepare(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap))
+    loss, m, log_s = kernels.forward(*_prepare(logits, target, weight, prior, ignore_index, label_smoothing,
+                                               z_loss, softcap))
+    return loss, m + log_s, m, log_s
 
 
 @cross_entropy_forward.register_fake
 def _(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return tuple(logits.new_empty(logits.shape[:1], dtype=acc_dtype(logits.dtype)) for _ in range(2))
+    return tuple(logits.new_empty(logits.shape[:1], dtype=acc_dtype(logits.dtype)) for _ in range(4))
 
 
 @torch.library.custom_op("lsce::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(
     grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
-    weight: Optional[Tensor], prior: Optional[Tensor], lse: Tensor,
+    weight: Optional[Tensor], prior: Optional[Tensor], m: Tensor, log_s: Tensor,
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, backend: str,
 ) -> Tensor:
     """Gradient of Σ grad_loss·loss + Σ grad_lse·lse with respect to the logits, in one pass."""
     kernels = row_kernels(backend, logits.device)
     prepared = _prepare(logits, target, weight, prior, ignore_index, label_smoothing, z_loss, softcap)
-    return kernels.backward(grad_loss, grad_lse, *prepared, lse.contiguous())
+    return kernels.backward(grad_loss, grad_lse, *prepared, m.contiguous(), log_s.contiguous())
 
 
 @cross_entropy_backward.register_fake
-def _(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _(grad_loss, grad_lse, logits, target, weight, prior, m, log_s, ignore_index, label_smoothing, z_loss, softcap,
+      backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, weight, prior, *options = inputs
-    ctx.save_for_backward(logits, target, weight, prior, output[1])
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(logits, target, weight, prior, output[2], output[3])
     ctx.options = options
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    logits, target, weight, prior, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_m, _grad_log_s):
+    logits, target, weight, prior, m, log_s = ctx.saved_tensors
     if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, *ctx.options)
+        grad_loss = torch.zeros_like(m)
+    grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, m, log_s,
+                                                 *ctx.options)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -109,14 +116,14 @@ class FusedStep(torch.autograd.Function):
         checks.check_values(target, prior, logits.shape[1], ignore_index)
         logits, target, ctx.coef, ctx.opts = _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap)
         ctx.grad = cache.empty(logits.shape, logits.dtype)
-        loss, lse = cpu.forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
-        ctx.save_for_backward(logits, target, lse, expected)
+        loss, m, log_s = cpu.forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
+        ctx.save_for_backward(logits, target, m, log_s, expected)
         ctx.set_materialize_grads(False)
-        return loss, lse
+        return loss, m + log_s
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        logits, target, lse, expected = ctx.saved_tensors
+        logits, target, m, log_s, expected = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
         fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
         if grad is None:
@@ -124,8 +131,8 @@ class FusedStep(torch.autograd.Function):
             if fused:
                 cpu.forward(logits, target, ctx.coef, ctx.opts, grad, expected)
         if not fused:
-            grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
-            cpu.backward(grad_loss, grad_lse, logits, target, ctx.coef, ctx.opts, lse, out=grad)
+            grad_loss = torch.zeros_like(m) if grad_loss is None else grad_loss
+            cpu.backward(grad_loss, grad_lse, logits, target, ctx.coef, ctx.opts, m, log_s, out=grad)
         return grad, None, None, None, None, None, None, None, None
 
 

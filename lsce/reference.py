@@ -35,10 +35,17 @@ from .interface import Coefficients, RowOptions, acc_dtype, check_rows, coeffici
 _CHUNK_ELEMS = 1 << 22
 
 
-def _lse(z):
-    """logsumexp over dim 1, NaN (not +inf) for a row holding +inf, as log_softmax gives."""
-    lse = torch.logsumexp(z, dim=1)
-    return torch.where(lse == float("inf"), float("nan"), lse)
+def row_max_and_log_s(z):
+    """Per row ``(m, log_s)``: ``m = max(z)`` (a constant: no gradient flows
+    through it) and ``log_s = log Σ exp(z − m)``, so that ``lse = m + log_s``
+    and ``log_softmax = (z − m) − log_s`` are formed relative to the row max.
+    A row of only −inf has ``m = log_s = −inf``; one holding NaN or +inf has
+    NaN ``log_s`` (as log_softmax gives NaN)."""
+    m = z.detach().amax(dim=1)
+    # A max of -inf would make z − m = -inf − (-inf) = NaN: shift by 0 instead,
+    # so that Σ exp(-inf) = 0 and log_s = -inf.
+    shift = torch.where(m == float("-inf"), 0.0, m)
+    return m, torch.logsumexp(z - shift[:, None], dim=1)
 
 
 def _capped(z, softcap):
@@ -76,8 +83,9 @@ def cross_entropy(
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y))
 
-    lse = _lse(z)
-    logp = z - lse[:, None]
+    m, log_s = row_max_and_log_s(z)
+    lse = m + log_s
+    logp = (z - torch.where(m == float("-inf"), 0.0, m)[:, None]) - log_s[:, None]  # relative to the row max
     w = torch.ones(K, dtype=acc, device=z.device) if weight is None else weight.to(acc)
     w_y = w[y_safe] * valid
     nll = -w_y * logp.gather(1, y_safe[:, None]).squeeze(1)
@@ -112,32 +120,32 @@ def _row_terms(z, y, weight, ignore_index, softcap):
 
 
 def rows_forward(logits, target, coef: Coefficients, opts: RowOptions):
-    """Per-row ``(loss, lse)`` of 2-D ``logits`` (N, K), each (N,) in the
+    """Per-row ``(loss, m, log_s)`` of 2-D ``logits`` (N, K), each (N,) in the
     accumulation dtype: the reference backend of lsce.interface.RowKernels."""
     check_rows(logits, target)
     N, K = logits.shape
     acc = acc_dtype(logits.dtype)
     eps = opts.label_smoothing
-    loss = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, dtype=acc, device=logits.device)
+    loss, m, log_s = (torch.empty(N, dtype=acc, device=logits.device) for _ in range(3))
     step = max(1, _CHUNK_ELEMS // max(K, 1))
     for s in range(0, N, step):
         zc, valid, own, y_safe, w_y = _row_terms(logits[s : s + step], target[s : s + step], coef.weight,
                                                  opts.ignore_index, opts.softcap)
-        lse_c = _lse(zc)
-        zc_y = zc.gather(1, y_safe[:, None]).squeeze(1)
-        row = torch.where(own, (1 - eps) * w_y * (lse_c - zc_y), 0)
+        m_c, log_s_c = row_max_and_log_s(zc)
+        below = m_c[:, None] - zc  # m − zc_k: exact where zc_k is within a factor 2 of m
+        row = torch.where(own, (1 - eps) * w_y * (below.gather(1, y_safe[:, None]).squeeze(1) + log_s_c), 0)
         if eps:
-            dot = zc.sum(1) / coef.uniform_over if coef.c is None else zc @ coef.c
-            row = row + eps * (coef.C * lse_c - dot)
+            dot = below.sum(1) / coef.uniform_over if coef.c is None else below @ coef.c
+            row = row + eps * (coef.C * log_s_c + dot)
         if opts.z_loss:
+            lse_c = m_c + log_s_c
             row = row + opts.z_loss * lse_c * lse_c
         loss[s : s + step] = torch.where(valid, row, torch.zeros_like(row))
-        lse[s : s + step] = lse_c
-    return loss, lse
+        m[s : s + step], log_s[s : s + step] = m_c, log_s_c
+    return loss, m, log_s
 
 
-def rows_backward(grad_loss, grad_lse, logits, target, coef: Coefficients, opts: RowOptions, lse, out=None):
+def rows_backward(grad_loss, grad_lse, logits, target, coef: Coefficients, opts: RowOptions, m, log_s, out=None):
     """Gradient of ``Σ g·loss + Σ h·lse`` with respect to 2-D ``logits``, in
     their dtype, into ``out`` when given (lsce.interface.grad_buffer; it may be
     ``logits``): the reference backend of lsce.interface.RowKernels."""
@@ -151,10 +159,10 @@ def rows_backward(grad_loss, grad_lse, logits, target, coef: Coefficients, opts:
         e = s + step
         zc, valid, _, y_safe, w_y = _row_terms(logits[s:e], target[s:e], coef.weight, opts.ignore_index, opts.softcap)
         g = torch.where(valid, grad_loss[s:e].to(acc), 0)
-        A = g * ((1 - eps) * w_y + eps * coef.C + 2 * opts.z_loss * lse[s:e])
+        A = g * ((1 - eps) * w_y + eps * coef.C + 2 * opts.z_loss * (m[s:e] + log_s[s:e]))
         if grad_lse is not None:
             A = A + grad_lse[s:e].to(acc)
-        p = torch.exp(zc - lse[s:e, None])
+        p = torch.exp((zc - m[s:e, None]) - log_s[s:e, None])
         d = p * A[:, None]
         if eps:
             d -= (g * eps / coef.uniform_over)[:, None] if coef.c is None else (g * eps)[:, None] * coef.c

@@ -339,3 +339,30 @@ def torch_cross_entropy(logits, target, **kwargs):
         kw["weight"] = kw["weight"].to(logits.dtype)
     t = target if target.dtype in (torch.int64, torch.uint8) else target.long()
     return F.cross_entropy(logits, t, **kw)
+
+
+def torch_composed(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                   z_loss=0.0, softcap=None, smoothing_prior=None):
+    """What a PyTorch user writes for lsce's options, at the logits' dtype, on 2-D
+    logits: F.cross_entropy of the soft-capped logits (with a prior: F.log_softmax
+    and F.nll_loss), plus z_loss·logsumexp² per non-ignored row, reduced as lsce
+    reduces (design.md §1). The PyTorch baseline of "no further from the fp64
+    truth than PyTorch" where F.cross_entropy lacks an option."""
+    z = softcap * torch.tanh(logits / softcap) if softcap else logits
+    w = None if weight is None else weight.to(z.dtype)
+    eps = float(label_smoothing)
+    valid = target != ignore_index
+    if smoothing_prior is None:
+        ce = F.cross_entropy(z, target, w, ignore_index=ignore_index, reduction="none", label_smoothing=eps)
+    else:
+        logp = F.log_softmax(z, 1)
+        c = smoothing_prior.to(z.dtype) * (1 if w is None else w)
+        nll = F.nll_loss(logp, target, w, ignore_index=ignore_index, reduction="none")
+        ce = torch.where(valid, (1 - eps) * nll - eps * (logp * c).sum(1), 0)
+    zl = torch.where(valid, z_loss * torch.logsumexp(z, 1) ** 2, 0) if z_loss else torch.zeros_like(ce)
+    if reduction == "none":
+        return ce + zl
+    if reduction == "sum":
+        return (ce + zl).sum()
+    w_y = torch.ones_like(ce) if w is None else w[torch.where(valid, target, 0)]
+    return ce.sum() / torch.where(valid, w_y, 0).sum() + (zl.sum() / valid.sum() if z_loss else 0)

@@ -22,9 +22,9 @@ def test_opcheck(options, dtype):
     prior = None if prior is None else prior.to(acc)
     args = (logits, target, w, prior, -100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto")
     torch.library.opcheck(torch.ops.lsce.cross_entropy_forward, args)
-    loss, lse = torch.ops.lsce.cross_entropy_forward(*args)
+    loss, lse, m, log_s = torch.ops.lsce.cross_entropy_forward(*args)
     g = torch.rand_like(loss)
-    bargs = (g, torch.rand_like(lse), logits, target, w, prior, lse, -100, 0.1,
+    bargs = (g, torch.rand_like(lse), logits, target, w, prior, m, log_s, -100, 0.1,
              opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto")
     torch.library.opcheck(torch.ops.lsce.cross_entropy_backward, bargs)
 

@@ -134,12 +134,18 @@ def _acc(case):
 
 
 def check_forward(backend, case):
+    """The backend's (loss, m, log_s) against the reference's in fp64 (m only on
+    rows whose log_s is a number: with a NaN in the row, the max may or may not
+    see it). Returns both (m, log_s) pairs, for the backward."""
     dtype = case.logits.dtype
-    loss, lse = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
-    ref_loss, ref_lse = reference.rows_forward(case.logits.double(), case.target, case.coef64, case.opts)
-    assert_rows_close(lse, ref_lse, dtype, "lse")
+    loss, m, log_s = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
+    ref_loss, ref_m, ref_log_s = reference.rows_forward(case.logits.double(), case.target, case.coef64, case.opts)
+    assert_rows_close(m + log_s, ref_m + ref_log_s, dtype, "lse")
+    assert_rows_close(log_s, ref_log_s, dtype, "log_s")
+    known = ~torch.isnan(ref_log_s)
+    assert_rows_close(m[known], ref_m[known], dtype, "m")
     assert_rows_close(loss, ref_loss, dtype, "loss")
-    return lse, ref_lse
+    return (m, log_s), (ref_m, ref_log_s)
 
 
 def _magnitude(case, grad_loss, grad_lse):
@@ -153,28 +159,28 @@ def _magnitude(case, grad_loss, grad_lse):
     return grad_loss.abs().max().item() * max(scales) + h_max
 
 
-def check_backward(backend, case, lse, ref_lse, grad_loss, grad_lse):
+def check_backward(backend, case, stats, ref_stats, grad_loss, grad_lse):
     dtype = case.logits.dtype
-    grad = backend.kernels.backward(grad_loss, grad_lse, case.logits, case.target, case.coef, case.opts, lse)
+    grad = backend.kernels.backward(grad_loss, grad_lse, case.logits, case.target, case.coef, case.opts, *stats)
     ref = reference.rows_backward(grad_loss.double(), None if grad_lse is None else grad_lse.double(),
-                                  case.logits.double(), case.target, case.coef64, case.opts, ref_lse)
+                                  case.logits.double(), case.target, case.coef64, case.opts, *ref_stats)
     assert_grad_close(grad, ref, dtype, _magnitude(case, grad_loss, grad_lse))
     return grad
 
 
 def check_all(backend, case, seed=1):
     """Forward, then backward with random (g, h), random g alone and an expanded scalar g."""
-    lse, ref_lse = check_forward(backend, case)
+    stats, ref_stats = check_forward(backend, case)
     N = case.logits.shape[0]
     acc, device = _acc(case), case.logits.device
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(N, generator=gen).to(acc).to(device)
     h = torch.randn(N, generator=gen).to(acc).to(device)
-    check_backward(backend, case, lse, ref_lse, g, h)
-    check_backward(backend, case, lse, ref_lse, g, None)
+    check_backward(backend, case, stats, ref_stats, g, h)
+    check_backward(backend, case, stats, ref_stats, g, None)
     scalar = torch.tensor(0.37, dtype=acc, device=device).expand(N)
     assert scalar.stride(0) == 0
-    check_backward(backend, case, lse, ref_lse, scalar, scalar)
+    check_backward(backend, case, stats, ref_stats, scalar, scalar)
 
 
 # ---------------------------------------------------------------- the option grid
@@ -234,15 +240,18 @@ def test_grid_covers_split_path_for_every_option():
 
 
 def interface_formula(logits, target, coef, opts, g, h):
-    """Per-row loss and lse, and the gradient of Σ g·loss + Σ h·lse, written out from
-    lsce/interface.py's docstring in fp64 on CPU tensors: the loss term by term; the
-    gradient both as the docstring states it and by autograd of that loss (they must agree)."""
+    """Per-row loss, m and log_s, and the gradient of Σ g·loss + Σ h·lse, written out
+    from lsce/interface.py's docstring in fp64 on CPU tensors: the loss term by term;
+    the gradient both as the docstring states it and by autograd of that loss with m
+    held constant (they must agree)."""
     N, K = logits.shape
     z = logits.double().detach().requires_grad_(True)
     eps, lam, cap = opts.label_smoothing, opts.z_loss, opts.softcap
     zc = cap * torch.tanh(z / cap) if cap else z
-    lse = torch.logsumexp(zc, 1)
-    p = torch.softmax(zc, 1)
+    m = zc.detach().amax(1)
+    log_s = torch.log(torch.exp(zc - m[:, None]).sum(1))
+    lse = m + log_s
+    p = torch.exp((zc - m[:, None]) - log_s[:, None])
     valid = target != opts.ignore_index
     own = valid & (target >= 0) & (target < K)
     y = torch.where(own, target, 0)
@@ -251,7 +260,8 @@ def interface_formula(logits, target, coef, opts, g, h):
     c = torch.full((K,), 1.0 / coef.uniform_over, dtype=torch.float64) if coef.c is None else coef.c.double()
     C = float(coef.C)
     zc_y = zc[torch.arange(N), y]
-    loss = (1 - eps) * w_y * (lse - zc_y) + eps * (C * lse - (zc * c).sum(1)) + lam * lse * lse
+    loss = (1 - eps) * w_y * ((m - zc_y) + log_s) + eps * (C * log_s + ((m[:, None] - zc) * c).sum(1)) \
+        + lam * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     g = torch.where(valid, g.double(), 0.0)
     h = torch.zeros(N, dtype=torch.float64) if h is None else h.double()
@@ -263,7 +273,7 @@ def interface_formula(logits, target, coef, opts, g, h):
         if cap:
             d = d * (1 - (zc / cap) ** 2)
     torch.testing.assert_close(d, auto, rtol=1e-10, atol=1e-12, msg=lambda m: f"the docstring's gradient: {m}")
-    return loss.detach(), lse.detach(), d
+    return loss.detach(), m, log_s.detach(), d
 
 
 @pytest.mark.parametrize("opts", [o for o, _ in GRID[::2]], ids=[i.rsplit("-", 1)[0] for i in GRID_IDS[::2]])
@@ -273,10 +283,11 @@ def test_reference_is_the_interface_formula(opts):
     for shape in [(7, 50), (3, 3)]:
         case = make_case(*shape, torch.float64, "cpu", **opts)
         g, h = torch.randn(2, shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        f_loss, f_lse, f_grad = interface_formula(case.logits, case.target, case.coef, case.opts, g, h)
-        loss, lse = reference.rows_forward(case.logits, case.target, case.coef64, case.opts)
-        grad = reference.rows_backward(g, h, case.logits, case.target, case.coef64, case.opts, lse)
-        for what, got, want in [("loss", loss, f_loss), ("lse", lse, f_lse), ("grad", grad, f_grad)]:
+        f_loss, f_m, f_log_s, f_grad = interface_formula(case.logits, case.target, case.coef, case.opts, g, h)
+        loss, m, log_s = reference.rows_forward(case.logits, case.target, case.coef64, case.opts)
+        grad = reference.rows_backward(g, h, case.logits, case.target, case.coef64, case.opts, m, log_s)
+        for what, got, want in [("loss", loss, f_loss), ("m", m, f_m), ("log_s", log_s, f_log_s),
+                                ("grad", grad, f_grad)]:
             assert_close_to_truth(got, want, torch.float64, what=f"{shape} {what}")
 
 
@@ -339,12 +350,12 @@ def test_non_contiguous_rows_and_no_mutation(backend, dtype):
 def test_all_rows_ignored(backend, shape, dtype):
     case = make_case(*shape, dtype, backend.device, eps=0.1, z_loss=1e-2, ignore="outside")
     case.target.fill_(case.opts.ignore_index)
-    loss, lse = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
+    loss, *stats = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
     assert torch.equal(loss, torch.zeros_like(loss))
-    assert torch.isfinite(lse).all()
+    assert torch.isfinite(stats[0] + stats[1]).all()
     # Only the lse gradient flows through ignored rows; without it the gradient is exactly zero.
     g = torch.randn(shape[0]).to(_acc(case)).to(backend.device)
-    grad = backend.kernels.backward(g, None, case.logits, case.target, case.coef, case.opts, lse)
+    grad = backend.kernels.backward(g, None, case.logits, case.target, case.coef, case.opts, *stats)
     assert torch.equal(grad, torch.zeros_like(grad))
     check_all(backend, case)
 
@@ -353,12 +364,13 @@ def test_all_rows_ignored(backend, shape, dtype):
 @over_backends
 def test_empty_batch(backend, dtype):
     case = make_case(0, 7, dtype, backend.device, eps=0.1)
-    loss, lse = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
-    ref_loss, ref_lse = reference.rows_forward(case.logits, case.target, case.coef, case.opts)
-    for got, ref in ((loss, ref_loss), (lse, ref_lse)):
-        assert got.shape == ref.shape == (0,) and got.dtype == ref.dtype
+    got = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
+    ref = reference.rows_forward(case.logits, case.target, case.coef, case.opts)
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape == (0,) and a.dtype == b.dtype
     g = torch.empty(0, dtype=_acc(case), device=backend.device)
-    grad = backend.kernels.backward(g, None, case.logits, case.target, case.coef, case.opts, lse)
+    grad = backend.kernels.backward(g, None, case.logits, case.target, case.coef, case.opts, *got[1:])
     assert grad.shape == case.logits.shape and grad.dtype == dtype
 
 
@@ -376,12 +388,12 @@ def test_minus_inf_logits_except_target(backend, dtype, shape, eps):
     keep[torch.arange(N, device=x.device), y] = True
     keep[1:, ::7] = True  # row 0: the target alone
     x.masked_fill_(~keep, float("-inf"))
-    loss, lse = backend.kernels.forward(x, y, case.coef, case.opts)
-    assert not torch.isnan(loss).any() and not torch.isnan(lse).any()
+    loss, *stats = backend.kernels.forward(x, y, case.coef, case.opts)
+    assert not torch.isnan(loss).any() and not torch.isnan(stats[0] + stats[1]).any()
     if eps == 0.0 or K == 1:
         assert torch.isfinite(loss).all()
     g = torch.ones(N, dtype=_acc(case), device=x.device)
-    grad = backend.kernels.backward(g, None, x, y, case.coef, case.opts, lse)
+    grad = backend.kernels.backward(g, None, x, y, case.coef, case.opts, *stats)
     assert not torch.isnan(grad).any()
     check_all(backend, case)
 
@@ -392,8 +404,8 @@ def test_minus_inf_logits_except_target(backend, dtype, shape, eps):
 def test_nan_logit_gives_nan_loss(backend, dtype, shape):
     case = make_case(*shape, dtype, backend.device, eps=0.1)
     case.logits[0, shape[1] // 3] = float("nan")
-    loss, lse = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
-    assert torch.isnan(loss[0]) and torch.isnan(lse[0])
+    loss, m, log_s = backend.kernels.forward(case.logits, case.target, case.coef, case.opts)
+    assert torch.isnan(loss[0]) and torch.isnan(m[0] + log_s[0])
     assert torch.isfinite(loss[1:]).all()
     check_all(backend, case)
 
@@ -411,19 +423,40 @@ def test_confident_bf16_gradient_at_target(backend, shape, eps):
     case = make_case(N, K, torch.bfloat16, backend.device, eps=eps, scale=1.0)
     rows = torch.arange(N, device=backend.device)
     case.logits[rows, case.target] = math.log(1.65 * K / 3e-3)
-    lse, ref_lse = check_forward(backend, case)
+    stats, ref_stats = check_forward(backend, case)
     g = torch.ones(N, device=backend.device)
-    grad = check_backward(backend, case, lse, ref_lse, g, None)
-    ref = reference.rows_backward(g.double(), None, case.logits.double(), case.target, case.coef64, case.opts, ref_lse)
+    grad = check_backward(backend, case, stats, ref_stats, g, None)
+    ref = reference.rows_backward(g.double(), None, case.logits.double(), case.target, case.coef64, case.opts,
+                                  *ref_stats)
     got_y, ref_y = grad[rows, case.target].double(), ref[rows, case.target]
     # 1 ulp, plus a sliver for the fp32 rounding of lse (≈ 2e-5 relative here).
     tol = ulp(ref_y, torch.bfloat16) + 1e-4 * ref_y.abs()
     assert ((got_y - ref_y).abs() <= tol).all(), (got_y, ref_y)
     if eps == 0.0:
         # The regime this test is about: p_y rounded to bf16 first would miss by far more.
-        p_y = torch.exp(case.logits.double()[rows, case.target] - ref_lse)
+        p_y = torch.exp(case.logits.double()[rows, case.target] - sum(ref_stats))
         rounded_first = p_y.to(torch.bfloat16).double() - 1.0
         assert ((rounded_first - ref_y).abs() > 4 * tol).any()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, -1e30])
+@pytest.mark.parametrize("shape", [(3, 50), (2, 9000)])
+@over_dtypes
+@over_backends
+def test_m_is_the_row_max_and_log_s_is_relative_to_it(backend, dtype, shape, offset):
+    """The forward's m is exactly the row's largest logit (without softcap), on
+    rows at any offset, and log_s = log Σ exp(z − m) lies in [0, log K]: the
+    max's own term is 1 (docs/design.md §1, Precision)."""
+    if offset and dtype == torch.float16:
+        offset = 3e4 if offset > 0 else -6e4  # within fp16's range
+    case = make_case(*shape, dtype, backend.device, eps=0.1, weight=True)
+    x = (case.logits.double() + offset).to(dtype)
+    loss, m, log_s = backend.kernels.forward(x, case.target, case.coef, case.opts)
+    assert torch.equal(m, x.to(m.dtype).amax(1))
+    assert bool((log_s >= 0).all()) and bool((log_s <= math.log(shape[1]) + 1e-6).all()), log_s
+    ref = reference.rows_forward(x.double(), case.target, case.coef64, case.opts)
+    for what, got, want in zip(("loss", "m", "log_s"), (loss, m, log_s), ref):
+        assert_rows_close(got, want, dtype, what)
 
 
 @over_backends
@@ -445,12 +478,12 @@ def test_strided_columns_refused_or_read_as_strided(backend):
     y = torch.tensor([0, 3, 1], device=backend.device)
     coef, opts = Coefficients(None, None, 1.0, 4), RowOptions(-100, 0.1, 0.0, 0.0)
     try:
-        loss, lse = backend.kernels.forward(x, y, coef, opts)
+        got = backend.kernels.forward(x, y, coef, opts)
     except ValueError:
         return
-    ref_loss, ref_lse = reference.rows_forward(x.contiguous().double(), y, coef, opts)
-    assert_rows_close(loss, ref_loss, x.dtype, "loss")
-    assert_rows_close(lse, ref_lse, x.dtype, "lse")
+    ref = reference.rows_forward(x.contiguous().double(), y, coef, opts)
+    for what, a, b in zip(("loss", "m", "log_s"), got, ref):
+        assert_rows_close(a, b, x.dtype, what)
 
 
 @over_backends
@@ -470,13 +503,13 @@ def test_more_than_2_to_the_31_elements(backend):
     y = torch.randint(0, K, (N,), device=backend.device)
     coef = interface.coefficients(K, None, None, 0.1, torch.float32, x.device)
     opts = RowOptions(-100, 0.1, 0.0, 0.0)
-    loss, lse = backend.kernels.forward(x, y, coef, opts)
-    ref_loss, ref_lse = reference.rows_forward(x[-8:].double(), y[-8:], coef, opts)
-    assert_rows_close(loss[-8:], ref_loss, torch.bfloat16, "loss")
-    assert_rows_close(lse[-8:], ref_lse, torch.bfloat16, "lse")
+    got = backend.kernels.forward(x, y, coef, opts)
+    ref = reference.rows_forward(x[-8:].double(), y[-8:], coef, opts)
+    for what, a, b in zip(("loss", "m", "log_s"), got, ref):
+        assert_rows_close(a[-8:], b, torch.bfloat16, what)
     g = torch.ones(N, device=backend.device)
-    grad = backend.kernels.backward(g, None, x, y, coef, opts, lse)
-    ref = reference.rows_backward(g[-8:].double(), None, x[-8:].double(), y[-8:], coef, opts, ref_lse)
+    grad = backend.kernels.backward(g, None, x, y, coef, opts, *got[1:])
+    ref = reference.rows_backward(g[-8:].double(), None, x[-8:].double(), y[-8:], coef, opts, *ref[1:])
     assert_grad_close(grad[-8:], ref, torch.bfloat16)
 
 
@@ -498,17 +531,18 @@ def test_backward_over_its_own_logits(backend, dtype, shape, options):
     w, prior = (None if opts.get(k) is None else opts[k].to(device) for k in ("weight", "smoothing_prior"))
     options = (interface.coefficients(shape[1], w, prior, 0.1, acc, logits.device),
                interface.RowOptions(-100, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0)))
-    loss, lse = kernels.forward(logits, target, *options)
+    loss, *stats = kernels.forward(logits, target, *options)
     g = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(5)).to(device)
     h = torch.rand(shape[0], dtype=acc, generator=torch.Generator().manual_seed(6)).to(device)
     for grad_lse in (None, h):
-        expected = kernels.backward(g, grad_lse, logits, target, *options, lse)
+        expected = kernels.backward(g, grad_lse, logits, target, *options, *stats)
         buffer = logits.clone()
-        got = kernels.backward(g, grad_lse, buffer, target, *options, lse, out=buffer)
+        got = kernels.backward(g, grad_lse, buffer, target, *options, *stats, out=buffer)
         assert got.data_ptr() == buffer.data_ptr()
         assert torch.equal(got, expected)
         coef64 = interface.coefficients(shape[1], w, prior, 0.1, torch.float64, logits.device)
-        truth = reference.rows_backward(g, grad_lse, logits.double(), target, coef64, options[1], lse.double())
+        truth = reference.rows_backward(g, grad_lse, logits.double(), target, coef64, options[1],
+                                        *(t.double() for t in stats))
         torch.testing.assert_close(got, truth.to(dtype), atol=1e-6, rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
 
 

@@ -77,6 +77,13 @@ def _cases(world):
         "-inf padding, eps 0": dict(pad_inf=True, eps=0.0, opts="plain", reduction="mean", no_reference=True),
         "bf16": dict(dtype="bf16", opts="all", reduction="mean"),
         "vocab_start_index given": dict(given_starts=True, opts="all", dtype="fp32"),
+        # Precision relative to the row max (issue 15): each slice's terms relative to its
+        # own max, moved to the global one; never the difference of two absolute lse.
+        "rows at offset 1e6": dict(offset=1e6, dtype="fp32", opts="weight"),
+        "rows at offset 1e6, every option": dict(offset=1e6, dtype="fp32", opts="all", return_lse=True),
+        "rows at offset 1e4, fp64": dict(offset=1e4, opts="prior", reduction="mean"),
+        "rows of -1e30 in every other column": dict(minus_1e30="mixed", dtype="fp32", opts="all"),
+        "rows of only -1e30": dict(minus_1e30="all", dtype="fp32", opts="prior", return_lse=True),
     }
     if world == 2:
         if HAVE_TRITON:  # the Triton kernels (interpreted on CPU, so few cases): what runs on CUDA
@@ -122,6 +129,13 @@ def _problem(world, spec):
             target[-2] = (ignore_index + 1) % K
     if spec.get("ignore_all"):
         target[:] = ignore_index
+    if spec.get("offset"):
+        logits = logits + spec["offset"]
+    if spec.get("minus_1e30") == "mixed":
+        logits[:, 1::2] = -1e30
+        target = target // 2 * 2  # a finite target logit
+    elif spec.get("minus_1e30") == "all":
+        logits[:] = -1e30
     if spec.get("pad_inf"):
         logits[:, K - 3:] = float("-inf")
         target = torch.where((target >= K - 3), 0, target)

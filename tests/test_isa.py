@@ -48,7 +48,7 @@ def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None,
     writes the gradient itself (the fused training step)."""
     N, K = z.shape
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    loss, lse = torch.empty(N, dtype=acc), torch.empty(N, dtype=acc)
+    loss, m, log_s = (torch.empty(N, dtype=acc) for _ in range(3))
     up = torch.ones(N, dtype=acc) if grad_loss is None else grad_loss.to(acc)
     grad = torch.empty_like(z) if grad is None else grad
     coef = coefficients(K, weight, None, 0.1, acc, z.device)
@@ -57,11 +57,11 @@ def _raw_call(z, target, *, softcap=0.0, weight=None, grad_loss=None, grad=None,
                   c=0 if coef.c is None else coef.c.data_ptr(), C=float(coef.C), uniform_over=coef.uniform_over,
                   eps=0.1, z_loss=1e-3, softcap=softcap, nthreads=torch.get_num_threads())
     if fused:
-        _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr(), grad=grad.data_ptr(),
+        _C.forward(**common, loss=loss.data_ptr(), m=m.data_ptr(), log_s=log_s.data_ptr(), grad=grad.data_ptr(),
                    grad_loss=up.data_ptr(), grad_loss_stride=1)
         return loss, grad
-    _C.forward(**common, loss=loss.data_ptr(), lse=lse.data_ptr())
-    _C.backward(**common, lse=lse.data_ptr(), grad_loss=up.data_ptr(), grad_loss_stride=1, grad_lse=0,
+    _C.forward(**common, loss=loss.data_ptr(), m=m.data_ptr(), log_s=log_s.data_ptr())
+    _C.backward(**common, m=m.data_ptr(), log_s=log_s.data_ptr(), grad_loss=up.data_ptr(), grad_loss_stride=1, grad_lse=0,
                 grad_lse_stride=0, grad=grad.data_ptr())
     return loss, grad
 

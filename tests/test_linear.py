@@ -178,9 +178,9 @@ def test_opcheck():
     options = (-100, 0.1, 1e-2, 3.0, 4)
     rows = torch.ops.lsce.linear_cross_entropy_rows
     torch.library.opcheck(rows, (*leaves, target, w, None, *options))
-    loss, lse = rows(x, W, b, target, w, None, *options)
+    loss, lse, m, log_s = rows(x, W, b, target, w, None, *options)
     torch.library.opcheck(torch.ops.lsce.linear_cross_entropy_rows_backward,
-                          (torch.rand_like(loss), torch.rand_like(lse), x, W, b, target, w, None, lse, *options,
+                          (torch.rand_like(loss), torch.rand_like(lse), x, W, b, target, w, None, m, log_s, *options,
                            [True, True, False]))
     reduced = torch.ops.lsce.linear_cross_entropy_reduced
     for mean in (True, False):
@@ -201,8 +201,8 @@ def test_no_tensor_of_rows_times_classes():
     y, options = target, (-100, 0.1, 1e-3, 0.0, chunk)
     with LargestTensor() as mode:
         _, _, gi, gw, gb = linear._reduced_impl(x, W, b, y, None, None, *options, True, [True, True, True])
-        loss, lse = linear._rows_impl(x, W, b, y, None, None, *options)
-        linear._rows_backward_impl(torch.rand_like(loss), None, x, W, b, y, None, None, lse, *options,
+        loss, _, m, log_s = linear._rows_impl(x, W, b, y, None, None, *options)
+        linear._rows_backward_impl(torch.rand_like(loss), None, x, W, b, y, None, None, m, log_s, *options,
                                    [True, True, True])
     assert mode.largest == max(rows * width, classes * width, chunk * classes) < rows * classes
     assert torch.isfinite(gi).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()

@@ -220,13 +220,13 @@ def launches(v: Variant) -> List[Launch]:
         p.start()
     try:
         label[0] = "forward"
-        _, lse = ce.forward(logits, target, coef, opts)
+        _, m, log_s = ce.forward(logits, target, coef, opts)
         # The upstream of a mean or sum: one value expanded to every row (stride 0).
         grad_loss = torch.empty((), dtype=acc, device=meta).expand(N)
         label[0] = "backward"
-        ce.backward(grad_loss, None, logits, target, coef, opts, lse)
+        ce.backward(grad_loss, None, logits, target, coef, opts, m, log_s)
         label[0] = "backward+lse"
-        ce.backward(grad_loss, torch.empty(N, dtype=acc, device=meta), logits, target, coef, opts, lse)
+        ce.backward(grad_loss, torch.empty(N, dtype=acc, device=meta), logits, target, coef, opts, m, log_s)
     finally:
         for p in reversed(patches):
             p.stop()

@@ -2,17 +2,19 @@
 
 Per row ``z`` of the 2-D logits (N, K) with target ``y``, these implement the
 per-row kernel interface of ``lsce/interface.py`` (its docstring has the
-formulas): the forward gives each row's loss and ``lse`` in fp32
-(fp64 for fp64 logits) from one read of the row; the backward gives the
-gradient, in the logits' dtype, from one read and one write per element. Any
-reduction over rows happens in the caller (``lsce/functional.py``).
+formulas): the forward gives each row's loss, max ``m`` and
+``log_s = log Σ exp(zc − m)`` in fp32 (fp64 for fp64 logits) from one read of
+the row; the backward gives the gradient, in the logits' dtype, from one read
+and one write per element, with ``p = exp((zc − m) − log_s)``. Every quantity
+is relative to the row max (docs/design.md §1). Any reduction over rows
+happens in the caller (``lsce/functional.py``).
 
 Layout of the work: program ``(row, split)`` handles the columns
 ``[split * cols_per_split, (split + 1) * cols_per_split)`` of one row in
 chunks of ``BLOCK``. With many rows there is one split per row; with few rows
 and a long vocabulary the row is cut into several splits so that the GPU has
-enough programs to run, and the forward's partial (max, Σexp, Σc·z) of each
-split are merged by ``_combine_kernel`` (see ``_launch_config``).
+enough programs to run, and the forward's partial (max, Σexp, Σc·(max − z),
+Σc) of each split are merged by ``_combine_kernel`` (see ``_launch_config``).
 
 Options are compile-time switches (``HAS_*``), so the plain path carries no
 code for weight, prior, z-loss, softcap or an upstream ``lse`` gradient.
@@ -116,13 +118,15 @@ def _finite_or_zero(m):
 
 @triton.jit
 def _store_row(
-    row, m, sumexp, dot, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
+    row, m, sumexp, dot, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr,
     K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """Turns a row's (max, Σexp, Σc·zc) into its loss and lse and stores them."""
-    lse = _finite_or_zero(m) + tl.log(sumexp)
+    """Turns a row's (max, Σexp(zc − max), Σc·(max − zc)) into its loss, m and
+    log_s and stores them: every term relative to the max, so that a confident
+    row's (m − zc_y) + log_s is not the difference of two large numbers."""
+    log_s = tl.log(sumexp)
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
     # A target outside [0, K) that is not ignore_index: the true class is in
@@ -130,29 +134,31 @@ def _store_row(
     own = valid & (y >= 0) & (y < K)
     y_safe = tl.where(own, y, 0)
     zc_y, _ = _capped(tl.load(row_ptr + y_safe).to(ACC), softcap, HAS_SOFTCAP)
-    loss = lse - zc_y
+    loss = (m - zc_y) + log_s
     if HAS_WEIGHT:
         loss = loss * tl.load(weight_ptr + y_safe).to(ACC)
     loss = tl.where(own, loss * (1.0 - eps), 0.0)
     if HAS_SMOOTHING:
         if HAS_COEF:
-            loss += eps * (tl.load(coef_sum_ptr).to(ACC) * lse - dot)
+            loss += eps * (tl.load(coef_sum_ptr).to(ACC) * log_s + dot)
         else:
-            loss += eps * (uniform_c * lse - dot / uniform_over)
+            loss += eps * (uniform_c * log_s + dot / uniform_over)
     if HAS_ZLOSS:
+        lse = m + log_s
         loss += z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-    tl.store(lse_ptr + row, lse)
+    tl.store(m_ptr + row, m)
+    tl.store(log_s_ptr + row, log_s)
 
 
 # Forward, per element of the logits: reads b bytes (the logit; plus 4 bytes of
 # the class coefficients c, an L2-resident (K,) vector, when smoothing with a
 # weight or prior) and writes nothing. Per row: reads the target (8 B), z_y
-# (b) and w_y (4 B), writes loss and lse (2 × 4 B; 8 B each for fp64) — or
-# 3 partials of 4 B per split, which _combine_kernel reads back.
+# (b) and w_y (4 B), writes loss, m and log_s (3 × 4 B; 8 B each for fp64) —
+# or 4 partials of 4 B per split, which _combine_kernel reads back.
 @triton.jit
 def _forward_kernel(
-    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, loss_ptr, lse_ptr, partial_ptr,
+    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr, partial_ptr,
     N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
     uniform_c_arg: tl.float64, uniform_over, cols_per_split, n_splits,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -165,9 +171,15 @@ def _forward_kernel(
     col0 = split * cols_per_split
 
     # Online softmax: running max m and Σexp(zc − m), rescaled when m grows.
+    # The smoothing term Σc·(zc − shift) is summed per lane relative to the
+    # shift of its iteration (the subtraction exp needs anyway); `corr` moves
+    # what was summed before to the current shift: + Σc_seen·(old − new).
     m = tl.full((), float("-inf"), ACC)
     sumexp = tl.full((), 0.0, ACC)
-    dot = tl.zeros([BLOCK], ACC)  # per-lane Σ c·zc (Σ zc for the uniform prior)
+    dot = tl.zeros([BLOCK], ACC)  # per lane Σ c·(zc − shift) (Σ (zc − shift) for the uniform prior)
+    corr = tl.full((), 0.0, ACC)
+    seen = tl.full((), 0.0, ACC)  # Σ c over the columns so far (their count for the uniform prior)
+    prev_shift = tl.full((), 0.0, ACC)
     for start in range(0, cols_per_split, BLOCK):
         cols = col0 + start + tl.arange(0, BLOCK)
         mask = cols < K
@@ -178,35 +190,42 @@ def _forward_kernel(
             zc = tl.where(mask, zc, float("-inf"))  # the cap maps the −inf padding to −softcap
         m_new = tl.maximum(m, tl.max(zc, 0))
         shift = _finite_or_zero(m_new)
-        sumexp = sumexp * tl.exp(m - shift) + tl.sum(tl.exp(zc - shift), 0)
+        d = zc - shift
+        sumexp = sumexp * tl.exp(m - shift) + tl.sum(tl.exp(d), 0)
         m = m_new
         if HAS_SMOOTHING:
+            corr += seen * (prev_shift - shift)
+            prev_shift = shift
             # Zero the padding before multiplying: c · (−inf) is NaN even where c = 0.
-            zc_or_zero = tl.where(mask, zc, 0.0)
+            d_or_zero = tl.where(mask, d, 0.0)
             if HAS_COEF:
-                dot += tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC) * zc_or_zero
+                c = tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC)
+                dot += c * d_or_zero
+                seen += tl.sum(c, 0)
             else:
-                dot += zc_or_zero
-    dot_sum = tl.sum(dot, 0)
+                dot += d_or_zero
+                seen += (tl.minimum(col0 + start + BLOCK, K) - tl.minimum(col0 + start, K)).to(ACC)
+    dot_sum = -(tl.sum(dot, 0) + corr)  # Σ c·(m − zc), m standing for its finite-or-zero shift
 
     if SPLIT:
-        # Planes of (N, n_splits): max, Σexp, Σc·zc.
+        # Planes of (N, n_splits): max, Σexp, Σc·(max − zc), Σc.
         idx = row * n_splits + split
         plane = N * n_splits
         tl.store(partial_ptr + idx, m)
         tl.store(partial_ptr + plane + idx, sumexp)
         tl.store(partial_ptr + 2 * plane + idx, dot_sum)
+        tl.store(partial_ptr + 3 * plane + idx, seen)
     else:
-        _store_row(row, m, sumexp, dot_sum, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
-                   K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
+        _store_row(row, m, sumexp, dot_sum, row_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, m_ptr,
+                   log_s_ptr, K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
                    ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
 
 
-# Combine, per row: reads n_splits × 3 partials (4 B each; 8 B for fp64), the
-# target, z_y and w_y; writes loss and lse. Nothing per element.
+# Combine, per row: reads n_splits × 4 partials (4 B each; 8 B for fp64), the
+# target, z_y and w_y; writes loss, m and log_s. Nothing per element.
 @triton.jit
 def _combine_kernel(
-    partial_ptr, logits_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, lse_ptr,
+    partial_ptr, logits_ptr, target_ptr, weight_ptr, coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr,
     N, K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
     uniform_c_arg: tl.float64, uniform_over, n_splits,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -220,22 +239,28 @@ def _combine_kernel(
     plane = N * n_splits
     m_part = tl.load(ptrs, mask=mask, other=float("-inf"))
     sumexp_part = tl.load(ptrs + plane, mask=mask, other=0.0)
-    dot_part = tl.load(ptrs + 2 * plane, mask=mask, other=0.0)
     m = tl.max(m_part, 0)
+    shift = _finite_or_zero(m)
     # A split whose max is −inf has Σexp = 0: exp(−inf − shift) = 0 keeps it at 0.
-    sumexp = tl.sum(sumexp_part * tl.exp(m_part - _finite_or_zero(m)), 0)
-    _store_row(row, m, sumexp, tl.sum(dot_part, 0), logits_ptr + row * row_stride, target_ptr, weight_ptr,
-               coef_sum_ptr, loss_ptr, lse_ptr, K, ignore_index, eps, z_loss, softcap, uniform_c, uniform_over,
-               ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
+    sumexp = tl.sum(sumexp_part * tl.exp(m_part - shift), 0)
+    dot = 0.0
+    if HAS_SMOOTHING:
+        # Each split's Σc·(m_s − zc) moved to the row's max: + Σc_s·(m − m_s).
+        dot_part = tl.load(ptrs + 2 * plane, mask=mask, other=0.0)
+        seen_part = tl.load(ptrs + 3 * plane, mask=mask, other=0.0)
+        dot = tl.sum(dot_part + seen_part * (shift - _finite_or_zero(m_part)), 0)
+    _store_row(row, m, sumexp, dot, logits_ptr + row * row_stride, target_ptr, weight_ptr,
+               coef_sum_ptr, loss_ptr, m_ptr, log_s_ptr, K, ignore_index, eps, z_loss, softcap, uniform_c,
+               uniform_over, ACC, HAS_WEIGHT, HAS_COEF, HAS_SMOOTHING, HAS_ZLOSS, HAS_SOFTCAP)
 
 
 # Backward, per element: reads the logit (b bytes; plus 4 B of c from L2 when
 # smoothing with a weight or prior) and writes its gradient (b bytes). Per
-# row: reads target, lse, grad_loss, grad_lse and w_y.
+# row: reads target, m, log_s, grad_loss, grad_lse and w_y.
 @triton.jit
 def _backward_kernel(
     grad_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride,
-    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, lse_ptr,
+    logits_ptr, target_ptr, weight_ptr, coef_ptr, coef_sum_ptr, m_ptr, log_s_ptr,
     K, row_stride, ignore_index, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
     uniform_c_arg: tl.float64, uniform_over, cols_per_split,
     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -254,7 +279,9 @@ def _backward_kernel(
     y_safe = tl.where(own, y, -1)  # -1 matches no column
     # g and h may be a scalar expanded to (N,): stride 0 reads the one value.
     g = tl.where(valid, tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC), 0.0)
-    lse = tl.load(lse_ptr + row).to(ACC)
+    m = tl.load(m_ptr + row).to(ACC)
+    log_s = tl.load(log_s_ptr + row).to(ACC)
+    log_s2 = log_s * 1.4426950408889634
     if HAS_WEIGHT:
         w_y = tl.where(own, tl.load(weight_ptr + tl.maximum(y_safe, 0)).to(ACC), 0.0)
     else:
@@ -269,7 +296,7 @@ def _backward_kernel(
             p_coef += eps * uniform_c
             smooth_coef = g * eps / uniform_over
     if HAS_ZLOSS:
-        p_coef += 2.0 * z_loss * lse
+        p_coef += 2.0 * z_loss * (m + log_s)
     p_coef = g * p_coef
     if HAS_GRAD_LSE:
         p_coef += tl.load(grad_lse_ptr + row * grad_lse_stride).to(ACC)
@@ -279,7 +306,14 @@ def _backward_kernel(
         mask = cols < K
         z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC)
         zc, t = _capped(z, softcap, HAS_SOFTCAP)
-        d = p_coef * tl.exp(zc - lse)
+        # p relative to the row max: exp(zc − lse) with an absolute lse rounded
+        # to ACC loses p on rows far from 0 (randn + 1e6, rows of −1e30).
+        if ACC == tl.float32:
+            # exp as the GPU computes it (ex2 of x·log2 e), with log_s·log2 e
+            # per row: (zc − m)·log2 e − that is one FMA, no more than exp(zc − lse).
+            d = p_coef * tl.math.exp2((zc - m) * 1.4426950408889634 - log_s2)
+        else:
+            d = p_coef * tl.exp((zc - m) - log_s)
         if HAS_SMOOTHING:
             if HAS_COEF:
                 d -= smooth_coef * tl.load(coef_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -316,47 +350,47 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def forward(logits: Tensor, target: Tensor, coef: Coefficients, opts: RowOptions) -> Tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse)`` of 2-D ``logits``: lsce.interface.RowKernels.forward.
+def forward(logits: Tensor, target: Tensor, coef: Coefficients,
+            opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, m, log_s)`` of 2-D ``logits``: lsce.interface.RowKernels.forward.
 
     ``logits`` (N, K) with unit column stride and any row stride; ``target``
-    (N,) int64. Both outputs are (N,) fp32 (fp64 for fp64 logits).
+    (N,) int64. The outputs are (N,) fp32 (fp64 for fp64 logits).
     """
     acc, tl_acc = _check(logits, target)
     N, K = logits.shape
-    loss = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, dtype=acc, device=logits.device)
+    loss, m, log_s = (torch.empty(N, dtype=acc, device=logits.device) for _ in range(3))
     if N == 0:
-        return loss, lse
+        return loss, m, log_s
     scalars, flags = _options(coef, opts, tl_acc)
     block, num_warps, n_splits, cols_per_split = _launch_config(N, K, logits.dtype, logits.device)
-    partials = torch.empty((3, N, n_splits), dtype=acc, device=logits.device) if n_splits > 1 else None
+    partials = torch.empty((4, N, n_splits), dtype=acc, device=logits.device) if n_splits > 1 else None
     coef_sum = coef.C if coef.c is not None else None
     with _device_guard(logits):
         _forward_kernel[(N, n_splits)](
-            logits, target, coef.weight, coef.c, coef_sum, loss, lse, partials,
+            logits, target, coef.weight, coef.c, coef_sum, loss, m, log_s, partials,
             N, K, logits.stride(0), opts.ignore_index, *scalars, cols_per_split, n_splits,
             SPLIT=n_splits > 1, BLOCK=block, num_warps=num_warps, **flags,
         )
         if n_splits > 1:
             _combine_kernel[(N,)](
-                partials, logits, target, coef.weight, coef_sum, loss, lse,
+                partials, logits, target, coef.weight, coef_sum, loss, m, log_s,
                 N, K, logits.stride(0), opts.ignore_index, *scalars, n_splits,
                 SPLITS_BLOCK=max(2, triton.next_power_of_2(n_splits)), num_warps=1, **flags,
             )
-    return loss, lse
+    return loss, m, log_s
 
 
 def backward(
     grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, coef: Coefficients,
-    opts: RowOptions, lse: Tensor, out: Optional[Tensor] = None,
+    opts: RowOptions, m: Tensor, log_s: Tensor, out: Optional[Tensor] = None,
 ) -> Tensor:
     """Gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` with respect to ``logits``:
     lsce.interface.RowKernels.backward.
 
     ``grad_loss`` / ``grad_lse`` (N,) or None for ``grad_lse``, any stride
-    (an expanded scalar has stride 0); ``lse`` from :func:`forward`. Returns
-    a new contiguous (N, K) tensor in the logits' dtype, or ``out``
+    (an expanded scalar has stride 0); ``m`` and ``log_s`` from :func:`forward`.
+    Returns a new contiguous (N, K) tensor in the logits' dtype, or ``out``
     (``lsce.interface.grad_buffer``): each program loads a block of its row
     and stores that same block, so ``out`` may be the logits themselves.
     """
@@ -370,7 +404,7 @@ def backward(
     with _device_guard(logits):
         _backward_kernel[(N, n_splits)](
             grad, grad_loss, grad_loss.stride(0), grad_lse, 0 if grad_lse is None else grad_lse.stride(0),
-            logits, target, coef.weight, coef.c, coef.C if coef.c is not None else None, lse,
+            logits, target, coef.weight, coef.c, coef.C if coef.c is not None else None, m, log_s,
             K, logits.stride(0), opts.ignore_index, *scalars, cols_per_split,
             HAS_GRAD_LSE=grad_lse is not None, BLOCK=block, num_warps=num_warps, **flags,
         )

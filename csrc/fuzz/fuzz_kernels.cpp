@@ -22,7 +22,8 @@
 // Every buffer is allocated to its exact size so that ASan sees any read or
 // write past it. Checked per row, against a float64 evaluation of the formulas
 // of lsce/interface.py ([own] = the target lies in [0, K)):
-//   - rows whose (capped) logits are all finite: lse, loss and gradient finite
+//   - rows whose (capped) logits are all finite: m the row's max (exactly,
+//     without softcap), log_s >= 0; lse = m + log_s, loss and gradient finite
 //     and within a floating-point error bound of the fp64 values, and, without
 //     softcap, Σ_k grad_k = h + 2λ·g·lse (valid rows) or h (ignored rows), since
 //     Σ_k [A·p_k − g·ε·c_k − g·(1−ε)·w_y·[own]·[k=y]] = A − g·(ε·C + (1−ε)·w_y·[own]);
@@ -247,7 +248,7 @@ void describe(const Case& c, uint64_t seed, int64_t index) {
 // ---------------------------------------------------------------- one case
 
 struct Outputs {
-  std::vector<unsigned char> loss, lse, grad;
+  std::vector<unsigned char> loss, m, log_s, grad;
 };
 
 // Runs forward then backward with `threads` and copies the outputs out.
@@ -261,10 +262,11 @@ bool run_kernels(const Case& cs, const Inputs& in, int threads, Outputs& out) {
   const int64_t N = cs.N, K = cs.K;
   const int acc = acc_is_double(cs.dtype) ? 8 : 4, isz = item_size(cs.dtype);
   const int adt = acc_is_double(cs.dtype) ? lsce::kF64 : lsce::kF32;
-  Block loss(size_t(N) * acc), lse(size_t(N) * acc), grad(size_t(N * K) * isz);
+  Block loss(size_t(N) * acc), m(size_t(N) * acc), log_s(size_t(N) * acc), grad(size_t(N * K) * isz);
   for (int64_t i = 0; i < N; ++i) {
     put_payload(loss.p, i, adt, kUnwritten);
-    put_payload(lse.p, i, adt, kUnwritten);
+    put_payload(m.p, i, adt, kUnwritten);
+    put_payload(log_s.p, i, adt, kUnwritten);
   }
   for (int64_t i = 0; i < N * K; ++i) put_payload(grad.p, i, cs.dtype, kUnwritten);
 
@@ -285,7 +287,8 @@ bool run_kernels(const Case& cs, const Inputs& in, int threads, Outputs& out) {
   a.softcap = cs.softcap;
   a.nthreads = threads;
   a.loss = loss.p;
-  a.lse = lse.p;
+  a.m = m.p;
+  a.log_s = log_s.p;
   const char* isa = lsce::forward(a);
   if (std::strcmp(isa, kIsaNames[cs.isa_index]) != 0) {
     std::fprintf(stderr, "FAIL: forward ran %s, not %s\n", isa, kIsaNames[cs.isa_index]);
@@ -301,7 +304,8 @@ bool run_kernels(const Case& cs, const Inputs& in, int threads, Outputs& out) {
     v.assign(static_cast<const unsigned char*>(b.p), static_cast<const unsigned char*>(b.p) + b.bytes);
   };
   copy(out.loss, loss);
-  copy(out.lse, lse);
+  copy(out.m, m);
+  copy(out.log_s, log_s);
   copy(out.grad, grad);
   return true;
 }
@@ -444,7 +448,7 @@ bool run_case(const Case& cs, uint64_t case_seed) {
   Outputs o1, o2;
   lsce::set_isa(kIsaNames[cs.isa_index]);
   if (!run_kernels(cs, in, cs.threads_a, o1) || !run_kernels(cs, in, cs.threads_b, o2)) fail("kernel call");
-  if (!fail.failed && (o1.loss != o2.loss || o1.lse != o2.lse || o1.grad != o2.grad))
+  if (!fail.failed && (o1.loss != o2.loss || o1.m != o2.m || o1.log_s != o2.log_s || o1.grad != o2.grad))
     fail("results differ between %d and %d threads", cs.threads_a, cs.threads_b);
 
   // ---- checks against fp64
@@ -473,9 +477,12 @@ bool run_case(const Case& cs, uint64_t case_seed) {
       if (z > m) m = z;
       if (std::isfinite(z) && std::fabs(z) > mag) mag = std::fabs(z);
     }
-    const double loss = load(o1.loss.data(), i, adt), lse = load(o1.lse.data(), i, adt);
-    if (has_payload(o1.loss.data(), i, adt, kUnwritten) || has_payload(o1.lse.data(), i, adt, kUnwritten)) {
-      fail("row %lld: loss or lse not written", (long long)i);
+    const double loss = load(o1.loss.data(), i, adt), km = load(o1.m.data(), i, adt);
+    const double klog_s = load(o1.log_s.data(), i, adt);
+    const double lse = km + klog_s;  // the kernels' lse, formed as their callers form it (in fp64 here)
+    if (has_payload(o1.loss.data(), i, adt, kUnwritten) || has_payload(o1.m.data(), i, adt, kUnwritten) ||
+        has_payload(o1.log_s.data(), i, adt, kUnwritten)) {
+      fail("row %lld: loss, m or log_s not written", (long long)i);
       break;
     }
     const bool valid = y[i] != cs.ignore_index;
@@ -524,6 +531,11 @@ bool run_case(const Case& cs, uint64_t case_seed) {
         lmag += cs.z_loss * rlse * rlse;
       }
     }
+    // m is the row's max (exactly, without softcap, whose tanh differs from
+    // libm's), so that log_s = log Σ exp(zc − m) >= 0: its largest term is 1.
+    if (cs.softcap == 0 ? km != m : !(std::fabs(km - m) <= 1e-6 * cs.softcap))
+      fail("row %lld: m %.17g, the row's max %.17g", (long long)i, km, m);
+    if (!(klog_s >= 0)) fail("row %lld: log_s %.17g < 0", (long long)i, klog_s);
     const double M = 1.0 + std::max(mag, std::fabs(rlse));
     if (!std::isfinite(lse) || std::fabs(lse - rlse) > (64 * u + sum_err) * M)
       fail("row %lld: lse %.17g, fp64 %.17g", (long long)i, lse, rlse);
