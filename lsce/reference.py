@@ -124,7 +124,8 @@ def soft_cross_entropy(input, target, weight=None, reduction: str = "mean", labe
     z = _capped(z.reshape(-1, K).to(acc), softcap)
     t = t.reshape(-1, K).to(acc)
     lse = _lse(z)
-    logp = z - lse[:, None]
+    # PyTorch's own log_softmax: a row holding +inf is NaN in value and gradient, as in F.cross_entropy.
+    logp = torch.log_softmax(z, 1)
     tt = (1 - eps) * t + eps / K if eps else t
     a = tt if weight is None else tt * weight.to(acc)
     rows = -(a * logp).sum(1) + (z_loss * lse * lse if z_loss else 0.0)
