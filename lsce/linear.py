@@ -317,6 +317,10 @@ def _reduced_backward(ctx, grad_out, *_):
 
 
 _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+# Shared with lsce.linear_soft's probability-target ops, whose reduced op has
+# the same 13 inputs and 5 outputs.
+REDUCED_AUTOGRAD = dict(backward=_reduced_backward, setup_context=_reduced_setup_context)
+fake_grads = _fake_grads
 
 
 def _rows_setup_context(ctx, inputs, output):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import checks, ops
 from .interface import RowOptions, acc_dtype, fixed_sum
-from .linear import GradSums, LogitChunks
+from .linear import REDUCED_AUTOGRAD, GradSums, LogitChunks, fake_grads
 
 
 def _soft_rows(x, W, b, t, weight, opts: RowOptions, chunk_size: int):
@@ -31,11 +31,14 @@ def _soft_rows(x, W, b, t, weight, opts: RowOptions, chunk_size: int):
 
 
 def _reduced_impl(
-    x: Tensor, W: Tensor, b: Optional[Tensor], t: Tensor, weight: Optional[Tensor], label_smoothing: float,
-    z_loss: float, softcap: float, chunk_size: int, mean: bool, grad_mask: List[bool],
+    x: Tensor, W: Tensor, b: Optional[Tensor], t: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int, mean: bool,
+    grad_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_scale, grad_input, grad_weight, grad_bias) as lsce.linear's reduced op:
-    the gradients of the summed loss, to be scaled by grad_scale (1/rows for mean)."""
+    the gradients of the summed loss, to be scaled by grad_scale (1/rows for mean).
+    Its inputs are that op's (``prior`` None and ``ignore_index`` unused here), so
+    that its autograd is lsce.linear's (REDUCED_AUTOGRAD)."""
     acc = acc_dtype(x.dtype)
     opts = RowOptions(-100, label_smoothing, z_loss, softcap)
     grads = GradSums(x, W, b, grad_mask)
@@ -86,17 +89,10 @@ _rows_backward_op = torch.library.custom_op("lsce::linear_soft_cross_entropy_row
                                             mutates_args=())
 
 
-def _fake_grads(x, W, b, grad_mask, acc):
-    gi = x.new_empty(x.shape) if grad_mask[0] else x.new_empty(0)
-    gw = W.new_empty(W.shape, dtype=acc or W.dtype) if grad_mask[1] else x.new_empty(0)
-    gb = W.new_empty(W.shape[:1], dtype=acc or b.dtype) if grad_mask[2] and b is not None else x.new_empty(0)
-    return gi, gw, gb
-
-
 @_reduced_op.register_fake
-def _(x, W, b, t, weight, label_smoothing, z_loss, softcap, chunk_size, mean, grad_mask):
+def _(x, W, b, t, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size, mean, grad_mask):
     acc = acc_dtype(x.dtype)
-    return (x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), *_fake_grads(x, W, b, grad_mask, acc))
+    return (x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), *fake_grads(x, W, b, grad_mask, acc))
 
 
 @_rows_op.register_fake
@@ -107,31 +103,10 @@ def _(x, W, b, t, weight, label_smoothing, z_loss, softcap, chunk_size):
 
 @_rows_backward_op.register_fake
 def _(grad_loss, x, W, b, t, weight, stats, label_smoothing, z_loss, softcap, chunk_size, grad_mask):
-    return _fake_grads(x, W, b, grad_mask, None)
+    return fake_grads(x, W, b, grad_mask, None)
 
 
-def _reduced_setup_context(ctx, inputs, output):
-    x, W, b, *_, grad_mask = inputs
-    _, grad_scale, gi, gw, gb = output
-    ctx.mark_non_differentiable(grad_scale, gi, gw, gb)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_scale, gi, gw, gb)
-    ctx.dtypes = (x.dtype, W.dtype, None if b is None else b.dtype)
-    ctx.grad_mask = grad_mask
-
-
-def _reduced_backward(ctx, grad_out, *_):
-    grad_scale, gi, gw, gb = ctx.saved_tensors
-    grads = [None, None, None]
-    if grad_out is not None:
-        scale = grad_out * grad_scale
-        for i, (g, dtype) in enumerate(zip((gi, gw, gb), ctx.dtypes)):
-            if ctx.grad_mask[i] and dtype is not None:
-                grads[i] = (g * scale).to(dtype)
-    return (*grads, None, None, None, None, None, None, None, None)
-
-
-_reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+_reduced_op.register_autograd(REDUCED_AUTOGRAD["backward"], setup_context=REDUCED_AUTOGRAD["setup_context"])
 
 
 def _rows_setup_context(ctx, inputs, output):
@@ -176,6 +151,6 @@ def linear_soft_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tens
         return loss.reshape(target.shape[:-1]).to(dtype)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and v is not None and v.requires_grad for v in (input, linear_weight, linear_bias)]
-    loss, *_ = torch.ops.lsce.linear_soft_cross_entropy_reduced(x, linear_weight, linear_bias, t, w, *options,
-                                                                reduction == "mean", grad_mask)
+    loss, *_ = torch.ops.lsce.linear_soft_cross_entropy_reduced(x, linear_weight, linear_bias, t, w, None, -100,
+                                                                *options, reduction == "mean", grad_mask)
     return loss.to(dtype)

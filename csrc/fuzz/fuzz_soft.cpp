@@ -38,86 +38,12 @@
 #include <string>
 #include <vector>
 
+#include "../lsce_api.h"
 #include "../lsce_soft_api.h"
 
 namespace {
 
-int item_size(int dtype) {
-  static const int s[] = {4, 8, 2, 2};
-  return s[dtype];
-}
-
-uint16_t bf16_from_float(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (f != f) return 0x7FC0;
-  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-float float_from_bf16(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Stores x as element i of a buffer of `dtype`; returns the stored value as a double.
-double store(void* buf, int64_t i, int dtype, double x) {
-  switch (dtype) {
-    case lsce::kF32: { float v = float(x); static_cast<float*>(buf)[i] = v; return v; }
-    case lsce::kF64: static_cast<double*>(buf)[i] = x; return x;
-    case lsce::kBF16: { uint16_t b = bf16_from_float(float(x)); static_cast<uint16_t*>(buf)[i] = b; return float_from_bf16(b); }
-    default: { _Float16 h = _Float16(float(x)); static_cast<_Float16*>(buf)[i] = h; return double(float(h)); }
-  }
-}
-double load(const void* buf, int64_t i, int dtype) {
-  switch (dtype) {
-    case lsce::kF32: return static_cast<const float*>(buf)[i];
-    case lsce::kF64: return static_cast<const double*>(buf)[i];
-    case lsce::kBF16: return float_from_bf16(static_cast<const uint16_t*>(buf)[i]);
-    default: return double(float(static_cast<const _Float16*>(buf)[i]));
-  }
-}
-
-// A NaN payload the kernels never produce: marks padding and unwritten output.
-void put_payload(void* buf, int64_t i, int dtype) {
-  switch (dtype) {
-    case lsce::kF32: { const uint32_t v = 0x7FA5A5A5u; std::memcpy(static_cast<char*>(buf) + 4 * i, &v, 4); break; }
-    case lsce::kF64: { const uint64_t v = 0x7FF5A5A5A5A5A5A5ull; std::memcpy(static_cast<char*>(buf) + 8 * i, &v, 8); break; }
-    case lsce::kBF16: static_cast<uint16_t*>(buf)[i] = 0x7FA5; break;
-    default: static_cast<uint16_t*>(buf)[i] = 0x7D5A;
-  }
-}
-bool has_payload(const void* buf, int64_t i, int dtype) {
-  unsigned char tmp[8];
-  put_payload(tmp, 0, dtype);
-  const int n = item_size(dtype);
-  return std::memcmp(static_cast<const unsigned char*>(buf) + int64_t(n) * i, tmp, size_t(n)) == 0;
-}
-
-struct Block {
-  void* p;
-  size_t bytes;
-  explicit Block(size_t n) : p(std::malloc(n ? n : 1)), bytes(n) {
-    if (!p) { std::fprintf(stderr, "fuzz_soft: out of memory\n"); std::exit(2); }
-  }
-  ~Block() { std::free(p); }
-  Block(const Block&) = delete;
-  Block& operator=(const Block&) = delete;
-};
-
-struct Rng {
-  std::mt19937_64 g;
-  explicit Rng(uint64_t seed) : g(seed) {}
-  int64_t range(int64_t lo, int64_t hi) { return lo + int64_t(g() % uint64_t(hi - lo + 1)); }
-  double uniform() { return double(g() >> 11) * (1.0 / 9007199254740992.0); }
-  bool chance(double p) { return uniform() < p; }
-  double normal() {
-    double u1 = uniform(), u2 = uniform();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-  template <typename T, size_t n> T pick(const T (&a)[n]) { return a[size_t(g() % n)]; }
-};
+#include "fuzz_common.h"  // storage, canaries (kPadding, kUnwritten), Block, Rng
 
 const int64_t kEdgeK[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257,
                           4095, 4096, 4097, 8191, 8192, 8193, 12289, 20000};
@@ -194,10 +120,10 @@ bool run_kernels(const Case& cs, const Inputs& in, int threads, Outputs& out) {
   Block grad(size_t(N * K) * item_size(cs.dtype));
   Block grad_t(cs.grad_target ? size_t(N * K) * item_size(cs.target_dtype) : 0);
   for (int64_t i = 0; i < N; ++i)
-    for (Block* b : {&loss, &m, &log_s, &mass}) put_payload(b->p, i, adt);
+    for (Block* b : {&loss, &m, &log_s, &mass}) put_payload(b->p, i, adt, kUnwritten);
   for (int64_t i = 0; i < N * K; ++i) {
-    put_payload(grad.p, i, cs.dtype);
-    if (cs.grad_target) put_payload(grad_t.p, i, cs.target_dtype);
+    put_payload(grad.p, i, cs.dtype, kUnwritten);
+    if (cs.grad_target) put_payload(grad_t.p, i, cs.target_dtype, kUnwritten);
   }
   lsce::SoftArgs a{};
   a.dtype = cs.dtype;
@@ -265,8 +191,8 @@ bool run_case(const Case& cs, uint64_t case_seed) {
   const int64_t n_logits = N == 0 ? 0 : (N - 1) * cs.row_stride + K;
   const int64_t n_target = N == 0 ? 0 : (N - 1) * cs.target_row_stride + K;
   Block logits(size_t(n_logits) * item_size(dt)), target(size_t(n_target) * item_size(tdt));
-  for (int64_t i = 0; i < n_logits; ++i) put_payload(logits.p, i, dt);
-  for (int64_t i = 0; i < n_target; ++i) put_payload(target.p, i, tdt);
+  for (int64_t i = 0; i < n_logits; ++i) put_payload(logits.p, i, dt, kPadding);
+  for (int64_t i = 0; i < n_target; ++i) put_payload(target.p, i, tdt, kPadding);
   std::vector<double> z(size_t(N * K)), t(size_t(N * K));
   for (int64_t i = 0; i < N; ++i) {
     const double offset = cs.fill == 1 ? (r.chance(0.5) ? 1e4 : -3e3) : 0.0;
@@ -311,9 +237,9 @@ bool run_case(const Case& cs, uint64_t case_seed) {
   for (int64_t i = 0; ok && i < N; ++i) {
     // Everything written.
     for (auto* v : {&oa.loss, &oa.m, &oa.log_s, &oa.mass})
-      if (has_payload(v->data(), i, adt)) { std::fprintf(stderr, "FAIL: row %lld output unwritten\n", (long long)i); ok = false; }
+      if (has_payload(v->data(), i, adt, kUnwritten)) { std::fprintf(stderr, "FAIL: row %lld output unwritten\n", (long long)i); ok = false; }
     for (int64_t k = 0; ok && k < K; ++k)
-      if (has_payload(oa.grad.data(), i * K + k, dt) || (cs.grad_target && has_payload(oa.grad_t.data(), i * K + k, tdt))) {
+      if (has_payload(oa.grad.data(), i * K + k, dt, kUnwritten) || (cs.grad_target && has_payload(oa.grad_t.data(), i * K + k, tdt, kUnwritten))) {
         std::fprintf(stderr, "FAIL: gradient [%lld, %lld] unwritten\n", (long long)i, (long long)k);
         ok = false;
       }
