@@ -358,7 +358,7 @@ BAD_CALLS = [
     ("bias dtype", _bad(linear_bias=torch.randn(5, dtype=torch.float64)), TypeError, "linear_bias is"),
     ("bias type", _bad(linear_bias=3.0), TypeError, "linear_bias"),
     ("target shape", _bad(target=torch.tensor([0, 1, 2])), ValueError, "target shape"),
-    ("float target", _bad(target=torch.rand(4)), TypeError, "class indices"),
+    ("float target", _bad(target=torch.rand(4)), RuntimeError, "class probabilities"),  # as PyTorch: RuntimeError
     ("target out of range", _bad(target=torch.tensor([0, 1, 5, 2])), IndexError, "target 5"),
     ("class weight length", _bad(weight=torch.rand(6)), ValueError, "weight"),
     ("prior sum", _bad(smoothing_prior=torch.full((5,), 0.5)), ValueError, "smoothing_prior"),
