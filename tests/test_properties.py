@@ -569,7 +569,10 @@ def _soft_close(actual, expected, tol, dtype, what):
     assert_same_nonfinite(a, e.to(actual.dtype).double() if actual.dtype != torch.float64 else e, what)
     fin = torch.isfinite(e) & torch.isfinite(a)
     err = (a[fin] - e[fin]).abs()
-    allowed = tol + ULP[dtype] * e[fin].abs() + (2.0 ** -133 if dtype == torch.bfloat16 else 0.0)
+    # Two ulps of the stored dtype: the store's rounding (a truncation under the Triton
+    # interpreter) and the upstream gradient, which reaches the kernels rounded to the
+    # loss's dtype (bf16/fp16 for such targets and logits), as it reaches PyTorch's.
+    allowed = tol + 2 * ULP[dtype] * e[fin].abs() + (2.0 ** -133 if dtype == torch.bfloat16 else 0.0)
     assert (err <= allowed).all(), f"{what}: error {err.max().item()} beyond the bound {tol}"
 
 
