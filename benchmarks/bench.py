@@ -44,6 +44,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 LOW_PRECISION = ("bf16", "fp16")
 MODES = ("fwd", "bwd", "fwd+bwd")
 PASSES = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}  # reads + writes of the N×K logits each mode must do
+# With probability targets the (N, K) target is a second stream: the forward reads logits and
+# target, the backward (or a fused step, forward and backward) reads both and writes the gradient.
+SOFT_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 3}
 FLOOR = {"fwd": "sum", "bwd": "clone", "fwd+bwd": "clone"}  # the floor each mode is compared with
 FLOOR_PASSES = {"sum": 1, "clone": 2}
 EPS = 0.1
@@ -62,7 +65,11 @@ OPTIONS = {
     "z_loss": lambda K, dev: {"z_loss": 1e-4},
     "softcap": lambda K, dev: {"softcap": 30.0},
     "prior": lambda K, dev: {"smoothing_prior": torch.softmax(torch.randn(K, device=dev), 0)},
+    # Probability targets (a teacher's distribution) instead of class ids, with plain ε: run by
+    # every provider that takes them (lsce, torch, compile), not by the extensions' rule.
+    "soft": lambda K, dev: {},
 }
+TARGET_OPTIONS = ("soft",)
 MIB = 2.0**20
 
 
@@ -75,6 +82,7 @@ class Provider:
     extensions: bool = False  # takes z_loss / softcap / smoothing_prior: runs the options group
     writes_logits: bool = False  # stores its gradient in the logits: gets a private copy
     required: bool = False  # the subject: where it cannot run, the run fails instead of skipping it
+    soft: bool = True  # takes probability targets: runs the "soft" option
 
     def logits_for(self, z):
         """The logits it runs on: its own copy if it writes its gradient into them, else z."""
@@ -119,7 +127,7 @@ PROVIDERS = {
         Provider("torch", lambda kw: lambda z, y: F.cross_entropy(z, y, **kw)),
         Provider("compile", _compiled),
         Provider(
-            "liger", _liger, writes_logits=True,
+            "liger", _liger, writes_logits=True, soft=False,
             unavailable=lambda dev: "needs CUDA" if dev.type != "cuda" else _missing("liger_kernel.transformers"),
         ),
     ]
@@ -150,6 +158,22 @@ def make_inputs(case: Case, dev: torch.device):
     z = (2 * torch.randn(case.N, case.K, device=dev, dtype=DTYPES[case.dtype])).requires_grad_()
     y = torch.randint(0, case.K, (case.N,), device=dev)
     return z, y, case_kwargs(case, dev)
+
+
+def case_target(case: Case, z, y):
+    """The target a case's providers get: the class ids y, or for the "soft" option a
+    probability target of the logits' shape and dtype (the same for the same case)."""
+    if case.option != "soft":
+        return y
+    gen = torch.Generator(device=z.device).manual_seed(case.N * 7 + case.K)
+    return torch.softmax(torch.randn(z.shape, generator=gen, device=z.device), 1).to(z.dtype)
+
+
+def runs(provider: Provider, case: Case) -> bool:
+    """Whether a provider runs a case: every plain case; an extension, lsce only; probability targets, those taking them."""
+    if case.option in TARGET_OPTIONS:
+        return provider.soft
+    return provider.extensions or not case.option
 
 
 def case_kwargs(case: Case, dev: torch.device) -> dict:
@@ -227,6 +251,7 @@ def case_peaks(provider: Provider, case: Case, dev, meter: PeakMemory):
     """(forward peak, step peak) of one case, after one untimed warm-up step: the forward
     alone (no_grad), then a forward + backward step."""
     z, y, kw = make_inputs(case, dev)
+    y = case_target(case, z, y)
     z, fn = provider.logits_for(z), provider.make(kw)
     torch.autograd.grad(fn(z, y), z)  # warm-up: compilation, thread pools, lazy initialisation
     return (peak_above(meter, lambda: _inference(fn, z, y)),
@@ -308,14 +333,15 @@ def check_cases(cases, providers, z, y, modes, dev, progress):
     entries = []
     for case in cases:
         kw = case_kwargs(case, dev)
-        truth = ground_truth(z, y, kw)
-        base = torch_error(case, kw, z, y, truth)
+        t = case_target(case, z, y)
+        truth = ground_truth(z, t, kw)
+        base = torch_error(case, kw, z, t, truth)
         for provider in providers:
-            if case.option and not provider.extensions:
+            if not runs(provider, case):
                 continue
             progress.set_postfix_str(f"{case.shape} {case.dtype} {case.option or 'plain'} {provider.name}: check")
-            status, fn, zp = check_provider(provider, case, kw, z, y, truth, base)
-            entries.append((case, provider, status, provider_stages(fn, zp, y, modes) if status == "ok" else []))
+            status, fn, zp = check_provider(provider, case, kw, z, t, truth, base)
+            entries.append((case, provider, status, provider_stages(fn, zp, t, modes) if status == "ok" else []))
             progress.update()
         del truth
     return entries
@@ -349,7 +375,7 @@ def timing_fields(case: Case, mode: str, times, first: int) -> dict:
     t = infer if mode == "fwd" else times[:, first + 2] if mode == "bwd" else times[:, first + 1] + times[:, first + 2]
     floor = float(np.median(times[:, FLOOR_COLUMN[FLOOR[mode]]]))
     q1, med, q3 = np.percentile(t, [25, 50, 75])
-    gbps = PASSES[mode] * case.logits_bytes / med / 1e9
+    gbps = (SOFT_PASSES if case.option == "soft" else PASSES)[mode] * case.logits_bytes / med / 1e9
     floor_gbps = FLOOR_PASSES[FLOOR[mode]] * case.logits_bytes / floor / 1e9
     fields = dict(repeats=len(t), median_ms=med * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, min_ms=t.min() * 1e3,
                   max_ms=t.max() * 1e3, gbps=gbps, floor_ms=floor * 1e3, pct_copy=100 * gbps / floor_gbps,
@@ -407,8 +433,9 @@ def add_memory(rows, providers, dev, progress):
 
 
 def add_ratios(rows):
-    """vs_torch / vs_compile (their median ÷ this one) and, for option rows, x_plain (this median ÷
-    lsce's with plain ε), same case, dtype and mode; all were timed in the same runs."""
+    """vs_torch / vs_compile (their median ÷ this one; plain and probability-target rows, each
+    against the others on the same targets) and, for option rows, x_plain (this median ÷ lsce's
+    with plain ε), same case, dtype and mode; all were timed in the same runs."""
     med = {(r["case"], r["dtype"], r["option"], r["mode"], r["provider"]): r["median_ms"] for r in rows
            if "median_ms" in r}
     for r in rows:
@@ -417,9 +444,10 @@ def add_ratios(rows):
         key = (r["case"], r["dtype"], "", r["mode"])
         if r["option"]:
             r["x_plain"] = r["median_ms"] / med[key + (r["provider"],)] if key + (r["provider"],) in med else math.nan
-        else:
+        if not r["option"] or r["option"] in TARGET_OPTIONS:  # against the others on the same targets
+            same = (r["case"], r["dtype"], r["option"], r["mode"])
             for other in ("torch", "compile"):
-                r[f"vs_{other}"] = med[key + (other,)] / r["median_ms"] if key + (other,) in med else math.nan
+                r[f"vs_{other}"] = med[same + (other,)] / r["median_ms"] if same + (other,) in med else math.nan
 
 
 # ----------------------------------------------------------------------------- output
@@ -637,10 +665,10 @@ def main(argv=None):
 
     # Cases sharing N, K and dtype are timed together: the options group joins its plain case.
     groups = {(n, k, d): [Case(n, k, d)] for n, k in args.cases for d in args.dtypes}
-    if any(p.extensions for p in providers):
+    if any(p.extensions or p.soft for p in providers):
         opt_dtype = "fp32" if "fp32" in args.dtypes else args.dtypes[0]
         groups[(*args.cases[0], opt_dtype)] += [Case(*args.cases[0], opt_dtype, o) for o in args.options]
-    checks = sum(len([p for p in providers if p.extensions or not c.option]) for g in groups.values() for c in g)
+    checks = sum(len([p for p in providers if runs(p, c)]) for g in groups.values() for c in g)
     total = checks + len(groups) + (len(providers) if args.memory else 0)
 
     rows = []

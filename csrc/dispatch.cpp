@@ -76,3 +76,45 @@ const char* backward(const Args& a) {
 }
 
 }  // namespace lsce
+
+// The probability-target kernels (lsce_soft_api.h), of the instruction set
+// chosen above: looked up by its name, so that the table stays the class-index
+// kernels' own.
+#include "lsce_soft_api.h"
+
+namespace lsce {
+
+namespace {
+struct SoftIsa {
+  const char* name;
+  void (*forward)(const SoftArgs&);
+  void (*backward)(const SoftArgs&);
+};
+const SoftIsa kSoftIsas[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512", avx512::soft_forward, avx512::soft_backward},
+    {"avx2", avx2::soft_forward, avx2::soft_backward},
+#endif
+    {"generic", generic::soft_forward, generic::soft_backward},
+};
+const SoftIsa& soft_current() {
+  const char* name = active_isa();
+  for (const SoftIsa& isa : kSoftIsas)
+    if (std::strcmp(isa.name, name) == 0) return isa;
+  return kSoftIsas[sizeof(kSoftIsas) / sizeof(kSoftIsas[0]) - 1];
+}
+}  // namespace
+
+const char* soft_forward(const SoftArgs& a) {
+  const SoftIsa& isa = soft_current();
+  isa.forward(a);
+  return isa.name;
+}
+
+const char* soft_backward(const SoftArgs& a) {
+  const SoftIsa& isa = soft_current();
+  isa.backward(a);
+  return isa.name;
+}
+
+}  // namespace lsce

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "lsce_api.h"
+#include "lsce_soft_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -10,6 +11,7 @@
 namespace lsce {
 namespace avx2 {
 #include "lsce_kernels.h"
+#include "lsce_soft.h"
 }  // namespace avx2
 }  // namespace lsce
 #pragma GCC pop_options

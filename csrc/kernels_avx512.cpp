@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "lsce_api.h"
+#include "lsce_soft_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -15,6 +16,7 @@
 namespace lsce {
 namespace avx512 {
 #include "lsce_kernels.h"
+#include "lsce_soft.h"
 }  // namespace avx512
 }  // namespace lsce
 #pragma GCC pop_options

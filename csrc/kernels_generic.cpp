@@ -3,9 +3,11 @@
 #include <cstring>
 
 #include "lsce_api.h"
+#include "lsce_soft_api.h"
 
 namespace lsce {
 namespace generic {
 #include "lsce_kernels.h"
+#include "lsce_soft.h"
 }  // namespace generic
 }  // namespace lsce

@@ -9,6 +9,7 @@ from .functional import cross_entropy
 from .modules import CrossEntropyLoss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .distillation import distillation_loss, linear_distillation_loss
+from . import linear_soft  # noqa: E402,F401  (registers the probability-target ops of linear_cross_entropy)
 from . import distributed  # noqa: E402  (lsce.distributed.vocab_parallel_*)
 from .cache import empty_cache
 from . import integrations  # noqa: E402  (lsce.integrations.transformers; transformers itself is imported on use)

@@ -146,3 +146,40 @@ def check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: 
         raise IndexError(f"lsce: target {first} is out of bounds for {K} classes (and is not ignore_index={ignore_index})")
     if bad_prior is not None and bad_prior.item():
         raise ValueError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")
+
+
+class SoftTargetError(ValueError, RuntimeError):
+    """A refused probability-target call: a ValueError as lsce's other checks
+    raise, and a RuntimeError as PyTorch raises for the same inputs."""
+
+
+def check_soft_logits(input, target) -> int:
+    """Logits ((K,), (N, K) or (N, K, d1, ...)) and a probability target of
+    their shape, as ``F.cross_entropy`` takes them; returns K."""
+    check_float("input", input, "logits", "classes")
+    if target.dtype not in FLOAT_DTYPES:
+        raise SoftTargetError(f"lsce: a probability target must be float32, float64, bfloat16 or float16, "
+                              f"got {target.dtype}")
+    if target.device != input.device:
+        raise SoftTargetError(f"lsce: target is on {target.device} but input is on {input.device}")
+    if tuple(target.shape) != tuple(input.shape):
+        raise SoftTargetError(
+            f"lsce: a floating-point target holds class probabilities and must have the input's shape "
+            f"{tuple(input.shape)}, got {tuple(target.shape)} (class indices must be an integer tensor)"
+        )
+    K = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if K < 1:
+        raise ValueError(f"lsce: input has {K} classes; at least 1 is needed")
+    return K
+
+
+def check_soft_options(ignore_index: int, smoothing_prior) -> None:
+    """What probability targets do not take: PyTorch refuses an ignore_index >= 0
+    (a negative one, as the default -100, is accepted and unused); lsce's
+    smoothing_prior has no meaning for them."""
+    if ignore_index >= 0:
+        raise SoftTargetError(f"lsce: ignore_index={ignore_index} is not supported for probability targets "
+                              "(as in PyTorch; a negative value such as the default -100 is accepted and unused)")
+    if smoothing_prior is not None:
+        raise SoftTargetError("lsce: smoothing_prior is not supported with probability targets; mix the prior into "
+                              "the target instead: (1 - eps) * target + eps * prior, with label_smoothing=0")

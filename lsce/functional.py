@@ -106,10 +106,17 @@ def cross_entropy(
             input's dtype. The reduction runs in fp32 (fp64 for fp64) either
             way, so ``torch.float32`` returns a bf16 input's mean loss unrounded.
 
-    Class-probability (soft) targets are not supported; ``size_average`` and
-    ``reduce`` (deprecated in PyTorch) raise.
+    A floating-point ``target`` of the input's shape holds class probabilities
+    (PyTorch's semantics: mixed with ``ε/K`` under label smoothing, then
+    weighted; ``mean`` divides by the number of rows; no ignore_index; the
+    loss in ``promote_types(input, target)``); z_loss, softcap, return_lse,
+    backend and out_dtype apply to it too, smoothing_prior does not.
+    ``size_average`` and ``reduce`` (deprecated in PyTorch) raise.
     """
     checks.check_deprecated(size_average, reduce)
+    if isinstance(target, Tensor) and target.is_floating_point():
+        return _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                   smoothing_prior, return_lse, backend, out_dtype)
     K = checks.check_logits(input, target)
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
@@ -129,4 +136,46 @@ def cross_entropy(
 
     out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
     out = out.to(out_dtype or input.dtype)
+    return (out, lse.reshape(out_shape)) if return_lse else out
+
+
+def _soft_rows(input: Tensor, target: Tensor, K: int):
+    """Rows of logits and of the probability target (unit column stride), and the per-row output shape."""
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.unsqueeze(0), ()
+    out_shape = input.shape[:1] + input.shape[2:]
+    if input.dim() > 2:  # (N, K, d1, ...): classes to the last dimension; a copy of each
+        input, target = input.movedim(1, -1).reshape(-1, K), target.movedim(1, -1).reshape(-1, K)
+    return input, target, out_shape
+
+
+def _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                        smoothing_prior, return_lse, backend, out_dtype):
+    """cross_entropy with class-probability targets (see its docstring)."""
+    K = checks.check_soft_logits(input, target)
+    checks.check_options(K, input.device, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                         z_loss=z_loss, softcap=softcap, backend=backend)
+    checks.check_out_dtype(out_dtype)
+    checks.check_soft_options(checks.as_ignore_index(ignore_index), smoothing_prior)
+    eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    acc = acc_dtype(input.dtype)
+    z, t, out_shape = _soft_rows(input, target, K)
+    w = None if weight is None else weight.to(acc).contiguous()
+    rows = torch.tensor(float(z.shape[0]), dtype=acc, device=z.device)  # mean's denominator: every row counts, weights do not
+
+    expected = None
+    if reduction != "none" and not target.requires_grad and ops.fusable(z, backend):
+        expected = torch.ones(1, dtype=acc) / (rows if reduction == "mean" else 1)
+    if expected is not None:
+        loss, lse = ops.FusedSoftStep.apply(z, t, w, eps, z_loss, cap, expected)
+    else:
+        loss, lse, _ = torch.ops.lsce.soft_cross_entropy_forward(z, t, w, eps, z_loss, cap, backend)
+
+    if reduction == "none":
+        out = loss.reshape(out_shape)
+    else:
+        out = fixed_sum(loss)
+        if reduction == "mean":
+            out = out / rows  # 0 rows: NaN, as PyTorch
+    out = out.to(out_dtype or torch.promote_types(input.dtype, target.dtype))
     return (out, lse.reshape(out_shape)) if return_lse else out

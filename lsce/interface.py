@@ -1,7 +1,7 @@
 """The per-row kernel interface: what every backend implements, and what every
 caller (lsce.ops, lsce.linear, lsce.distributed) hands it.
 
-A backend is any object with the two functions of :class:`RowKernels`. Three
+A backend is any object with the four functions of :class:`RowKernels`. Three
 implement it: the C++/OpenMP kernels (``lsce.cpu``), the Triton kernels
 (``lsce.triton_kernels.cross_entropy``) and the pure-PyTorch reference
 (``lsce.reference.ROWS``). Each works on 2-D rows ``(N, K)`` with unit column
@@ -43,6 +43,24 @@ accumulation dtype cannot give ``exp(zc − lse)`` to better than its own ulp.
 A row of only −inf has ``m = log_s = −inf`` (lse −inf); one holding NaN or
 +inf has NaN ``log_s``.
 
+**Probability targets** (``soft_forward`` / ``soft_backward``): row ``i`` has a
+target row ``t`` (K,) of any float dtype instead of a class id. With
+``a_k = w_k·((1 − ε)·t_k + ε/K)`` (PyTorch's rule: the target is mixed with
+``ε/K`` first, then weighted), ``A = Σ_k a_k``, ``m = max_k zc_k`` and
+``log_s = log Σ_k exp(zc_k − m)`` (so ``lse = m + log_s``), every quantity
+relative to the row max::
+
+    loss      = Σ_k a_k·(m − zc_k) + A·log_s + λ·(m + log_s)²
+    p_k       = exp((zc_k − m) − log_s)
+    ∂/∂zc_k   = (g·(A + 2·λ·(m + log_s)) + h)·p_k − g·a_k
+    ∂/∂t_k    = g·(1 − ε)·w_k·((m − zc_k) + log_s)       (= −g·(1 − ε)·w_k·logp_k)
+
+The forward returns ``(loss, m, log_s, A)`` per row and the backward takes
+``(m, log_s, A)``: one read of the logits and the target per direction (the
+backward needs ``A`` before its one pass). There is no ignore_index and no
+out-of-slice target: every row counts. A row of only −inf logits has
+``m = log_s = −inf`` and a NaN loss, as ``log_softmax`` gives.
+
 Without weight or prior the gradient is ``g·(p − y_ls)``, ``y_ls = (1 − ε)·onehot(y) + ε/K``.
 Everything is accumulated in fp32 (fp64 for fp64 logits); the gradient is
 stored in the logits' dtype, the true-class term subtracted before that
@@ -57,7 +75,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RowOptions", "Coefficients", "RowKernels", "coefficients", "check_rows", "grad_buffer", "acc_dtype",
-           "fixed_sum"]
+           "fixed_sum", "check_soft_rows", "soft_target_grad_buffer"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,6 +139,22 @@ def check_rows(logits: Tensor, target: Tensor) -> None:
                          "one target per row and at least one class")
 
 
+def check_soft_rows(logits: Tensor, target: Tensor) -> None:
+    """What every backend's soft_forward/soft_backward take: float 2-D rows with
+    unit column stride, and a float target of the same shape with unit column stride."""
+    check_rows(logits, logits.new_empty(logits.shape[:1], dtype=torch.int64))
+    if target.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"lsce kernels: target dtype {target.dtype} is not one of fp32, bf16, fp16, fp64")
+    if target.shape != logits.shape or (target.shape[1] > 1 and target.stride(1) != 1):
+        raise ValueError(f"lsce kernels: probability target {tuple(target.shape)} for logits "
+                         f"{tuple(logits.shape)}: the same shape, with unit column stride")
+
+
+def soft_target_grad_buffer(target: Tensor) -> Tensor:
+    """Where soft_backward writes the target's gradient: a new contiguous tensor in its dtype."""
+    return torch.empty(target.shape, dtype=target.dtype, device=target.device)
+
+
 def grad_buffer(logits: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Where a backward kernel writes the gradient of 2-D ``logits``: a new
     contiguous tensor, or ``out``, which may be the contiguous logits themselves
@@ -144,7 +178,8 @@ def grad_buffer(logits: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 
 class RowKernels(Protocol):
-    """The two functions every backend implements (see the module docstring).
+    """The functions every backend implements (see the module docstring): class
+    indices (forward, backward) and probability targets (soft_forward, soft_backward).
 
     Shapes: ``logits`` (N, K), unit column stride, any row stride >= 0 (an
     expanded row has stride 0); ``target`` (N,) int64, contiguous; the class
@@ -165,3 +200,20 @@ class RowKernels(Protocol):
         their dtype, from one read of them and one write, with ``p = exp((zc − m) − log_s)``
         from the forward's ``m`` and ``log_s``: into ``out`` when given
         (:func:`grad_buffer`; it may be the logits), else into a new tensor."""
+
+    def soft_forward(self, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                     opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-row ``(loss, m, log_s, A)`` of probability targets (the module
+        docstring's formulas), each (N,) in the accumulation dtype, from one read
+        of the logits and of the target. ``target`` (N, K) of any float dtype,
+        unit column stride (:func:`check_soft_rows`); ``weight`` (K,) in the
+        accumulation dtype or None; ``opts.ignore_index`` is not used."""
+
+    def soft_backward(self, grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+                      weight: Optional[Tensor], opts: RowOptions, m: Tensor, log_s: Tensor, mass: Tensor,
+                      out: Optional[Tensor] = None, target_grad: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(∂/∂logits, ∂/∂target or None)`` of ``Σ g·loss + Σ h·(m + log_s)``,
+        in the logits' (target's) dtype, from one read of the logits and the
+        target and one write of each gradient; the logits' gradient into ``out``
+        when given (:func:`grad_buffer`), the target's (``target_grad``) into a
+        new contiguous tensor."""

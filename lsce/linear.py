@@ -319,6 +319,10 @@ def _reduced_backward(ctx, grad_out, *_):
 
 
 _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
+# Shared with lsce.linear_soft's probability-target ops, whose reduced op has
+# the same 13 inputs and 5 outputs.
+REDUCED_AUTOGRAD = dict(backward=_reduced_backward, setup_context=_reduced_setup_context)
+fake_grads = _fake_grads
 
 
 def _rows_setup_context(ctx, inputs, output):
@@ -375,6 +379,11 @@ def check_linear_arguments(input, linear_weight, target, linear_bias) -> Tuple[i
             raise ValueError(f"lsce: linear_bias must have shape ({K},) (one value per class), "
                              f"got {tuple(linear_bias.shape)}")
         _check_like_input("linear_bias", linear_bias, input)
+    if isinstance(target, Tensor) and target.is_floating_point():  # probabilities: one per class (lsce.linear_soft)
+        checks.check_soft_logits(input.new_empty(input.shape[:-1] + (K,), device="meta"), target.to("meta"))
+        if target.device != input.device:
+            raise checks.SoftTargetError(f"lsce: target is on {target.device} but input is on {input.device}")
+        return K, H
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(
             f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
@@ -407,7 +416,8 @@ def linear_cross_entropy(
     Args:
         input: hidden states ``(N, H)``, ``(B, T, H)`` (any leading shape) or ``(H,)``.
         linear_weight: ``(K, H)``, as ``nn.Linear.weight``; same dtype and device as input.
-        target: class indices of shape ``input.shape[:-1]``.
+        target: class indices of shape ``input.shape[:-1]``, or class probabilities
+            of shape ``input.shape[:-1] + (K,)`` (a float tensor; lsce/linear_soft.py).
         linear_bias: optional ``(K,)``.
         weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
             smoothing_prior, out_dtype: as in :func:`lsce.cross_entropy` (``ignore_index=None``
@@ -431,6 +441,14 @@ def linear_cross_entropy(
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     checks.check_out_dtype(out_dtype)
+    if target.is_floating_point():
+        from .linear_soft import linear_soft_cross_entropy
+
+        checks.check_soft_options(ignore_index, smoothing_prior)
+        N = target.numel() // K
+        chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
+        return linear_soft_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                         label_smoothing, z_loss, softcap, chunk, out_dtype)
     N = target.numel()
     acc = acc_dtype(input.dtype)
     x = input.reshape(-1, H)

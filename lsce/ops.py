@@ -148,3 +148,108 @@ def fusable(logits: Tensor, backend: str) -> bool:
         and not torch.compiler.is_compiling()
         and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
     )
+
+
+# ---------------------------------------------------------------------------
+# Probability (soft) targets: the same structure, the kernels' soft_forward /
+# soft_backward (lsce/interface.py), and a gradient for the target too.
+
+def _soft_prepare(logits, target, weight, eps, z_loss, softcap):
+    """The soft kernels' arguments: rows and target with unit column stride (no
+    copy when they already are), the weight in the accumulation dtype, the options."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if target.stride(1) != 1:
+        target = target.contiguous()
+    w = None if weight is None else weight.to(acc_dtype(logits.dtype)).contiguous()
+    return logits, target, w, RowOptions(-100, eps, z_loss, softcap)
+
+
+@torch.library.custom_op("lsce::soft_cross_entropy_forward", mutates_args=())
+def soft_cross_entropy_forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float, z_loss: float, softcap: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, stats)`` of 2-D logits and a probability target of
+    their shape; ``stats`` (3, N) holds ``m``, ``log_s`` and ``A`` for the
+    backward and is not differentiable. Formulas: lsce/interface.py."""
+    kernels = row_kernels(backend, logits.device)
+    loss, m, log_s, mass = kernels.soft_forward(*_soft_prepare(logits, target, weight, label_smoothing, z_loss,
+                                                               softcap))
+    return loss, m + log_s, torch.stack((m, log_s, mass))
+
+
+@soft_cross_entropy_forward.register_fake
+def _(logits, target, weight, label_smoothing, z_loss, softcap, backend):
+    acc = acc_dtype(logits.dtype)
+    N = logits.shape[0]
+    return logits.new_empty((N,), dtype=acc), logits.new_empty((N,), dtype=acc), logits.new_empty((3, N), dtype=acc)
+
+
+@torch.library.custom_op("lsce::soft_cross_entropy_backward", mutates_args=())
+def soft_cross_entropy_backward(
+    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, weight: Optional[Tensor],
+    stats: Tensor, label_smoothing: float, z_loss: float, softcap: float, backend: str, target_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of Σ grad_loss·loss + Σ grad_lse·lse with respect to the logits
+    and, when ``target_grad``, the target (else an empty tensor), in one pass."""
+    kernels = row_kernels(backend, logits.device)
+    prepared = _soft_prepare(logits, target, weight, label_smoothing, z_loss, softcap)
+    stats = stats.contiguous()
+    grad, grad_t = kernels.soft_backward(grad_loss, grad_lse, *prepared, stats[0], stats[1], stats[2],
+                                         target_grad=target_grad)
+    return grad, grad_t if grad_t is not None else target.new_empty(0)
+
+
+@soft_cross_entropy_backward.register_fake
+def _(grad_loss, grad_lse, logits, target, weight, stats, label_smoothing, z_loss, softcap, backend, target_grad):
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return grad, torch.empty(target.shape if target_grad else (0,), dtype=target.dtype, device=target.device)
+
+
+def _soft_setup_context(ctx, inputs, output):
+    logits, target, weight, *options = inputs
+    ctx.save_for_backward(logits, target, weight, output[2])
+    ctx.options = options
+
+
+def _soft_backward(ctx, grad_loss, grad_lse, grad_stats):
+    logits, target, weight, stats = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(stats[0])
+    target_grad = ctx.needs_input_grad[1]
+    grad, grad_t = torch.ops.lsce.soft_cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, stats,
+                                                              *ctx.options, target_grad)
+    return grad, grad_t if target_grad else None, None, None, None, None, None
+
+
+soft_cross_entropy_forward.register_autograd(_soft_backward, setup_context=_soft_setup_context)
+
+
+class FusedSoftStep(torch.autograd.Function):
+    """FusedStep for probability targets (same rules): the forward kernel also
+    writes the logits' gradient for the upstream ``expected`` (1/rows for
+    mean, 1 for sum). Used only when the target needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, eps, z_loss, softcap, expected):
+        logits, target, ctx.weight, ctx.opts = _soft_prepare(logits, target, weight, eps, z_loss, softcap)
+        ctx.grad = cache.empty(logits.shape, logits.dtype)
+        loss, m, log_s, mass = cpu.soft_forward(logits, target, ctx.weight, ctx.opts, ctx.grad, expected)
+        ctx.save_for_backward(logits, target, m, log_s, mass, expected)
+        ctx.set_materialize_grads(False)
+        return loss, m + log_s
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        logits, target, m, log_s, mass, expected = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
+        fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
+        if grad is None:
+            grad = cache.empty(logits.shape, logits.dtype)
+            if fused:
+                cpu.soft_forward(logits, target, ctx.weight, ctx.opts, grad, expected)
+        if not fused:
+            grad_loss = torch.zeros_like(m) if grad_loss is None else grad_loss
+            cpu.soft_backward(grad_loss, grad_lse, logits, target, ctx.weight, ctx.opts, m, log_s, mass, out=grad)
+        return grad, None, None, None, None, None, None

@@ -28,7 +28,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .interface import Coefficients, RowOptions, acc_dtype, check_rows, coefficients, grad_buffer
+from .interface import (Coefficients, RowOptions, acc_dtype, check_rows, check_soft_rows, coefficients, grad_buffer,
+                        soft_target_grad_buffer)
 
 # Rows per chunk in rows_forward/rows_backward: bounds the fp32 temporaries to
 # about 2 × _CHUNK_ELEMS elements whatever N is.
@@ -72,6 +73,9 @@ def cross_entropy(
     for fp64 input) and returns the loss in the input's dtype; ``lse`` (when
     ``return_lse``) has the target's shape and the accumulation dtype.
     """
+    if target.is_floating_point():
+        return soft_cross_entropy(input, target, weight, reduction, label_smoothing, z_loss=z_loss, softcap=softcap,
+                                  return_lse=return_lse)
     eps = float(label_smoothing)
     dtype = input.dtype
     acc = acc_dtype(dtype)
@@ -106,6 +110,42 @@ def cross_entropy(
     else:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     loss = loss.to(dtype)
+    return (loss, lse.reshape(out_shape)) if return_lse else loss
+
+
+def soft_cross_entropy(input, target, weight=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                       z_loss: float = 0.0, softcap=None, return_lse: bool = False):
+    """Cross-entropy with class-probability targets (``target`` of ``input``'s
+    shape), PyTorch's semantics in plain autograd ops, differentiable in both.
+
+    Per row: ``−Σ_k w_k·((1 − ε)·t_k + ε/K)·logp_k + λ·lse²``; ``mean`` divides
+    by the number of rows (the weights do not enter the denominator), and
+    there is no ignore_index. Computed in the accumulation dtype of the
+    logits; returned in ``promote_types(input, target)``, as PyTorch does.
+    """
+    eps = float(label_smoothing)
+    acc = acc_dtype(input.dtype)
+    K = input.shape[0] if input.dim() == 1 else input.shape[1]
+    z = input.unsqueeze(0) if input.dim() == 1 else input.movedim(1, -1)
+    t = target.unsqueeze(0) if target.dim() == 1 else target.movedim(1, -1)
+    out_shape = z.shape[:-1] if input.dim() > 1 else ()
+    z = _capped(z.reshape(-1, K).to(acc), softcap)
+    t = t.reshape(-1, K).to(acc)
+    lse = _lse(z)
+    # PyTorch's own log_softmax: a row holding +inf is NaN in value and gradient, as in F.cross_entropy.
+    logp = torch.log_softmax(z, 1)
+    tt = (1 - eps) * t + eps / K if eps else t
+    a = tt if weight is None else tt * weight.to(acc)
+    rows = -(a * logp).sum(1) + (z_loss * lse * lse if z_loss else 0.0)
+    if reduction == "none":
+        loss = rows.reshape(out_shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    elif reduction == "mean":
+        loss = rows.sum() / rows.shape[0] if rows.shape[0] else rows.sum() * float("nan")
+    else:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    loss = loss.to(torch.promote_types(input.dtype, target.dtype))
     return (loss, lse.reshape(out_shape)) if return_lse else loss
 
 
@@ -178,5 +218,69 @@ def rows_backward(grad_loss, grad_lse, logits, target, coef: Coefficients, opts:
     return grad
 
 
+def _soft_terms(logits, target, weight, opts):
+    """Capped acc logits, a_k = w_k·((1 − ε)·t_k + ε/K), the row max m and log_s of rows of probability targets."""
+    acc = acc_dtype(logits.dtype)
+    zc = _capped(logits.to(acc), opts.softcap)
+    eps, K = opts.label_smoothing, logits.shape[1]
+    a = (1 - eps) * target.to(acc) + eps / K
+    if weight is not None:
+        a = a * weight
+    m = zc.amax(1) if K else zc.new_zeros(zc.shape[0])
+    shift = torch.where(m == float("-inf"), 0, m)  # a row of −inf only: exp(−inf − 0) = 0, no NaN from −inf − (−inf)
+    log_s = torch.log(torch.exp(zc - shift[:, None]).sum(1))
+    return zc, a, m, log_s, shift
+
+
+def rows_soft_forward(logits, target, weight, opts: RowOptions):
+    """Per-row ``(loss, m, log_s, A)`` of probability targets (lsce.interface.RowKernels.soft_forward)."""
+    check_soft_rows(logits, target)
+    N, K = logits.shape
+    acc = acc_dtype(logits.dtype)
+    out = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(4)]
+    step = max(1, _CHUNK_ELEMS // max(K, 1))
+    for s in range(0, N, step):
+        zc, a, m, log_s, shift = _soft_terms(logits[s : s + step], target[s : s + step], weight, opts)
+        mass = a.sum(1)
+        # Σ a·(m − zc) + A·log_s: each term >= 0 for a target >= 0, none of them an absolute lse.
+        loss = (a * (shift[:, None] - zc)).sum(1) + mass * (log_s + (m - shift))
+        if opts.z_loss:
+            loss = loss + opts.z_loss * (m + log_s) ** 2
+        for o, v in zip(out, (loss, m, log_s, mass)):
+            o[s : s + step] = v
+    return tuple(out)
+
+
+def rows_soft_backward(grad_loss, grad_lse, logits, target, weight, opts: RowOptions, m, log_s, mass, out=None,
+                       target_grad: bool = False):
+    """``(∂/∂logits, ∂/∂target or None)`` of probability targets (lsce.interface.RowKernels.soft_backward)."""
+    check_soft_rows(logits, target)
+    N, K = logits.shape
+    acc = acc_dtype(logits.dtype)
+    grad = grad_buffer(logits, out)
+    grad_t = soft_target_grad_buffer(target) if target_grad else None
+    eps = opts.label_smoothing
+    step = max(1, _CHUNK_ELEMS // max(K, 1))
+    for s in range(0, N, step):
+        e = s + step
+        zc, a, _, _, _ = _soft_terms(logits[s:e], target[s:e], weight, opts)
+        g = grad_loss[s:e].to(acc)
+        mi, li = m[s:e, None], log_s[s:e, None]
+        cp = g * mass[s:e]
+        if opts.z_loss:
+            cp = cp + 2 * opts.z_loss * g * (m[s:e] + log_s[s:e])
+        if grad_lse is not None:
+            cp = cp + grad_lse[s:e].to(acc)
+        d = cp[:, None] * torch.exp((zc - mi) - li) - g[:, None] * a
+        if opts.softcap:
+            d *= 1 - (zc / opts.softcap) ** 2
+        if grad_t is not None:
+            w = 1 if weight is None else weight
+            grad_t[s:e] = (g[:, None] * (1 - eps) * w) * ((mi - zc) + li)
+        grad[s:e] = d  # complete before this store: grad may be the logits
+    return grad, grad_t
+
+
 # The reference backend of the per-row kernel interface.
-ROWS = SimpleNamespace(forward=rows_forward, backward=rows_backward)
+ROWS = SimpleNamespace(forward=rows_forward, backward=rows_backward, soft_forward=rows_soft_forward,
+                       soft_backward=rows_soft_backward)

@@ -316,6 +316,7 @@ def assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch):
 
     monkeypatch.setattr(lsce.ops, "row_kernels", refuse)
     monkeypatch.setattr(lsce.cpu, "forward", refuse)  # the fused CPU step calls it directly
+    monkeypatch.setattr(lsce.cpu, "soft_forward", refuse)  # and the probability-target one this
     before = _snapshot(kwargs)
     with pytest.raises(exc, match=text) as info:
         call(**kwargs)

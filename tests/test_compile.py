@@ -94,3 +94,50 @@ def test_compile_dynamic_shapes(entry, options):
             x = x[:, :H].contiguous()
         # (No W.grad for cross_entropy, which does not use W.)
         assert_compiled_matches_eager(step, compiled, (x, t, head), leaves=(0, 2))
+
+
+# ---------------------------------------------------------------- probability targets
+
+
+@pytest.mark.parametrize("options", [(), ("weight", "z_loss", "softcap")], ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_opcheck(options, dtype):
+    """lsce::soft_cross_entropy_forward / _backward under torch.library.opcheck
+    (schema, fake impls, autograd registration), with and without the target's gradient."""
+    logits, _ = make_problem((6, 11), dtype)
+    target = torch.softmax(torch.randn(6, 11), 1).to(dtype)
+    opts = make_options(11, options)
+    w = opts.get("weight")
+    w = None if w is None else w.float()
+    args = (logits, target, w, 0.1, opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto")
+    torch.library.opcheck(torch.ops.lsce.soft_cross_entropy_forward, args)
+    loss, lse, stats = torch.ops.lsce.soft_cross_entropy_forward(*args)
+    for target_grad in (False, True):
+        bargs = (torch.rand_like(loss), torch.rand_like(lse), logits, target, w, stats, 0.1,
+                 opts.get("z_loss", 0.0), opts.get("softcap", 0.0), "auto", target_grad)
+        torch.library.opcheck(torch.ops.lsce.soft_cross_entropy_backward, bargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("entry", ["cross_entropy", "linear_cross_entropy"])
+def test_soft_compile_fullgraph_matches_eager(reduction, entry):
+    """Probability targets under torch.compile(fullgraph=True): one opaque op, the
+    same loss and gradients as eager (the logits' and the target's for cross_entropy)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    if entry == "cross_entropy":
+        z = torch.randn(3, 4, 9, generator=g)
+        t = torch.softmax(torch.randn(3, 4, 9, generator=g), 1)
+
+        def step(z, t):
+            return lsce.cross_entropy(z, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3).sum() * 2.0
+
+        assert_compiled_matches_eager(step, torch.compile(step, fullgraph=True), (z, t), leaves=(0, 1))
+    else:
+        x, W = torch.randn(5, 6, generator=g), torch.randn(9, 6, generator=g)
+        t = torch.softmax(torch.randn(5, 9, generator=g), 1)
+
+        def step(x, W, t):
+            return lsce.linear_cross_entropy(x, W, t, reduction=reduction, label_smoothing=0.1).sum() * 2.0
+
+        assert_compiled_matches_eager(step, torch.compile(step, fullgraph=True), (x, W, t), leaves=(0, 1))

@@ -563,3 +563,235 @@ def test_public_api(backend, reduction, options):
     ref_loss, ref_grad = loss_and_grad(lsce.cross_entropy, logits, target, up, backend="torch", **kw)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- probability targets (soft_forward / soft_backward)
+
+SOFT_OPTION_SETS = [
+    dict(),
+    dict(eps=0.1),
+    dict(eps=0.2, weight=True),
+    dict(z_loss=1e-2, softcap=5.0),
+    dict(eps=1.0, weight=True, z_loss=1e-3, softcap=3.0),
+]
+SOFT_SHAPES = [(1, 1), (3, 3), (7, 50), (5, 1000), (2, 5000), (3, 9000)]
+SOFT_GRID = [(o, SOFT_SHAPES[(i + j) % len(SOFT_SHAPES)]) for i, o in enumerate(SOFT_OPTION_SETS) for j in (0, 2, 4)]
+SOFT_IDS = [f"{'-'.join(f'{k}={v}' for k, v in o.items()) or 'plain'}-{s[0]}x{s[1]}" for o, s in SOFT_GRID]
+
+
+def make_soft_case(N, K, dtype, target_dtype, device, *, eps=0.0, weight=False, z_loss=0.0, softcap=0.0, seed=0,
+                   scale=3.0, target="prob"):
+    """Random logits (N, K) and a probability target (rows summing to 1, some
+    classes 0; or ``target="any"``: values of any sign and sum) of its own dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, K, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if target == "prob":
+        t = torch.softmax(torch.randn(N, K, generator=gen, dtype=torch.float64) * 2, 1)
+        t[:, ::5] = 0.0
+    else:
+        t = torch.randn(N, K, generator=gen, dtype=torch.float64) * 2
+    w = (torch.rand(K, generator=gen, dtype=torch.float64) * 1.5 + 0.25) if weight else None
+    acc = interface.acc_dtype(dtype)
+    opts = RowOptions(-100, float(eps), float(z_loss), float(softcap))
+    return x.to(device), t.to(target_dtype).to(device), None if w is None else w.to(acc).to(device), opts
+
+
+def soft_check_all(backend, x, t, w, opts, seed=1):
+    """soft_forward against the fp64 reference on the same rounded inputs, then
+    soft_backward (with and without the lse upstream and the target gradient, and
+    an expanded scalar upstream) against the fp64 reference's gradients."""
+    dtype = x.dtype
+    kernels = backend.kernels
+    w64 = None if w is None else w.double()
+    loss, m, log_s, mass = kernels.soft_forward(x, t, w, opts)
+    ref = reference.rows_soft_forward(x.double(), t.double(), w64, opts)
+    for name, got, want in zip(("loss", "m", "log_s", "mass"), (loss, m, log_s, mass), ref):
+        assert_rows_close(got, want, dtype, name)
+    N = x.shape[0]
+    acc = _acc_of(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(N, generator=gen).to(acc).to(x.device)
+    h = torch.randn(N, generator=gen).to(acc).to(x.device)
+    scalar = torch.tensor(0.37, dtype=acc, device=x.device).expand(N)
+    for gl, gh, tg in ((g, h, True), (g, None, False), (scalar, scalar, True)):
+        grad, grad_t = kernels.soft_backward(gl, gh, x, t, w, opts, m, log_s, mass, target_grad=tg)
+        rgrad, rgrad_t = reference.rows_soft_backward(gl.double(), None if gh is None else gh.double(), x.double(),
+                                                      t.double(), w64, opts, *ref[1:], target_grad=True)
+        magnitude = (gl.abs().max().item() * (1.0 if w is None else max(1.0, w.abs().max().item()))
+                     * max(1.0, t.double().abs().max().item()) + (0.0 if gh is None else gh.abs().max().item())
+                     if N else 0.0)
+        assert_grad_close(grad, rgrad, dtype, magnitude)
+        if tg:
+            assert grad_t.dtype == t.dtype and grad_t.shape == t.shape
+            # Computed in the logits' accumulation dtype: an fp64 target of fp32 logits gets fp32's precision.
+            tdt = torch.float32 if t.dtype == torch.float64 and dtype != torch.float64 else t.dtype
+            rt = rgrad_t.to(tdt).double() if tdt != torch.float64 else rgrad_t
+            assert_grad_close(grad_t.to(tdt), rt, tdt, None)
+        else:
+            assert grad_t is None
+    return loss, m, log_s, mass
+
+
+def _acc_of(dtype):
+    return interface.acc_dtype(dtype)
+
+
+@over_dtypes
+@pytest.mark.parametrize("opts,shape", SOFT_GRID, ids=SOFT_IDS)
+@over_backends
+def test_soft_matches_reference(backend, opts, shape, dtype):
+    x, t, w, o = make_soft_case(*shape, dtype, dtype, backend.device, **opts)
+    soft_check_all(backend, x, t, w, o)
+
+
+@pytest.mark.parametrize("dtype,target_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                                (torch.float16, torch.bfloat16), (torch.float64, torch.float16)],
+                         ids=_id)
+@over_backends
+def test_soft_mixed_dtypes_and_any_target(backend, dtype, target_dtype):
+    """The target in another dtype than the logits (PyTorch accepts it), with
+    values of any sign and row sum."""
+    x, t, w, o = make_soft_case(4, 300, dtype, target_dtype, backend.device, eps=0.1, weight=True, target="any")
+    soft_check_all(backend, x, t, w, o)
+
+
+@over_dtypes
+@over_backends
+def test_soft_strided_rows_overwrite_and_no_mutation(backend, dtype):
+    """Rows of logits and target with padding (row strides > K) are read as such
+    and never written; a logits' gradient written over the logits is bitwise the
+    one written into a new tensor."""
+    N, K = 5, 700
+    x, t, w, o = make_soft_case(N, K, dtype, dtype, backend.device, eps=0.1, weight=True, softcap=4.0)
+    wx = torch.zeros(N, K + 9, dtype=dtype, device=backend.device)
+    wt = torch.zeros(N, K + 3, dtype=dtype, device=backend.device)
+    wx[:, :K], wt[:, :K] = x, t
+    before = (wx.clone(), wt.clone())
+    xs, ts = wx[:, :K], wt[:, :K]
+    soft_check_all(backend, xs, ts, w, o)
+    assert torch.equal(wx, before[0]) and torch.equal(wt, before[1]), "the kernels modified their input"
+    loss, m, log_s, mass = backend.kernels.soft_forward(x, t, w, o)
+    g = torch.rand(N, dtype=_acc_of(dtype), device=backend.device)
+    expected, _ = backend.kernels.soft_backward(g, None, x, t, w, o, m, log_s, mass)
+    buffer = x.clone()
+    got, _ = backend.kernels.soft_backward(g, None, buffer, t, w, o, m, log_s, mass, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, expected)
+
+
+@over_dtypes
+@over_backends
+def test_soft_nonfinite_rows(backend, dtype):
+    """Row 0: −inf logits where the target is 0 but smoothing gives them mass (loss
+    +inf, as PyTorch); row 1: a NaN logit (NaN loss); row 2: only −inf (NaN loss,
+    m = log_s = −inf); row 3: −inf where the target is positive (+inf);
+    row 4: finite. Loss and m/log_s against the fp64 reference."""
+    N, K = 5, 64
+    x, t, w, o = make_soft_case(N, K, dtype, dtype, backend.device, eps=0.1)
+    x[0, 1::2] = float("-inf")
+    t[0, 1::2] = 0.0
+    x[1, 7] = float("nan")
+    x[2] = float("-inf")
+    x[3, :5] = float("-inf")
+    loss, m, log_s, mass = backend.kernels.soft_forward(x, t, w, o)
+    ref = reference.rows_soft_forward(x.double(), t.double(), w, o)
+    assert torch.isposinf(loss[0]) and torch.isposinf(ref[0][0])
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and torch.isposinf(loss[3])
+    assert torch.isneginf(m[2]) and torch.isneginf(log_s[2])
+    assert torch.isfinite(loss[4]) and torch.isfinite(m[[0, 3, 4]]).all()
+    assert_rows_close(loss[[0, 3, 4]], ref[0][[0, 3, 4]], dtype, "loss")
+    assert_rows_close(m[[0, 3, 4]] + log_s[[0, 3, 4]], (ref[1] + ref[2])[[0, 3, 4]], dtype, "lse")
+    g = torch.ones(N, dtype=_acc_of(dtype), device=backend.device)
+    grad, _ = backend.kernels.soft_backward(g, None, x, t, w, o, m, log_s, mass)
+    assert torch.isfinite(grad[[0, 3, 4]]).all() and torch.isnan(grad[1]).all()
+
+
+@over_dtypes
+@over_backends
+def test_soft_empty_batch(backend, dtype):
+    x, t, w, o = make_soft_case(0, 7, dtype, dtype, backend.device, eps=0.1)
+    out = backend.kernels.soft_forward(x, t, w, o)
+    assert all(v.shape == (0,) and v.dtype == _acc_of(dtype) for v in out)
+    g = torch.empty(0, dtype=_acc_of(dtype), device=backend.device)
+    grad, grad_t = backend.kernels.soft_backward(g, None, x, t, w, o, *out[1:], target_grad=True)
+    assert grad.shape == x.shape and grad_t.shape == t.shape and grad_t.dtype == t.dtype
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@over_backends
+def test_soft_large_offsets_relative_to_the_row_max(backend, offset):
+    """fp32 rows of randn + c: loss and gradient as exact as at c = 0 (no absolute lse
+    anywhere): the gradient rows sum to 0 within fp32 rounding of p, the losses
+    within fp32 rounding of the row's terms."""
+    x, t, w, o = make_soft_case(6, 500, torch.float32, torch.float32, backend.device, scale=1.0)
+    x = x + offset
+    loss, m, log_s, mass = backend.kernels.soft_forward(x, t, w, o)
+    ref = reference.rows_soft_forward(x.double(), t.double(), None, o)
+    torch.testing.assert_close(loss.double(), ref[0], rtol=1e-6, atol=1e-6)
+    g = torch.ones(6, device=backend.device)
+    grad, _ = backend.kernels.soft_backward(g, None, x, t, w, o, m, log_s, mass)
+    assert grad.double().sum(1).abs().max().item() < 1e-6
+
+
+def soft_interface_formula(x, t, w, opts, g, h):
+    """The soft rows of lsce/interface.py's docstring in fp64: loss term by term
+    and its gradients for the logits and the target by autograd, checked against
+    the docstring's closed forms."""
+    z = x.double().detach().requires_grad_(True)
+    tt = t.double().detach().requires_grad_(True)
+    eps, lam, cap = opts.label_smoothing, opts.z_loss, opts.softcap
+    K = z.shape[1]
+    zc = cap * torch.tanh(z / cap) if cap else z
+    m = zc.max(1).values
+    log_s = torch.log(torch.exp(zc - m[:, None]).sum(1))
+    w64 = torch.ones(K, dtype=torch.float64) if w is None else w.double()
+    a = w64 * ((1 - eps) * tt + eps / K)
+    A = a.sum(1)
+    loss = (a * (m[:, None] - zc)).sum(1) + A * log_s + lam * (m + log_s) ** 2
+    gz, gt = torch.autograd.grad((g * loss).sum() + (h * (m + log_s)).sum(), (z, tt))
+    with torch.no_grad():
+        p = torch.exp((zc - m[:, None]) - log_s[:, None])
+        d = (g * (A + 2 * lam * (m + log_s)) + h)[:, None] * p - g[:, None] * a
+        if cap:
+            d = d * (1 - (zc / cap) ** 2)
+        dt = (g[:, None] * (1 - eps) * w64) * ((m[:, None] - zc) + log_s[:, None])
+    torch.testing.assert_close(d, gz, rtol=1e-10, atol=1e-12, msg=lambda s: f"the docstring's logits gradient: {s}")
+    torch.testing.assert_close(dt, gt, rtol=1e-10, atol=1e-12, msg=lambda s: f"the docstring's target gradient: {s}")
+    return loss.detach(), m.detach(), log_s.detach(), A.detach(), d, dt
+
+
+@pytest.mark.parametrize("opts", SOFT_OPTION_SETS, ids=[i.rsplit("-", 1)[0] for i in SOFT_IDS[::3]])
+def test_soft_reference_is_the_interface_formula(opts):
+    """lsce.reference's soft rows (what the backends are compared with) against the
+    interface's formulas, and against PyTorch's F.cross_entropy with probability targets."""
+    for shape in [(7, 50), (3, 3)]:
+        x, t, w, o = make_soft_case(*shape, torch.float64, torch.float64, "cpu", target="any", **opts)
+        g, h = torch.randn(2, shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        want = soft_interface_formula(x, t, w, o, g, h)
+        fwd = reference.rows_soft_forward(x, t, w, o)
+        got = (*fwd, *reference.rows_soft_backward(g, h, x, t, w, o, *fwd[1:], target_grad=True))
+        for name, a, b in zip(("loss", "m", "log_s", "A", "grad", "target grad"), got, want):
+            assert_close_to_truth(a, b, torch.float64, what=f"{shape} {name}")
+        if not o.z_loss and not o.softcap:
+            pt = torch.nn.functional.cross_entropy(x, t, weight=w, label_smoothing=o.label_smoothing,
+                                                   reduction="none")
+            assert_close_to_truth(fwd[0], pt, torch.float64, what=f"{shape} against F.cross_entropy")
+
+
+@over_dtypes
+@pytest.mark.parametrize("opts", [dict(), dict(eps=0.1, weight=True, z_loss=1e-3, softcap=4.0)],
+                         ids=["plain", "all-options"])
+@over_backends
+def test_soft_many_blocks(backend, opts, dtype, monkeypatch):
+    """Several loop blocks per row, the last ragged: Triton's blocks of 16/32
+    elements (_BLOCK_BYTES = 64), the C++ kernel's 4096-element blocks, the
+    reference's row chunks."""
+    N, K = (3, 1000) if backend.name != "cpu" else (3, 9000)
+    if backend.name == "triton":
+        monkeypatch.setattr(importlib.import_module("lsce.triton_kernels.cross_entropy"), "_BLOCK_BYTES", 64)
+    elif backend.name == "torch":
+        monkeypatch.setattr(reference, "_CHUNK_ELEMS", 2 * K)
+    x, t, w, o = make_soft_case(N, K, dtype, dtype, backend.device, **opts)
+    # The row max in the last block and the first block's entries far below it:
+    # the running references must be re-based without losing the early terms.
+    x[:, -3] = 40.0
+    soft_check_all(backend, x, t, w, o)

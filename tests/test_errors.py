@@ -40,11 +40,21 @@ def _with(**changes):
     return kw
 
 
+def _soft(**changes):
+    """A valid probability-target call (no smoothing_prior), with ``changes``."""
+    g = torch.Generator().manual_seed(1)
+    kw = _with(target=torch.softmax(torch.randn(4, K, generator=g), 1), smoothing_prior=None)
+    kw.update(changes)
+    return kw
+
+
 BAD_CALLS = [
     # (id, keyword arguments, exception, text the message must contain)
     ("target out of range", _with(target=torch.tensor([0, 1, 5, 2])), IndexError, "target 5"),
     ("negative target", _with(target=torch.tensor([0, -1, 2, 2])), IndexError, "target -1"),
-    ("float target", _with(target=torch.rand(4)), TypeError, "class indices"),
+    # A floating-point target of another shape than the input is neither class indices nor
+    # probabilities: PyTorch raises a RuntimeError; lsce's error is a ValueError and a RuntimeError.
+    ("float target", _with(target=torch.rand(4)), RuntimeError, "class indices"),
     ("bool target", _with(target=torch.tensor([True, False, True, False])), TypeError, "target"),
     ("integer logits", _with(input=torch.ones(4, K, dtype=torch.int64)), TypeError, "input"),
     ("target shape", _with(target=torch.tensor([0, 1, 2])), ValueError, "target shape"),
@@ -97,8 +107,8 @@ BAD_CALLS = [
     ("3-D target out of range", _with(input=torch.randn(2, K, 3), target=torch.tensor([[0, 1, 2], [3, 4, 5]])),
      IndexError, "target 5"),
     ("1-D input, target out of range", _with(input=torch.randn(K), target=torch.tensor(K)), IndexError, "target"),
-    ("float target, 1-D input", _with(input=torch.randn(K), target=torch.tensor(1.0)), TypeError, "class indices"),
-    ("half target", _with(target=torch.zeros(4, dtype=torch.float16)), TypeError, "class indices"),
+    ("float target, 1-D input", _with(input=torch.randn(K), target=torch.tensor(1.0)), RuntimeError, "class indices"),
+    ("half target", _with(target=torch.zeros(4, dtype=torch.float16)), RuntimeError, "class indices"),
     ("complex target", _with(target=torch.zeros(4, dtype=torch.complex64)), TypeError, "target"),
     # label_smoothing
     ("eps inf", _with(label_smoothing=math.inf), ValueError, "label_smoothing"),
@@ -141,6 +151,29 @@ BAD_CALLS = [
     ("weight requires grad", _with(weight=torch.rand(K, requires_grad=True)), ValueError, "weight"),
     ("prior requires grad", _with(smoothing_prior=torch.full((K,), 0.2, requires_grad=True)), ValueError,
      "smoothing_prior"),
+    # probability (soft) targets: a float target of the input's shape
+    ("soft target shape (N, K+1)", _soft(target=torch.rand(4, K + 1)), RuntimeError, "input's shape"),
+    ("soft target (N, K, 1)", _soft(target=torch.rand(4, K, 1)), RuntimeError, "input's shape"),
+    ("soft target (K,) for (N, K)", _soft(target=torch.rand(K)), RuntimeError, "input's shape"),
+    ("soft (1, K) target, 1-D input", _soft(input=torch.randn(K), target=torch.rand(1, K)), RuntimeError,
+     "input's shape"),
+    ("soft 3-D target transposed", _soft(input=torch.randn(4, K, 3), target=torch.rand(4, 3, K)), RuntimeError,
+     "input's shape"),
+    ("soft ignore_index 0", _soft(ignore_index=0), RuntimeError, "ignore_index"),
+    ("soft ignore_index 7", _soft(ignore_index=7), RuntimeError, "ignore_index"),
+    ("soft ignore_index 1.5", _soft(ignore_index=1.5), TypeError, "ignore_index"),
+    ("soft smoothing_prior", _soft(smoothing_prior=torch.full((K,), 1.0 / K)), RuntimeError, "smoothing_prior"),
+    ("soft target on meta", _soft(target=torch.rand(4, K, device="meta")), RuntimeError, "target is on meta"),
+    ("soft integer logits", _soft(input=torch.ones(4, K, dtype=torch.int64)), TypeError, "input"),
+    ("soft weight length", _soft(weight=torch.rand(K + 1)), ValueError, "weight"),
+    ("soft weight requires grad", _soft(weight=torch.rand(K, requires_grad=True)), ValueError, "weight"),
+    ("soft eps above 1", _soft(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ("soft reduction", _soft(reduction="avg"), ValueError, "reduction"),
+    ("soft z_loss negative", _soft(z_loss=-1.0), ValueError, "z_loss"),
+    ("soft softcap zero", _soft(softcap=0.0), ValueError, "softcap"),
+    ("soft backend", _soft(backend="cuda"), ValueError, "backend"),
+    ("soft out_dtype integer", _soft(out_dtype=torch.int64), TypeError, "out_dtype"),
+    ("soft size_average", _soft(size_average=True), TypeError, "size_average"),
 ]
 
 MODULE_ARGS = ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing", "z_loss", "softcap",
@@ -176,8 +209,18 @@ def test_module_rejects_deprecated_arguments():
         lsce.CrossEntropyLoss(size_average=False)
 
 
-def test_valid_call_changes_nothing():
-    kw = _with(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+@pytest.mark.parametrize("ignore_index", [-100, -1, np.int64(-5)])
+def test_soft_negative_ignore_index_accepted_like_torch(ignore_index):
+    """PyTorch refuses only an ignore_index >= 0 with probability targets; a negative one is unused."""
+    x, t = torch.randn(4, K), torch.softmax(torch.randn(4, K), 1)
+    torch.testing.assert_close(lsce.cross_entropy(x, t, ignore_index=ignore_index),
+                               F.cross_entropy(x, t, ignore_index=int(ignore_index)))
+
+
+@pytest.mark.parametrize("base", [_with, _soft], ids=["index", "soft"])
+def test_valid_call_changes_nothing(base):
+    """The bad calls' bases (class indices; probability targets) are valid and change nothing."""
+    kw = base(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
     x = kw["input"].clone().requires_grad_(True)
     kw["input"] = x
     before = {k: v.detach().clone() for k, v in kw.items() if torch.is_tensor(v)}

@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 HARNESS = CSRC / "fuzz" / "fuzz_kernels.cpp"
+SOFT_HARNESS = CSRC / "fuzz" / "fuzz_soft.cpp"  # the probability-target kernels
 SEED = 20240611
 SECONDS = float(os.environ.get("LSCE_FUZZ_SECONDS", "40"))
 
@@ -50,7 +51,7 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def _build(tmp: Path) -> Path:
+def _build(tmp: Path, harness: Path = HARNESS) -> Path:
     cxx = _compiler()
     # The sanitizer runtimes first, on a trivial program, for a clear message.
     probe = tmp / "probe.cpp"
@@ -66,7 +67,7 @@ def _build(tmp: Path) -> Path:
     if r.returncode != 0:
         pytest.fail(f"a sanitized program does not run on this machine (rc {r.returncode}):\n{r.stderr[-3000:]}")
 
-    sources = [HARNESS, *sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
+    sources = [harness, *sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
     assert not any(s.name == "binding.cpp" for s in sources)
 
     def compile_one(src: Path):
@@ -78,7 +79,7 @@ def _build(tmp: Path) -> Path:
     for (obj, r), src in zip(results, sources):
         if r.returncode != 0:
             pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
-    exe = tmp / "fuzz_kernels"
+    exe = tmp / harness.stem
     r = _run([cxx, *FLAGS, *(str(o) for o, _ in results), "-o", str(exe)])
     if r.returncode != 0:
         pytest.fail(f"linking the fuzz harness failed:\n{r.stderr[-5000:]}")
@@ -98,3 +99,20 @@ def test_kernels_under_asan_and_ubsan(tmp_path):
         f"replay with: {exe.name} --seed {SEED} --case I (I from the 'case:' line)\n{out[-8000:]}"
     )
     assert "no failure" in r.stdout, out[-3000:]
+
+
+@pytest.mark.slow
+def test_soft_kernels_under_asan_and_ubsan(tmp_path):
+    """The probability-target kernels (lsce::soft_forward / soft_backward) under the
+    same sanitizers, with their own driver (see csrc/fuzz/fuzz_soft.cpp's header)."""
+    exe = _build(tmp_path, SOFT_HARNESS)
+    env = {**os.environ, **SANITIZER_ENV}
+    r = _run([str(exe), "--seed", str(SEED), "--seconds", str(SECONDS / 2)], env=env, timeout=SECONDS + 300)
+    out = r.stdout + r.stderr
+    sys.stdout.write(r.stdout)
+    report = [m for m in REPORT_MARKERS if m in out]
+    assert r.returncode == 0 and not report, (
+        f"fuzz_soft failed (rc {r.returncode}{', sanitizer report' if report else ''}); "
+        f"replay with: {exe.name} --seed {SEED} --case I\n{out[-8000:]}"
+    )
+    assert "no failure" in r.stdout and " 0 cases" not in r.stdout, out[-3000:]

@@ -147,3 +147,30 @@ def test_later_blocks_far_from_the_first(isa, dtype, options):
         else:
             _, s_grad = truth(logits, target, torch.ones(()).double(), reduction="sum", label_smoothing=0.1, **opts)
             assert_close_to_truth(grad, s_grad, dtype, what=f"{isa} fused grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(33, 300), (2, 9000), (5, 17)], ids=str)
+@pytest.mark.parametrize("options", [(), ("weight", "z_loss", "softcap")], ids="+".join)
+@pytest.mark.parametrize("fused", [False, True], ids=["op", "fused"])
+def test_each_isa_soft_targets_match_reference(isa, dtype, shape, options, fused):
+    """The probability-target kernels of each instruction set, through
+    lsce.cross_entropy: the registered op (reduction none, with the target's
+    gradient) or the fused step (reduction sum), against the fp64 reference."""
+    logits, _ = make_problem(shape, dtype)
+    target = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64), 1)
+    target = target.to(dtype)
+    opts = make_options(shape[1], options)
+    kw = dict(reduction="sum" if fused else "none", label_smoothing=0.1, **opts)
+    up = torch.tensor(1.0) if fused else torch.randn(shape[0], dtype=torch.float64)
+    x = logits.detach().requires_grad_(True)
+    t = target.detach().requires_grad_(not fused)
+    loss = lsce.cross_entropy(x, t, **kw)
+    grads = torch.autograd.grad((loss.double() * up).sum(), [x] + ([] if fused else [t]))
+    x64 = logits.double().requires_grad_(True)
+    t64 = target.double().requires_grad_(True)
+    t_loss = lsce.reference.cross_entropy(x64, t64, **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    t_grads = torch.autograd.grad((t_loss * up).sum(), [x64, t64])
+    assert_close_to_truth(loss, t_loss.detach(), dtype, what=f"{isa} soft loss")
+    for what, g, tg in zip(("grad", "target grad"), grads, t_grads):
+        assert_close_to_truth(g, tg, dtype, what=f"{isa} soft {what}", atol_frac=2e-6 if dtype != torch.float64 else None)

@@ -358,7 +358,7 @@ BAD_CALLS = [
     ("bias dtype", _bad(linear_bias=torch.randn(5, dtype=torch.float64)), TypeError, "linear_bias is"),
     ("bias type", _bad(linear_bias=3.0), TypeError, "linear_bias"),
     ("target shape", _bad(target=torch.tensor([0, 1, 2])), ValueError, "target shape"),
-    ("float target", _bad(target=torch.rand(4)), TypeError, "class indices"),
+    ("float target", _bad(target=torch.rand(4)), RuntimeError, "class probabilities"),  # as PyTorch: RuntimeError
     ("target out of range", _bad(target=torch.tensor([0, 1, 5, 2])), IndexError, "target 5"),
     ("class weight length", _bad(weight=torch.rand(6)), ValueError, "weight"),
     ("prior sum", _bad(smoothing_prior=torch.full((5,), 0.5)), ValueError, "smoothing_prior"),
@@ -375,3 +375,52 @@ BAD_CALLS = [
 @pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_and_changes_nothing(kwargs, exc, text, monkeypatch):
     assert_raises_and_changes_nothing(lsce.linear_cross_entropy, dict(kwargs), exc, text, monkeypatch)
+
+
+# ---------------------------------------------------------------- probability (soft) targets
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["plain", "smoothing+weight"])
+@pytest.mark.parametrize("rows", [7, None], ids=["2-D", "1-D"])
+def test_soft_targets_match_torch(dtype, reduction, options, rows):
+    """A probability target of shape input.shape[:-1] + (K,) through the chunk loop
+    (chunks of 3 rows) against F.linear_cross_entropy: loss and the gradients of
+    input, weight and bias."""
+    g = torch.Generator().manual_seed(11)
+    K, H = 9, 6
+    lead = (rows,) if rows else ()
+    x = torch.randn(*lead, H, generator=g, dtype=dtype)
+    W = torch.randn(K, H, generator=g, dtype=dtype)
+    b = torch.randn(K, generator=g, dtype=dtype)
+    t = torch.softmax(torch.randn(*lead, K, generator=g, dtype=dtype) * 2, -1)
+    kw = dict(reduction=reduction)
+    if options != "plain":
+        kw.update(label_smoothing=0.2, weight=torch.rand(K, generator=g, dtype=dtype) + 0.5)
+    up = torch.randn(lead if reduction == "none" else (), generator=g, dtype=dtype)
+    got, g_got = linear_loss_and_grads(lsce.linear_cross_entropy, x, W, b, t, up, chunk_size=3, **kw)
+    want, g_want = linear_loss_and_grads(F.linear_cross_entropy, x, W, b, t, up, **kw)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got, want, **tol)
+    for a, e in zip(g_got, g_want):
+        torch.testing.assert_close(a, e, **tol)
+
+
+def test_soft_targets_gradcheck_and_refusals():
+    """fp64 gradcheck of input, weight and bias with a soft target (sum and none);
+    the refusals: a target that requires grad, ignore_index >= 0, a wrong shape."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.softmax(torch.randn(5, 6, generator=g, dtype=torch.float64), -1)
+    for reduction in ("sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x, W, b: lsce.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, chunk_size=2,
+                                                      label_smoothing=0.1, z_loss=1e-2, softcap=3.0), (x, W, b))
+    with pytest.raises(RuntimeError, match="no gradient for a probability target"):
+        lsce.linear_cross_entropy(x, W, t.clone().requires_grad_(True))
+    with pytest.raises(RuntimeError, match="ignore_index"):
+        lsce.linear_cross_entropy(x, W, t, ignore_index=2)
+    with pytest.raises(RuntimeError, match="class probabilities"):
+        lsce.linear_cross_entropy(x, W, t[:, :5])

@@ -429,3 +429,220 @@ def test_reference_backend(p):
 def test_triton_interpreted_tiny(p):
     pytest.importorskip("triton")
     check(p, "triton")
+
+
+# ---------------------------------------------------------------- probability (soft) targets
+#
+# The same rules for a floating-point target of the logits' shape: against the
+# fp64 reference (reference.soft_cross_entropy) within a bound from the sizes
+# of the terms, against F.cross_entropy in fp64 (values, NaN and ±inf at the
+# same places) where it has the options, and one-hot soft targets against
+# class-index targets. The target rows sum to anything: probabilities, zeros,
+# values of any sign, one-hot.
+
+SOFT_TARGETS = ["prob", "zeros", "any", "onehot", "scaled"]
+
+
+@dataclass
+class SoftProblem:
+    values: torch.Tensor  # fp64 logits, already rounded to dtype
+    target: torch.Tensor  # fp64 target, already rounded to target_dtype
+    dtype: torch.dtype
+    target_dtype: torch.dtype
+    shape: tuple
+    kind: str
+    eps: float
+    weight: Optional[torch.Tensor]
+    reduction: str
+    z_loss: float
+    softcap: Optional[float]
+    nonfinite: bool
+    upstream: torch.Tensor = field(repr=False, default=None)
+
+    def kwargs(self):
+        kw = dict(reduction=self.reduction, label_smoothing=self.eps)
+        if self.weight is not None:
+            kw["weight"] = self.weight
+        if self.z_loss:
+            kw["z_loss"] = self.z_loss
+        if self.softcap:
+            kw["softcap"] = self.softcap
+        return kw
+
+
+@st.composite
+def soft_problems(draw, *, ks=(1, 2, 3, 7, 16, 17, 100, 4095, 4097, 9000), max_n=6, nonfinite=False):
+    dtype = draw(st.sampled_from(DTYPES))
+    target_dtype = draw(st.sampled_from([dtype, dtype, torch.float32, torch.float64, torch.bfloat16]))
+    K = draw(st.sampled_from(ks))
+    N = draw(st.integers(0, max_n if K < 4000 else 2))
+    layout = draw(st.sampled_from(["2d", "2d", "1d", "3d"]))
+    shape = (K,) if layout == "1d" else (N, K) if layout == "2d" else (N, K, 2)
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1.0, 3.0, 30.0]))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if draw(st.booleans()):
+        x = x + draw(st.sampled_from([-1e4, 1e3, 1e4]))
+    kind = draw(st.sampled_from(SOFT_TARGETS))
+    cdim = 0 if layout == "1d" else 1
+    if kind == "prob":
+        t = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64) * 2, cdim)
+    elif kind == "zeros":
+        t = torch.zeros(shape, dtype=torch.float64)
+    elif kind == "any":
+        t = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
+    elif kind == "onehot":
+        idx = torch.randint(0, K, (1,) + shape[1:] if layout != "1d" else (1,), generator=gen)
+        t = torch.zeros(shape, dtype=torch.float64)
+        t.scatter_(cdim, idx.expand(*((shape[0],) if layout != "1d" else ()), *idx.shape[1:])
+                   if layout != "1d" else idx, 1.0)
+    else:  # rows summing to 3.5
+        t = 3.5 * torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), cdim)
+    if nonfinite and x.numel():
+        flat = x.view(-1)
+        for _ in range(draw(st.integers(1, 3))):
+            i = draw(st.integers(0, flat.numel() - 1))
+            flat[i] = draw(st.sampled_from([float("-inf"), float("inf"), float("nan")]))
+    weight = None
+    if draw(st.booleans()):
+        weight = (torch.rand(K, generator=gen, dtype=torch.float64) * 2).to(dtype).double()
+    p = SoftProblem(
+        values=x.to(dtype).double(), target=t.to(target_dtype).double(), dtype=dtype, target_dtype=target_dtype,
+        shape=shape, kind=kind, eps=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])), weight=weight,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-3])), softcap=draw(st.sampled_from([None, None, 5.0])),
+        nonfinite=nonfinite,
+    )
+    out_shape = () if layout == "1d" else (shape[0],) + shape[2:]
+    p.upstream = torch.randn(out_shape if p.reduction == "none" else (), generator=gen, dtype=torch.float64)
+    event(f"soft {dtype} target {target_dtype} {kind} {layout}")
+    return p
+
+
+def _soft_call(p: SoftProblem, backend):
+    """lsce's loss and lse, and its gradients for logits and target, from the problem's dtypes."""
+    x = p.values.to(p.dtype).requires_grad_(True)
+    t = p.target.to(p.target_dtype).requires_grad_(True)
+    kw = p.kwargs()
+    if "weight" in kw:
+        kw["weight"] = kw["weight"].to(p.dtype)
+    loss, lse = lsce.cross_entropy(x, t, backend=backend, return_lse=True, **kw)
+    assert loss.dtype == torch.promote_types(p.dtype, p.target_dtype)
+    gx, gt = torch.autograd.grad((loss.double() * p.upstream).sum(), (x, t), allow_unused=True)
+    gx = torch.zeros_like(x) if gx is None else gx
+    gt = torch.zeros_like(t) if gt is None else gt
+    return loss, lse, gx, gt
+
+
+def _soft_truth(p: SoftProblem, fn):
+    x = p.values.clone().requires_grad_(True)
+    t = p.target.clone().requires_grad_(True)
+    loss = fn(x, t, **p.kwargs())
+    gx, gt = torch.autograd.grad((loss * p.upstream).sum(), (x, t), allow_unused=True)
+    return (loss.detach(), torch.zeros_like(x) if gx is None else gx, torch.zeros_like(t) if gt is None else gt)
+
+
+def _soft_bound(p: SoftProblem):
+    """Per element a bound of the fp32 (fp64) evaluation: the largest term size
+    T = Σ|a|·M (M = 1 + the largest |logit| and |lse|) times u·(64 + K/8), times
+    the upstream; plus one ulp of each output dtype (added by the caller)."""
+    u = ACC_U[p.dtype]
+    K = p.shape[0] if len(p.shape) == 1 else p.shape[1]
+    fin = p.values[torch.isfinite(p.values)]
+    M = 1.0 + (fin.abs().max().item() if fin.numel() else 0.0) + math.log(max(K, 1))
+    if p.softcap:
+        M = 1.0 + p.softcap + math.log(max(K, 1))
+    w = 1.0 if p.weight is None else max(1.0, p.weight.abs().max().item())
+    tmax = max(1.0, p.target.abs().max().item() if p.target.numel() else 0.0)
+    rows = max(1, p.values.numel() // max(K, 1))
+    T = w * (tmax * K + 1.0) * M * (1 + p.z_loss * M)
+    up = p.upstream.abs().max().item() if p.upstream.numel() else 0.0
+    per_row = u * (64 + K / 8) * T * 4
+    loss_tol = per_row * (rows if p.reduction == "sum" else 1)
+    grad_tol = u * (64 + K / 8) * w * tmax * M * 4 * max(up, 1.0) * (1.0 / rows if p.reduction == "mean" else 1)
+    return loss_tol * max(up, 1.0), grad_tol + u * 64 * w * M * max(up, 1.0)
+
+
+def _soft_close(actual, expected, tol, dtype, what):
+    a, e = actual.double(), expected.double()
+    assert_same_nonfinite(a, e.to(actual.dtype).double() if actual.dtype != torch.float64 else e, what)
+    fin = torch.isfinite(e) & torch.isfinite(a)
+    err = (a[fin] - e[fin]).abs()
+    # Two ulps of the stored dtype: the store's rounding (a truncation under the Triton
+    # interpreter) and the upstream gradient, which reaches the kernels rounded to the
+    # loss's dtype (bf16/fp16 for such targets and logits), as it reaches PyTorch's.
+    allowed = tol + 2 * ULP[dtype] * e[fin].abs() + (2.0 ** -133 if dtype == torch.bfloat16 else 0.0)
+    assert (err <= allowed).all(), f"{what}: error {err.max().item()} beyond the bound {tol}"
+
+
+def soft_check(p: SoftProblem, backend: str):
+    loss, lse, gx, gt = _soft_call(p, backend)
+    e_loss, e_gx, e_gt = _soft_truth(p, reference.soft_cross_entropy)
+    loss_tol, grad_tol = _soft_bound(p)
+    out_dtype = torch.promote_types(p.dtype, p.target_dtype)
+    _soft_close(loss, e_loss, loss_tol, out_dtype, "loss")
+    _soft_close(gx, e_gx, grad_tol, p.dtype, "logits grad")
+    _soft_close(gt, e_gt, grad_tol * (1 + p.values.abs()[torch.isfinite(p.values)].max().item()
+                                      if p.values.numel() and torch.isfinite(p.values).any() else 1.0),
+                p.target_dtype if p.target_dtype != torch.float64 or p.dtype == torch.float64 else torch.float32,
+                "target grad")
+    if not p.z_loss and not p.softcap:
+        # The contract agrees with PyTorch, NaN and ±inf at the same places.
+        f_loss, f_gx, f_gt = _soft_truth(p, F.cross_entropy)
+        assert_same_nonfinite(e_loss, f_loss, "reference loss vs F.cross_entropy")
+        assert_same_nonfinite(e_gx, f_gx, "reference grad vs F.cross_entropy")
+        assert_same_nonfinite(e_gt, f_gt, "reference target grad vs F.cross_entropy")
+        torch.testing.assert_close(e_loss, f_loss, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+@settings(max_examples=200, **COMMON)
+@given(p=soft_problems())
+def test_soft_cpp_matches_reference_and_torch(p):
+    soft_check(p, "cpu")
+
+
+@settings(max_examples=150, **COMMON)
+@given(p=soft_problems(nonfinite=True))
+def test_soft_nan_and_inf_propagate_like_torch(p):
+    soft_check(p, "cpu")
+
+
+@settings(max_examples=60, **COMMON)
+@given(p=soft_problems())
+def test_soft_reference_backend(p):
+    soft_check(p, "torch")
+
+
+@settings(max_examples=25, **COMMON)
+@given(p=soft_problems(ks=(1, 3, 16, 17, 40), max_n=3))
+def test_soft_triton_interpreted_tiny(p):
+    pytest.importorskip("triton")
+    soft_check(p, "triton")
+
+
+@settings(max_examples=100, **COMMON)
+@given(dtype=st.sampled_from(DTYPES), K=st.sampled_from([1, 5, 100, 5000]), N=st.integers(0, 6),
+       eps=st.sampled_from([0.0, 0.1, 1.0]), weighted=st.booleans(), reduction=st.sampled_from(["sum", "none"]),
+       seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(["cpu", "torch"]))
+def test_soft_onehot_equals_index_target(dtype, K, N, eps, weighted, reduction, seed, backend):
+    """A one-hot probability target gives the class-index target's loss and
+    gradient (weight and smoothing included: (1 − ε)·onehot + ε/K, weighted, is
+    what both paths compute); ``mean`` differs by design (rows vs Σ w_y), so
+    sum and none are compared, and mean without weight."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, K, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, K, (N,), generator=gen)
+    onehot = torch.nn.functional.one_hot(y, K).to(dtype)
+    w = (torch.rand(K, generator=gen, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
+    kw = dict(weight=w, label_smoothing=eps, backend=backend)
+    reductions = [reduction] + ([] if weighted else ["mean"])
+    for red in reductions:
+        a, ga = loss_lse_and_grad(lsce.cross_entropy, x, onehot, None, None, reduction=red, **kw)[::2]
+        b, gb = loss_lse_and_grad(lsce.cross_entropy, x, y, None, None, reduction=red, **kw)[::2]
+        tol = dict(rtol=2e-5, atol=2e-5) if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-10)
+        if dtype in (torch.bfloat16, torch.float16):
+            tol = dict(rtol=ULP[dtype] * 2, atol=ULP[dtype] * 2 * max(1.0, b.double().abs().max().item()
+                                                                       if b.numel() else 1.0))
+        torch.testing.assert_close(a.double(), b.double(), equal_nan=True, **tol)
+        torch.testing.assert_close(ga.double(), gb.double(), equal_nan=True, **tol)

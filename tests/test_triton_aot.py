@@ -92,7 +92,8 @@ except ImportError:  # pragma: no cover
 # ≤ 128 registers per thread keeps two 8-warp programs (the launcher's widest)
 # resident per SM (65536 registers / 512 threads); more halves the warps that
 # keep loads in flight. Combine runs one warp per row on O(splits) values.
-REG_BUDGET = {"_forward_kernel": 128, "_backward_kernel": 128, "_combine_kernel": 64}
+REG_BUDGET = {"_forward_kernel": 128, "_backward_kernel": 128, "_combine_kernel": 64,
+              "_soft_forward_kernel": 128, "_soft_backward_kernel": 128}
 # Bits of a full-width vector load or store (LDG.E.128 / STG.E.128).
 WIDE = 128
 
@@ -136,7 +137,11 @@ OPTION_SETS = {
     "z_loss": ("z_loss",),
     "softcap": ("softcap",),
     "all": ("weight", "prior", "z_loss", "softcap"),
+    # probability targets (the soft kernels; a target of the logits' dtype)
+    "soft": ("soft",),
+    "soft_all": ("soft", "weight", "z_loss", "softcap"),
 }
+SOFT_KERNELS = ("_soft_forward_kernel", "_soft_backward_kernel")
 
 
 class Variant(NamedTuple):
@@ -157,7 +162,7 @@ def _all_variants() -> List[Variant]:
             for options in OPTION_SETS:
                 for case in CASES:
                     # fp64 (rare on GPUs) and the odd K: the extremes of the options only.
-                    if (dtype == "fp64" or case.name == "oddK") and options not in ("plain", "all"):
+                    if (dtype == "fp64" or case.name == "oddK") and options not in ("plain", "all", "soft_all"):
                         continue
                     out.append(Variant(arch.cc, dtype, options, case.name))
     return out
@@ -168,7 +173,7 @@ DEFAULT = {
     for cc in (80, 90)
     for dtype, options, case in [
         ("bf16", "plain", "rows"), ("bf16", "plain", "split"), ("bf16", "all", "rows"), ("bf16", "all", "split"),
-        ("fp32", "plain", "rows"), ("bf16", "plain", "oddK"),
+        ("fp32", "plain", "rows"), ("bf16", "plain", "oddK"), ("bf16", "soft", "rows"), ("bf16", "soft_all", "rows"),
     ]
 }
 
@@ -215,10 +220,13 @@ def launches(v: Variant) -> List[Launch]:
     label = [""]
     patches = [mock.patch.object(ce, "_target_programs", lambda device: 4 * arch.sms)]
     patches += [mock.patch.object(ce, k, _Recorder(k, out, label))
-                for k in ("_forward_kernel", "_combine_kernel", "_backward_kernel")]
+                for k in ("_forward_kernel", "_combine_kernel", "_backward_kernel", *SOFT_KERNELS)]
     for p in patches:
         p.start()
     try:
+        if "soft" in names:
+            _soft_launches(ce, logits, weight, opts, label)
+            return out
         label[0] = "forward"
         _, m, log_s = ce.forward(logits, target, coef, opts)
         # The upstream of a mean or sum: one value expanded to every row (stride 0).
@@ -231,6 +239,21 @@ def launches(v: Variant) -> List[Launch]:
         for p in reversed(patches):
             p.stop()
     return out
+
+
+def _soft_launches(ce, logits, weight, opts, label):
+    """The probability-target launches: forward, backward of a mean or sum, and
+    backward with an lse upstream and the target's gradient."""
+    meta, (N, _), acc = logits.device, logits.shape, acc_dtype(logits.dtype)
+    target = torch.empty_like(logits)
+    label[0] = "soft forward"
+    _, m, log_s, mass = ce.soft_forward(logits, target, weight, opts)
+    grad_loss = torch.empty((), dtype=acc, device=meta).expand(N)
+    label[0] = "soft backward"
+    ce.soft_backward(grad_loss, None, logits, target, weight, opts, m, log_s, mass)
+    label[0] = "soft backward+lse+target"
+    ce.soft_backward(grad_loss, torch.empty(N, dtype=acc, device=meta), logits, target, weight, opts, m, log_s, mass,
+                     target_grad=True)
 
 
 class Spec(NamedTuple):
@@ -457,7 +480,10 @@ def _known_over_budget(v: Variant) -> bool:
     Triton 3.9 (kernel problems, reported in benchmarks/RESULTS.md, not yet fixed):
     16-bit logits with K not a multiple of 16 (scalar loads and stores, 143-200
     registers) on sm_90 and sm_100, and with every option on sm_80; and the 16-bit
-    forward with every option on sm_90 (141-143)."""
+    forward with every option on sm_90 (141-143); and the fp64 soft-target backward
+    with every option, the target's gradient and K not a multiple of 16 on sm_100 (132)."""
+    if v.dtype == "fp64":
+        return v.options == "soft_all" and v.case == "oddK" and v.cc >= 100
     if v.dtype not in ("bf16", "fp16"):
         return False
     if v.case == "oddK":
@@ -477,8 +503,12 @@ def _params(over_budget_xfails: bool = False):
 
 def _rows(compiled, variant):
     rows = compiled[variant]
-    assert {r.launch.kernel for r in rows} >= {"_forward_kernel", "_backward_kernel"}
-    if variant.case == "split":
+    soft = "soft" in OPTION_SETS[variant.options]
+    if soft:
+        assert {r.launch.kernel for r in rows} == set(SOFT_KERNELS)
+    else:
+        assert {r.launch.kernel for r in rows} >= {"_forward_kernel", "_backward_kernel"}
+    if variant.case == "split" and not soft:
         assert any(r.launch.kernel == "_combine_kernel" for r in rows), "4 rows should split"
     return [(f"{r.launch.kernel} ({r.launch.label}) for {variant.id}", r) for r in rows]
 
@@ -505,7 +535,7 @@ def test_streaming_loops_move_128_bits_per_access(variant, compiled):
         if not aligned:
             continue  # the widths are in the table
         assert set(res.loop_loads) == {WIDE}, f"{what}: loop loads of {res.loop_loads} bits, not all {WIDE}"
-        if r.launch.kernel == "_backward_kernel":
+        if r.launch.kernel in ("_backward_kernel", "_soft_backward_kernel"):
             assert set(res.loop_stores) == {WIDE}, f"{what}: loop stores of {res.loop_stores} bits, not all {WIDE}"
 
 

@@ -32,9 +32,10 @@ import triton.language as tl
 from torch import Tensor
 
 # The per-row kernel interface these kernels implement (lsce/interface.py).
-from lsce.interface import Coefficients, RowOptions, check_rows, grad_buffer
+from lsce.interface import (Coefficients, RowOptions, check_rows, check_soft_rows, grad_buffer,
+                            soft_target_grad_buffer)
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "soft_forward", "soft_backward"]
 
 _ACC_DTYPE = {
     torch.float32: (torch.float32, tl.float32),
@@ -409,3 +410,162 @@ def backward(
             HAS_GRAD_LSE=grad_lse is not None, BLOCK=block, num_warps=num_warps, **flags,
         )
     return grad
+
+
+# ---------------------------------------------------------------------------
+# Probability (soft) targets: lsce.interface.RowKernels.soft_forward / soft_backward.
+# One program per row (rows are not split: a soft-target row carries a second
+# (N, K) stream, the target, and the GPU has enough rows in training shapes).
+# With a_k = w_k·((1 − ε)·t_k + ε/K) every quantity is relative to the row max.
+
+
+@triton.jit
+def _soft_a(t, w_ptr, cols, mask, eps, inv_k, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+            HAS_SMOOTHING: tl.constexpr):
+    """a_k of a block of target values (0 in masked lanes)."""
+    a = t
+    if HAS_SMOOTHING:
+        a = (1.0 - eps) * t + eps * inv_k
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, a, 0.0)
+
+
+# Soft forward, per element: reads the logit and the target value (plus 4 B of
+# the weight from L2 with a weight); per row writes loss, m, log_s and A.
+@triton.jit
+def _soft_forward_kernel(
+    logits_ptr, target_ptr, weight_ptr, loss_ptr, m_ptr, log_s_ptr, mass_ptr,
+    K, row_stride, target_row_stride, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
+    inv_k_arg: tl.float64, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    eps, z_loss, softcap, inv_k = _acc_options(eps_arg, z_loss_arg, softcap_arg, inv_k_arg, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    t_ptr = target_ptr + row * target_row_stride
+    # Running max m, Σexp(zc − shift), A = Σa and dev = Σa·(shift − zc) with
+    # shift the finite running max: when it grows, dev grows by A·(new − old) >= 0.
+    m = tl.full((), float("-inf"), ACC)
+    sumexp = tl.full((), 0.0, ACC)
+    mass = tl.full((), 0.0, ACC)
+    dev = tl.full((), 0.0, ACC)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < K
+        z = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(ACC)
+        zc, _ = _capped(z, softcap, HAS_SOFTCAP)
+        if HAS_SOFTCAP:
+            zc = tl.where(mask, zc, float("-inf"))
+        t = tl.load(t_ptr + cols, mask=mask, other=0.0).to(ACC)
+        a = _soft_a(t, weight_ptr, cols, mask, eps, inv_k, ACC, HAS_WEIGHT, HAS_SMOOTHING)
+        old = _finite_or_zero(m)
+        m_new = tl.maximum(m, tl.max(zc, 0))
+        shift = _finite_or_zero(m_new)
+        sumexp = sumexp * tl.exp(m - shift) + tl.sum(tl.exp(zc - shift), 0)
+        # Masked lanes: a = 0 and shift − (−inf) = inf would give NaN; they add 0.
+        dev = dev + mass * (shift - old) + tl.sum(tl.where(mask, a * (shift - zc), 0.0), 0)
+        mass += tl.sum(a, 0)
+        m = m_new
+    log_s = tl.log(sumexp)
+    loss = dev + mass * log_s
+    if HAS_ZLOSS:
+        loss += z_loss * (m + log_s) * (m + log_s)
+    tl.store(loss_ptr + row, loss)
+    tl.store(m_ptr + row, m)
+    tl.store(log_s_ptr + row, log_s)
+    tl.store(mass_ptr + row, mass)
+
+
+# Soft backward, per element: reads the logit and the target value, writes the
+# logits' gradient (and the target's with HAS_TARGET_GRAD).
+@triton.jit
+def _soft_backward_kernel(
+    grad_ptr, grad_target_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride,
+    logits_ptr, target_ptr, weight_ptr, m_ptr, log_s_ptr, mass_ptr,
+    K, row_stride, target_row_stride, eps_arg: tl.float64, z_loss_arg: tl.float64, softcap_arg: tl.float64,
+    inv_k_arg: tl.float64, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, HAS_TARGET_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    eps, z_loss, softcap, inv_k = _acc_options(eps_arg, z_loss_arg, softcap_arg, inv_k_arg, ACC)
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    t_ptr = target_ptr + row * target_row_stride
+    m = tl.load(m_ptr + row).to(ACC)
+    log_s = tl.load(log_s_ptr + row).to(ACC)
+    g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC)
+    p_coef = g * tl.load(mass_ptr + row).to(ACC)
+    if HAS_ZLOSS:
+        p_coef += 2.0 * z_loss * g * (m + log_s)
+    if HAS_GRAD_LSE:
+        p_coef += tl.load(grad_lse_ptr + row * grad_lse_stride).to(ACC)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < K
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(ACC)
+        zc, tc = _capped(z, softcap, HAS_SOFTCAP)
+        t = tl.load(t_ptr + cols, mask=mask, other=0.0).to(ACC)
+        a = _soft_a(t, weight_ptr, cols, mask, eps, inv_k, ACC, HAS_WEIGHT, HAS_SMOOTHING)
+        d = p_coef * tl.exp((zc - m) - log_s) - g * a
+        if HAS_SOFTCAP:
+            d *= 1.0 - tc * tc
+        tl.store(grad_ptr + row * K + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
+        if HAS_TARGET_GRAD:
+            gt = g * (1.0 - eps) * ((m - zc) + log_s)
+            if HAS_WEIGHT:
+                gt *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(grad_target_ptr + row * K + cols, gt.to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+def _soft_config(logits: Tensor, target: Tensor, opts: RowOptions, weight: Optional[Tensor]):
+    """(BLOCK, num_warps, scalars, flags) of a soft-target call: the block sized by the wider of the two dtypes."""
+    acc, tl_acc = _check_soft(logits, target)
+    wider = logits.dtype if logits.dtype.itemsize >= target.dtype.itemsize else target.dtype
+    block, num_warps, _, _ = _launch_config(logits.shape[0], logits.shape[1], wider, logits.device)
+    eps, z_loss, softcap = float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap)
+    flags = dict(ACC=tl_acc, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=eps != 0.0, HAS_ZLOSS=z_loss != 0.0,
+                 HAS_SOFTCAP=softcap != 0.0)
+    return acc, block, num_warps, (eps, z_loss, softcap, 1.0 / logits.shape[1]), flags
+
+
+def _check_soft(logits: Tensor, target: Tensor) -> Tuple[torch.dtype, tl.dtype]:
+    check_soft_rows(logits, target)
+    return _ACC_DTYPE[logits.dtype]
+
+
+def soft_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                 opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, m, log_s, A)`` of probability targets: lsce.interface.RowKernels.soft_forward."""
+    acc, block, num_warps, scalars, flags = _soft_config(logits, target, opts, weight)
+    N, K = logits.shape
+    loss, m, log_s, mass = (torch.empty(N, dtype=acc, device=logits.device) for _ in range(4))
+    if N == 0:
+        return loss, m, log_s, mass
+    with _device_guard(logits):
+        _soft_forward_kernel[(N,)](
+            logits, target, weight, loss, m, log_s, mass, K, logits.stride(0), target.stride(0), *scalars,
+            BLOCK=block, num_warps=num_warps, **flags,
+        )
+    return loss, m, log_s, mass
+
+
+def soft_backward(
+    grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor, weight: Optional[Tensor],
+    opts: RowOptions, m: Tensor, log_s: Tensor, mass: Tensor, out: Optional[Tensor] = None,
+    target_grad: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(∂/∂logits, ∂/∂target or None)`` of probability targets: lsce.interface.RowKernels.soft_backward."""
+    _, block, num_warps, scalars, flags = _soft_config(logits, target, opts, weight)
+    N, K = logits.shape
+    grad = grad_buffer(logits, out)
+    grad_t = soft_target_grad_buffer(target) if target_grad else None
+    if N == 0:
+        return grad, grad_t
+    with _device_guard(logits):
+        _soft_backward_kernel[(N,)](
+            grad, grad_t, grad_loss, grad_loss.stride(0), grad_lse, 0 if grad_lse is None else grad_lse.stride(0),
+            logits, target, weight, m, log_s, mass, K, logits.stride(0), target.stride(0), *scalars,
+            HAS_GRAD_LSE=grad_lse is not None, HAS_TARGET_GRAD=target_grad, BLOCK=block, num_warps=num_warps,
+            **flags,
+        )
+    return grad, grad_t
