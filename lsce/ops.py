@@ -77,6 +77,23 @@ def _(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, lab
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+def differentiable_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+                            weight: Optional[Tensor], prior: Optional[Tensor], ignore_index: int,
+                            label_smoothing: float, z_loss: float, softcap: float) -> Tensor:
+    """The logit gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` as a graph of
+    differentiable ops (autograd of lsce.reference's statement), for a backward
+    that records one (``create_graph=True``: gradient penalties, Hessians);
+    the kernels' gradient would be a constant there."""
+    loss, lse = reference.cross_entropy(
+        logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, "none", label_smoothing, z_loss=z_loss,
+        softcap=softcap or None, smoothing_prior=prior, return_lse=True)
+    outputs, grads = [loss], [grad_loss.to(loss.dtype)]
+    if grad_lse is not None:
+        outputs.append(lse)
+        grads.append(grad_lse.to(lse.dtype))
+    return torch.autograd.grad(outputs, logits, grads, create_graph=True)[0]
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, prior, *options = inputs
     ctx.save_for_backward(logits, target, weight, prior, output[1])
@@ -87,7 +104,11 @@ def _backward(ctx, grad_loss, grad_lse):
     logits, target, weight, prior, lse = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, lse, *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True
+        grad = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *ctx.options[:4])
+    else:
+        grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, lse,
+                                                     *ctx.options)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -107,6 +128,7 @@ class FusedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, prior, ignore_index, eps, z_loss, softcap, expected):
         checks.check_values(target, prior, logits.shape[1], ignore_index)
+        ctx.differentiable = (weight, prior, ignore_index, eps, z_loss, softcap)  # for create_graph=True
         logits, target, ctx.coef, ctx.opts = _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap)
         ctx.grad = cache.empty(logits.shape, logits.dtype)
         loss, lse = cpu.forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
@@ -117,6 +139,11 @@ class FusedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         logits, target, lse, expected = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
+            weight, prior, *options = ctx.differentiable
+            grad = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *options)
+            return grad, None, None, None, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
         fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
         if grad is None:
