@@ -11,7 +11,7 @@ one backend of the per-row kernel interface (lsce/interface.py), chosen by
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -79,19 +79,21 @@ def _(grad_loss, grad_lse, logits, target, weight, prior, lse, ignore_index, lab
 
 def differentiable_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
                             weight: Optional[Tensor], prior: Optional[Tensor], ignore_index: int,
-                            label_smoothing: float, z_loss: float, softcap: float) -> Tensor:
-    """The logit gradient of ``Σ grad_loss·loss + Σ grad_lse·lse`` as a graph of
+                            label_smoothing: float, z_loss: float, softcap: float, *,
+                            reduction: str = "none", inputs: Optional[List[Tensor]] = None) -> Tuple[Tensor, ...]:
+    """The gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` (loss reduced by
+    ``reduction``) for ``inputs`` (default: the logits), as a graph of
     differentiable ops (autograd of lsce.reference's statement), for a backward
     that records one (``create_graph=True``: gradient penalties, Hessians);
     the kernels' gradient would be a constant there."""
     loss, lse = reference.cross_entropy(
-        logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, "none", label_smoothing, z_loss=z_loss,
+        logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
         softcap=softcap or None, smoothing_prior=prior, return_lse=True)
     outputs, grads = [loss], [grad_loss.to(loss.dtype)]
     if grad_lse is not None:
         outputs.append(lse)
         grads.append(grad_lse.to(lse.dtype))
-    return torch.autograd.grad(outputs, logits, grads, create_graph=True)[0]
+    return torch.autograd.grad(outputs, [logits] if inputs is None else inputs, grads, create_graph=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -105,7 +107,7 @@ def _backward(ctx, grad_loss, grad_lse):
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
     if torch.is_grad_enabled():  # create_graph=True
-        grad = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *ctx.options[:4])
+        grad, = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *ctx.options[:4])
     else:
         grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, lse,
                                                      *ctx.options)
@@ -142,7 +144,7 @@ class FusedStep(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
             weight, prior, *options = ctx.differentiable
-            grad = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *options)
+            grad, = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *options)
             return grad, None, None, None, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
         fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
