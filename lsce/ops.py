@@ -86,14 +86,15 @@ def differentiable_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logit
     differentiable ops (autograd of lsce.reference's statement), for a backward
     that records one (``create_graph=True``: gradient penalties, Hessians);
     the kernels' gradient would be a constant there."""
-    loss, lse = reference.cross_entropy(
-        logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
-        softcap=softcap or None, smoothing_prior=prior, return_lse=True)
-    outputs, grads = [loss], [grad_loss.to(loss.dtype)]
-    if grad_lse is not None:
-        outputs.append(lse)
-        grads.append(grad_lse.to(lse.dtype))
-    return torch.autograd.grad(outputs, [logits] if inputs is None else inputs, grads, create_graph=True)
+    with torch.enable_grad():  # also under vmap of a plain backward (is_grads_batched)
+        loss, lse = reference.cross_entropy(
+            logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, reduction, label_smoothing,
+            z_loss=z_loss, softcap=softcap or None, smoothing_prior=prior, return_lse=True)
+        outputs, grads = [loss], [grad_loss.to(loss.dtype)]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads.append(grad_lse.to(lse.dtype))
+        return torch.autograd.grad(outputs, [logits] if inputs is None else inputs, grads, create_graph=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,7 +142,11 @@ class FusedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         logits, target, lse, expected = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True
+        # create_graph=True, or vmap over this backward (is_grads_batched), where
+        # comparing the upstream with `expected` cannot be read on the host.
+        batched = grad_loss is not None and (torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
+                                             or torch._C._functorch.is_legacy_batchedtensor(grad_loss))
+        if torch.is_grad_enabled() or batched:
             grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
             weight, prior, *options = ctx.differentiable
             grad, = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *options)
