@@ -358,3 +358,41 @@ def test_modules_check_settings_at_construction(api, setting):
         cls(*args, **setting)
     assert str(made.value) == str(at_call.value)
     assert isinstance(made.value, RuntimeError)  # what PyTorch's modules raise
+
+
+def test_fused_head_keeps_no_hidden_states_alive_and_says_when_double_backward_needs_them():
+    """mean/sum hold (x, W, b) weakly: an ordinary step frees the hidden states after the
+    forward; a later create_graph=True backward then raises a clear error instead of a
+    constant (wrong) gradient, and so does one after the hidden states changed in place."""
+    import weakref
+
+    (x, W, b), y = _problem("linear_cross_entropy")
+    W.requires_grad_()
+    a = x.clone().requires_grad_()
+    hidden = a * 2.0  # not a leaf: the graph holds no reference to it
+    ref = weakref.ref(hidden)
+    loss = lsce.linear_cross_entropy(hidden, W, y, label_smoothing=0.1)
+    del hidden
+    assert ref() is None
+    with pytest.raises(RuntimeError, match="hidden states, which were freed"):
+        torch.autograd.grad(loss, W, create_graph=True)
+    hidden = a * 2.0
+    loss = lsce.linear_cross_entropy(hidden, W, y, label_smoothing=0.1)
+    with torch.no_grad():
+        hidden.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, W, create_graph=True)
+
+
+def test_fused_head_double_backward_with_three_dimensional_hidden_states():
+    """(B, T, H) hidden states reach the op as a view of rows; it is rebuilt from the caller's tensor."""
+    (x, W, b), y = _problem("linear_cross_entropy")
+    x3, y3 = x.reshape(2, 2, H).clone().requires_grad_(), y.reshape(2, 2)
+    W.requires_grad_()
+    results = []
+    for fn in (lsce.linear_cross_entropy, lambda h, w, t, **kw: F.cross_entropy(F.linear(h, w).flatten(0, 1),
+                                                                                 t.flatten(), **kw)):
+        loss = fn(x3, W, y3, label_smoothing=0.1)
+        g = torch.autograd.grad(loss, x3, create_graph=True)[0]
+        results.append(torch.autograd.grad(loss + (g * g).sum(), (x3, W)))
+    torch.testing.assert_close(*results)
