@@ -152,9 +152,12 @@ def check_options(K: Optional[int], device: Optional[torch.device], *, weight=No
         )
 
 
-def check_deprecated(size_average, reduce) -> None:
-    if size_average is not None or reduce is not None:
-        raise ArgumentTypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """``reduction``, or what PyTorch makes of its deprecated ``size_average`` /
+    ``reduce`` when either is given (its own mapping, and its deprecation warning)."""
+    if size_average is None and reduce is None:
+        return reduction
+    return torch.nn._reduction.legacy_get_string(size_average, reduce)
 
 
 def check_out_dtype(out_dtype) -> None:

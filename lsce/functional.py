@@ -143,9 +143,9 @@ def cross_entropy(
     ``torch.func`` transforms through lsce.reference's differentiable formula.
 
     Class-probability (soft) targets are not supported; ``size_average`` and
-    ``reduce`` (deprecated in PyTorch) raise.
+    ``reduce`` (deprecated in PyTorch) mean what they mean there, with its warning.
     """
-    checks.check_deprecated(size_average, reduce)
+    reduction = checks.legacy_reduction(size_average, reduce, reduction)
     K = checks.check_logits(input, target)
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)

@@ -36,7 +36,7 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         # The checks of a call that need no input, so a bad setting fails here
         # with the message it would give at the first call.
-        checks.check_deprecated(size_average, reduce)
+        reduction = checks.legacy_reduction(size_average, reduce, reduction)
         checks.check_options(None, None, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
         checks.check_out_dtype(out_dtype)

@@ -69,8 +69,6 @@ BAD_CALLS = [
     ("softcap zero", _with(softcap=0.0), ValueError, "softcap"),
     ("softcap negative", _with(softcap=-3.0), ValueError, "softcap"),
     ("softcap NaN", _with(softcap=float("nan")), ValueError, "softcap"),
-    ("size_average", _with(size_average=True), TypeError, "size_average"),
-    ("reduce", _with(reduce=False), TypeError, "reduce"),
     ("out_dtype integer", _with(out_dtype=torch.int64), TypeError, "out_dtype"),
     # wrong ranks and shapes
     ("target with a class dim", _with(target=torch.tensor([[0], [1], [2], [3]])), ValueError, "target shape"),
@@ -220,8 +218,6 @@ ACCEPTED_BY_PYTORCH = {
     "eps negative": "a negative smoothing is no smoothing PyTorch documents ([0, 1]); nn.LinearCrossEntropyLoss refuses it",
     "eps NaN": "PyTorch computes a NaN loss",
     "reduction elementwise_mean": "a name deprecated since PyTorch 0.4",
-    "size_average": "deprecated in PyTorch",
-    "reduce": "deprecated in PyTorch",
     "1-D input, 1-D target": "PyTorch reads (K,) logits with a (1,) target as one row; lsce wants the target's shape ()",
 }
 
@@ -247,9 +243,19 @@ def test_module_checks_settings_at_construction_with_the_call_message(name):
     assert str(at_construction.value) == str(at_call.value)
 
 
-def test_module_rejects_deprecated_arguments():
-    with pytest.raises(TypeError, match="size_average"):
-        lsce.CrossEntropyLoss(size_average=False)
+@pytest.mark.parametrize("legacy", [dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)],
+                         ids=["size_average", "reduce", "both"])
+def test_deprecated_reduction_arguments_like_torch(legacy):
+    """size_average / reduce: PyTorch's meaning and its deprecation warning, function and module."""
+    kw = _with(label_smoothing=0.1)
+    kw.pop("smoothing_prior")
+    with pytest.warns(UserWarning, match="deprecated"):
+        expected = F.cross_entropy(**kw, **legacy)
+    with pytest.warns(UserWarning, match="deprecated"):
+        torch.testing.assert_close(lsce.cross_entropy(**kw, **legacy), expected)
+    with pytest.warns(UserWarning, match="deprecated"):
+        module = lsce.CrossEntropyLoss(kw.pop("weight"), **legacy, label_smoothing=0.1)
+    torch.testing.assert_close(module(kw["input"], kw["target"]), expected)
 
 
 def test_valid_call_changes_nothing():
