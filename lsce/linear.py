@@ -476,6 +476,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ):
     """``lsce.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
     without the N×K logits; arguments as ``torch.nn.functional.linear_cross_entropy``'s.
@@ -492,6 +493,10 @@ def linear_cross_entropy(
             ignored (:func:`_options_chunk_size` says why).
         weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior,
             out_dtype, return_lse: as in :func:`lsce.cross_entropy`.
+        backend: as in :func:`lsce.cross_entropy`; the chunk loop runs the
+            device's own kernels (``"auto"``), so another choice (``"torch"``,
+            or ``"triton"`` on CPU tensors under ``TRITON_INTERPRET=1``)
+            computes the logits and calls :func:`lsce.cross_entropy` with it.
         chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
             least 384 (fp32) or 1024 (bf16/fp16), capped at N and evened out
             (:func:`default_chunk_size`), keeps the transient chunk buffer
@@ -514,19 +519,20 @@ def linear_cross_entropy(
     chunk_size = _options_chunk_size(chunk_size, options)
     checks.check_chunk_size(chunk_size)
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
     checks.check_out_dtype(out_dtype)
     dtype = result_dtype(input.dtype, input.device, out_dtype)
     ce_options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                       z_loss=z_loss, softcap=softcap, smoothing_prior=smoothing_prior, return_lse=return_lse,
-                      out_dtype=dtype)
+                      out_dtype=dtype, backend=backend)
+    own_kernels = backend == "auto" or ops.row_kernels(backend, input.device) is ops.row_kernels("auto", input.device)
     if linear_weight.dim() > 2:  # K-dimensional: rows (..., d1, ..., K) of logits, a copy of W in that order
         W = linear_weight.movedim(0, -2).reshape(-1, H)
         b = None if linear_bias is None else linear_bias.movedim(0, -1).reshape(-1)
         rows = torch.nn.functional.linear(input, W, b).reshape(-1, K)
         out = cross_entropy(rows, target.reshape(-1), **ce_options)
         return _shaped(out, target.shape, reduction, return_lse)
-    if needs_differentiable_statement(input, linear_weight, linear_bias):
+    if not own_kernels or needs_differentiable_statement(input, linear_weight, linear_bias):
         rows = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, K)
         return _shaped(cross_entropy(rows, target.reshape(-1), **ce_options), target.shape, reduction, return_lse)
 
@@ -593,11 +599,12 @@ class LinearCrossEntropyLoss(nn.Module):
         chunk_size: Optional[int] = None,
         out_dtype: Optional[torch.dtype] = None,
         return_lse: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         # The checks of a call that need no input: a bad setting fails here, with the call's message.
         checks.check_options(num_classes, None, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
-                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
         checks.check_chunk_size(_options_chunk_size(chunk_size, options))
         checks.check_out_dtype(out_dtype)
         if ignore_index is not None:
@@ -617,6 +624,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.chunk_size = chunk_size
         self.out_dtype = out_dtype
         self.return_lse = return_lse
+        self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor):
         shape = (self.num_classes, *self.out_features)
@@ -626,7 +634,7 @@ class LinearCrossEntropyLoss(nn.Module):
             linear_bias=None if bias is None else bias.view(shape), weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
             z_loss=self.z_loss, softcap=self.softcap, smoothing_prior=self.smoothing_prior,
-            chunk_size=self.chunk_size, out_dtype=self.out_dtype, return_lse=self.return_lse,
+            chunk_size=self.chunk_size, out_dtype=self.out_dtype, return_lse=self.return_lse, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -396,3 +396,22 @@ def test_fused_head_double_backward_with_three_dimensional_hidden_states():
         g = torch.autograd.grad(loss, x3, create_graph=True)[0]
         results.append(torch.autograd.grad(loss + (g * g).sum(), (x3, W)))
     torch.testing.assert_close(*results)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_head_backend_option(backend, reduction):
+    """backend= on the fused head and its module: the same loss and gradients as "auto"."""
+    (x, W, b), y = _problem("linear_cross_entropy")
+    results = []
+    for bk in ("auto", backend):
+        leaves = tuple(t.clone().requires_grad_() for t in (x, W, b))
+        out = lsce.linear_cross_entropy(*leaves[:2], y, linear_bias=leaves[2], reduction=reduction,
+                                        label_smoothing=0.1, backend=bk)
+        results.append((out, *torch.autograd.grad(_scalar(out), leaves)))
+    torch.testing.assert_close(*results)
+    module = lsce.LinearCrossEntropyLoss(H, K, bias=True, dtype=F64, backend=backend, reduction=reduction)
+    out = functional_call(module, {"linear.weight": W, "linear.bias": b}, (x, y))
+    torch.testing.assert_close(out, lsce.linear_cross_entropy(x, W, y, linear_bias=b, reduction=reduction))
+    with pytest.raises(ValueError, match="backend"):
+        lsce.LinearCrossEntropyLoss(H, K, backend="gpu")
