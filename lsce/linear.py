@@ -630,8 +630,8 @@ class LinearCrossEntropyLoss(nn.Module):
         shape = (self.num_classes, *self.out_features)
         bias = self.linear.bias
         return linear_cross_entropy(
-            input, self.linear.weight.view(*shape, self.linear.in_features), target,
-            linear_bias=None if bias is None else bias.view(shape), weight=self.weight, reduction=self.reduction,
+            input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+            linear_bias=None if bias is None else bias.reshape(shape), weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
             z_loss=self.z_loss, softcap=self.softcap, smoothing_prior=self.smoothing_prior,
             chunk_size=self.chunk_size, out_dtype=self.out_dtype, return_lse=self.return_lse, backend=self.backend,
