@@ -18,6 +18,26 @@ import os
 import torch
 
 _MIN_BYTES = 1 << 20  # smaller gradients come from torch.empty: their faults are few
+
+
+def _limit_from_environment():
+    """``LSCE_GRAD_CACHE_MB`` in bytes (None when unset), read and checked when
+    lsce is imported: a bad value fails there, not at the first large gradient
+    in the middle of a training run."""
+    mb = os.environ.get("LSCE_GRAD_CACHE_MB")
+    if mb is None:
+        return None
+    try:
+        limit = float(mb)
+    except ValueError:
+        limit = math.nan
+    if not 0 <= limit < math.inf:  # NaN and inf too: a byte count is finite
+        raise ValueError(f"lsce: the environment variable LSCE_GRAD_CACHE_MB must be a finite number of MiB >= 0 "
+                         f"(0 turns the gradient cache off), got {mb!r}")
+    return int(limit * (1 << 20))
+
+
+_env_limit = _limit_from_environment()
 _configured = False
 
 
@@ -26,15 +46,8 @@ def _c():
     from . import _C
 
     if not _configured:
-        mb = os.environ.get("LSCE_GRAD_CACHE_MB")
-        if mb is not None:
-            try:
-                limit = float(mb)
-            except ValueError:
-                limit = -1.0
-            if not limit >= 0:
-                raise ValueError(f"lsce: LSCE_GRAD_CACHE_MB must be a number of MiB >= 0, got {mb!r}")
-            _C.set_cache_limit(int(limit * (1 << 20)))
+        if _env_limit is not None:
+            _C.set_cache_limit(_env_limit)
         _configured = True
     return _C
 

@@ -7,6 +7,7 @@ tensor values (:func:`check_values`, run by the ops: it reads the values).
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 from typing import Optional
@@ -20,29 +21,44 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+# PyTorch's losses raise RuntimeError for most bad arguments (ValueError for an
+# unknown reduction, TypeError for a non-Tensor); lsce raised ValueError and
+# TypeError. These are both, so that code catching either still catches lsce's.
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value or shape."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """Logits of a dtype without a kernel (PyTorch: NotImplementedError, a RuntimeError)."""
+
+
 def check_target(target, device: torch.device) -> None:
     """Class indices of an integer dtype, on ``device``."""
     if not isinstance(target, Tensor):
-        raise TypeError(f"lsce: target must be a Tensor, got {type(target).__name__}")
+        raise ArgumentTypeError(f"lsce: target must be a Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex():
-        raise TypeError(
+        raise ArgumentTypeError(
             f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}; "
             "class-probability targets are not supported"
         )
     if target.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}")
+        raise ArgumentTypeError(f"lsce: target must hold class indices (int64, int32 or uint8), got {target.dtype}")
     if target.device != device:
-        raise ValueError(f"lsce: target is on {target.device} but input is on {device}")
+        raise ArgumentError(f"lsce: target is on {target.device} but input is on {device}")
 
 
 def check_float(name: str, t, what: str, last_dim: str) -> None:
     """``t`` is a Tensor of one of lsce's float dtypes with at least one dimension (``last_dim``)."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lsce: {name} must be float32, float64, bfloat16 or float16 {what}, got {t.dtype}")
+        raise UnsupportedDtypeError(f"lsce: {name} must be float32, float64, bfloat16 or float16 {what}, got {t.dtype}")
     if t.dim() == 0:
-        raise ValueError(f"lsce: {name} must have at least 1 dimension (the {last_dim}), got a scalar")
+        raise ArgumentError(f"lsce: {name} must have at least 1 dimension (the {last_dim}), got a scalar")
 
 
 def check_logits(input, target) -> int:
@@ -51,13 +67,13 @@ def check_logits(input, target) -> int:
     check_target(target, input.device)
     expected = () if input.dim() == 1 else input.shape[:1] + input.shape[2:]
     if tuple(target.shape) != tuple(expected):
-        raise ValueError(
+        raise ArgumentError(
             f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"expected {tuple(expected)} (input's shape without the class dimension {0 if input.dim() == 1 else 1})"
         )
     K = input.shape[0] if input.dim() == 1 else input.shape[1]
     if K < 1:
-        raise ValueError(f"lsce: input has {K} classes; at least 1 is needed")
+        raise ArgumentError(f"lsce: input has {K} classes; at least 1 is needed")
     return K
 
 
@@ -66,15 +82,17 @@ def check_class_vector(name: str, v: Optional[Tensor], K: Optional[int], device:
     if v is None:
         return
     if not isinstance(v, Tensor):
-        raise TypeError(f"lsce: {name} must be a Tensor or None, got {type(v).__name__}")
-    if v.dim() != 1 or (K is not None and v.shape[0] != K):
-        raise ValueError(f"lsce: {name} must have shape ({K or 'K'},) (one value per class), got {tuple(v.shape)}")
+        raise ArgumentTypeError(f"lsce: {name} must be a Tensor or None, got {type(v).__name__}")
+    if v.dim() != 1:
+        raise ArgumentError(f"lsce: {name} must be 1-D (one value per class), got shape {tuple(v.shape)}")
+    if K is not None and v.shape[0] != K:
+        raise ArgumentError(f"lsce: {name} must have shape ({K},) (one value per class), got {tuple(v.shape)}")
     if not v.is_floating_point():
-        raise TypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
+        raise ArgumentTypeError(f"lsce: {name} must be a floating-point tensor, got {v.dtype}")
     if v.requires_grad:
-        raise ValueError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
+        raise ArgumentError(f"lsce: {name} requires grad, but lsce computes no gradient for it; pass {name}.detach()")
     if device is not None and v.device != device:
-        raise ValueError(f"lsce: {name} is on {v.device} but input is on {device}")
+        raise ArgumentError(f"lsce: {name} is on {v.device} but input is on {device}")
 
 
 def _finite(v) -> bool:
@@ -83,43 +101,73 @@ def _finite(v) -> bool:
     return abs(v) < float("inf")
 
 
-def check_options(K: Optional[int], device: torch.device, *, weight=None, smoothing_prior=None, reduction="mean",
-                  label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto") -> None:
-    """The options of a call on logits of K classes on ``device`` (K None: class vectors of any length)."""
+def real(value):
+    """A real number given as Python, NumPy or 0-d tensor scalar (PyTorch's losses
+    take all three) as a Python number; None for anything else. A CUDA tensor
+    is read on the host, as PyTorch reads it."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return value.item()
+    if isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return value
+    return None
+
+
+def _number(name: str, value):
+    """real(value), or a TypeError (as PyTorch's argument parser raises) naming the option."""
+    number = real(value)
+    if number is None:
+        raise ArgumentTypeError(f"lsce: {name} must be a number (Python, NumPy or 0-d tensor), "
+                                f"got {type(value).__name__}")
+    return number
+
+
+def check_options(K: Optional[int], device: Optional[torch.device], *, weight=None, smoothing_prior=None,
+                  reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto") -> None:
+    """The options of a call on logits of K classes on ``device``; K None: class
+    vectors of any length, device None: any device (a module's constructor)."""
     check_class_vector("weight", weight, K, device)
     check_class_vector("smoothing_prior", smoothing_prior, K, device)
     if reduction not in REDUCTIONS:
-        raise ValueError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"lsce: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not _finite(z_loss) or z_loss < 0:
-        raise ValueError(f"lsce: z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not _finite(softcap) or softcap <= 0):
-        raise ValueError(f"lsce: softcap must be None or a finite number > 0, got {softcap!r}")
+        raise ArgumentError(f"lsce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    eps, zl, cap = (_number(n, v) for n, v in (("label_smoothing", label_smoothing), ("z_loss", z_loss),
+                                                ("softcap", 1.0 if softcap is None else softcap)))
+    if not 0.0 <= eps <= 1.0:
+        raise ArgumentError(f"lsce: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not _finite(zl) or zl < 0:
+        raise ArgumentError(f"lsce: z_loss must be a finite number >= 0, got {z_loss!r}")
+    if not _finite(cap) or cap <= 0:
+        raise ArgumentError(f"lsce: softcap must be None or a finite number > 0, got {softcap!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ArgumentError(f"lsce: backend must be one of {BACKENDS}, got {backend!r}")
+    if device is None:
+        return
     if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"lsce: backend='cpu' runs the C++ kernel on CPU tensors; input is on {device}")
+        raise ArgumentError(f"lsce: backend='cpu' runs the C++ kernel on CPU tensors; input is on {device}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
+        raise ArgumentError(
             f"lsce: backend='triton' needs CUDA tensors (input is on {device}), "
             "or TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter"
         )
 
 
-def check_deprecated(size_average, reduce) -> None:
-    if size_average is not None or reduce is not None:
-        raise TypeError("lsce: size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """``reduction``, or what PyTorch makes of its deprecated ``size_average`` /
+    ``reduce`` when either is given (its own mapping, and its deprecation warning)."""
+    if size_average is None and reduce is None:
+        return reduction
+    return torch.nn._reduction.legacy_get_string(size_average, reduce)
 
 
 def check_out_dtype(out_dtype) -> None:
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lsce: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
+        raise ArgumentTypeError(f"lsce: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
 
 
 def check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        raise ArgumentError(f"lsce: chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def as_ignore_index(value) -> int:
@@ -127,7 +175,7 @@ def as_ignore_index(value) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"lsce: ignore_index must be an int, got {type(value).__name__}") from None
+        raise ArgumentTypeError(f"lsce: ignore_index must be an int, got {type(value).__name__}") from None
 
 
 def check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: int) -> None:
@@ -145,7 +193,7 @@ def check_values(target: Tensor, prior: Optional[Tensor], K: int, ignore_index: 
         first = target[bad][0].item()
         raise IndexError(f"lsce: target {first} is out of bounds for {K} classes (and is not ignore_index={ignore_index})")
     if bad_prior is not None and bad_prior.item():
-        raise ValueError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")
+        raise ArgumentError("lsce: smoothing_prior must be a probability vector: finite, non-negative, summing to 1")
 
 
 class SoftTargetError(ValueError, RuntimeError):

@@ -12,8 +12,37 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, ops
+from . import checks, ops, reference
 from .interface import acc_dtype, fixed_sum
+
+
+def result_dtype(input_dtype: torch.dtype, device: torch.device, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of a returned loss: ``out_dtype`` if given, else PyTorch's:
+    the input's, or under torch.autocast on the input's device fp32 (fp64
+    stays fp64), since F.cross_entropy is on autocast's fp32 list. Only the
+    result is cast; lsce accumulates in fp32 whatever the logits' dtype."""
+    if out_dtype is not None:
+        return out_dtype
+    if torch.is_autocast_enabled(device.type):
+        return acc_dtype(input_dtype)
+    return input_dtype
+
+
+def needs_differentiable_statement(*tensors) -> bool:
+    """Forward-mode AD (dual tensors) or a torch.func transform (grad, jvp,
+    jacfwd, vmap, ...) on any of ``tensors``: the registered ops carry only a
+    reverse-mode formula, so such calls compute through lsce.reference's
+    differentiable statement instead (double backward is served by the ops'
+    backward itself)."""
+    dual = torch.autograd.forward_ad._current_level >= 0
+    for t in tensors:
+        if t is None or torch.compiler.is_compiling():
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
 
 
 def _as_rows(input: Tensor, target: Tensor, K: int):
@@ -102,18 +131,25 @@ def cross_entropy(
             input) in the target's shape; it is differentiable.
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpu"``, ``"triton"``
             or ``"torch"`` (the pure-PyTorch reference).
-        out_dtype: dtype of the returned loss; None (PyTorch's rule) means
-            input's dtype. The reduction runs in fp32 (fp64 for fp64) either
-            way, so ``torch.float32`` returns a bf16 input's mean loss unrounded.
+            out_dtype: dtype of the returned loss; None (PyTorch's rule) means
+            input's dtype, fp32 under torch.autocast (fp64 stays fp64). The
+            reduction runs in fp32 (fp64 for fp64) either way, so
+            ``torch.float32`` returns a bf16 input's mean loss unrounded.
+
+    Numbers (label_smoothing, z_loss, softcap, ignore_index) may be Python,
+    NumPy or 0-d tensor scalars. Every autograd mode of ``F.cross_entropy``
+    works: reverse mode through the fused kernels, double backward
+    (``create_graph=True``) and forward mode (``jvp``, dual tensors) and the
+    ``torch.func`` transforms through lsce.reference's differentiable formula.
 
     A floating-point ``target`` of the input's shape holds class probabilities
     (PyTorch's semantics: mixed with ``ε/K`` under label smoothing, then
     weighted; ``mean`` divides by the number of rows; no ignore_index; the
     loss in ``promote_types(input, target)``); z_loss, softcap, return_lse,
     backend and out_dtype apply to it too, smoothing_prior does not.
-    ``size_average`` and ``reduce`` (deprecated in PyTorch) raise.
+    ``size_average`` and ``reduce`` (deprecated in PyTorch) mean what they mean there, with its warning.
     """
-    checks.check_deprecated(size_average, reduce)
+    reduction = checks.legacy_reduction(size_average, reduce, reduction)
     if isinstance(target, Tensor) and target.is_floating_point():
         return _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                    smoothing_prior, return_lse, backend, out_dtype)
@@ -122,7 +158,14 @@ def cross_entropy(
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
     checks.check_out_dtype(out_dtype)
     ignore_index = checks.as_ignore_index(ignore_index)
-    eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    eps, z_loss, cap = float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap)
+    dtype = result_dtype(input.dtype, input.device, out_dtype)
+    if needs_differentiable_statement(input, target):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(target):  # vmap: values are not readable
+            checks.check_values(target.reshape(-1), smoothing_prior, K, ignore_index)
+        out = reference.cross_entropy(input, target, weight, ignore_index, reduction, eps, z_loss=z_loss,
+                                      softcap=cap or None, smoothing_prior=smoothing_prior, return_lse=return_lse)
+        return (out[0].to(dtype), out[1]) if return_lse else out.to(dtype)
     acc = acc_dtype(input.dtype)
     z, y, out_shape = _as_rows(input, target, K)
     w = None if weight is None else weight.to(acc).contiguous()
@@ -135,7 +178,7 @@ def cross_entropy(
         loss, lse, _, _ = torch.ops.lsce.cross_entropy_forward(z, y, w, prior, ignore_index, eps, z_loss, cap, backend)
 
     out = reduce_rows(loss, lse, y, w, ignore_index, z_loss, reduction, out_shape)
-    out = out.to(out_dtype or input.dtype)
+    out = out.to(dtype)
     return (out, lse.reshape(out_shape)) if return_lse else out
 
 
@@ -158,6 +201,9 @@ def _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_sm
     checks.check_out_dtype(out_dtype)
     checks.check_soft_options(checks.as_ignore_index(ignore_index), smoothing_prior)
     eps, z_loss, cap = float(label_smoothing), float(z_loss), float(softcap or 0.0)
+    if needs_differentiable_statement(input, target):  # forward AD, torch.func: the reference's autograd
+        return reference.soft_cross_entropy(input, target, weight, reduction, eps, z_loss=z_loss, softcap=cap or None,
+                                            return_lse=return_lse)
     acc = acc_dtype(input.dtype)
     z, t, out_shape = _soft_rows(input, target, K)
     w = None if weight is None else weight.to(acc).contiguous()

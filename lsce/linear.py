@@ -26,13 +26,15 @@ input) whatever the input dtype, then rounded once.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import checks, ops
-from .functional import mean_denominators, reduce_rows
+from .functional import cross_entropy, mean_denominators, needs_differentiable_statement, reduce_rows, result_dtype
 from .interface import RowOptions, acc_dtype, coefficients
 
 # Rows per chunk, at least: each chunk's matmuls stream all of W and its
@@ -210,7 +212,8 @@ def _reduced_impl(
             grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * (m[s:e] + log_s[s:e]), 0)
             grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, m[s:e], log_s[s:e]), x[s:e], W, s, e)
     out = reduce_rows(loss, m + log_s, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
-    grad_scale = torch.where(total_weight != 0, 1 / total_weight, 0) if mean else one
+    # As F.cross_entropy: no row at all gives zero gradients, rows of weight 0 NaN (0/0).
+    grad_scale = torch.where(count != 0, 1 / total_weight, 0) if mean else one
     return (out, grad_scale, *grads.tensors(x, W, b, final=False))
 
 
@@ -305,12 +308,18 @@ def _reduced_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_scale, gi, gw, gb)
     ctx.dtypes = (x.dtype, W.dtype, None if b is None else b.dtype)
     ctx.grad_mask = grad_mask
+    ctx.inputs = _WeakInputs((x, W, b))  # for create_graph=True
+    ctx.rest = inputs[3:11], "mean" if inputs[11] else "sum"  # (y, weight, prior, *options), reduction
 
 
 def _reduced_backward(ctx, grad_out, *_):
     grad_scale, gi, gw, gb = ctx.saved_tensors
     grads = [None, None, None]
-    if grad_out is not None:
+    if grad_out is not None and torch.is_grad_enabled():  # create_graph=True
+        (y, weight, prior, *options), reduction = ctx.rest
+        grads = _differentiable_grads(grad_out, None, *ctx.inputs.get(), y, weight, prior, options, reduction,
+                                      ctx.grad_mask)
+    elif grad_out is not None:
         scale = grad_out * grad_scale
         for i, (t, dtype) in enumerate(zip((gi, gw, gb), ctx.dtypes)):
             if ctx.grad_mask[i] and dtype is not None:
@@ -337,6 +346,9 @@ def _rows_backward(ctx, grad_loss, grad_lse, _grad_m, _grad_log_s):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
     if grad_loss is None:
         grad_loss = torch.zeros_like(m)
+    if torch.is_grad_enabled():  # create_graph=True
+        grads = _differentiable_grads(grad_loss, grad_lse, x, W, b, y, weight, prior, ctx.options, "none", mask)
+        return (*grads, None, None, None, None, None, None, None, None)
     gi, gw, gb = torch.ops.lsce.linear_cross_entropy_rows_backward(
         grad_loss, grad_lse, x, W, b, y, weight, prior, m, log_s, *ctx.options, mask)
     grads = [g if m else None for g, m in zip((gi, gw, gb), mask)]
@@ -348,48 +360,113 @@ _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
 
 def _check_like_input(name: str, t: Tensor, input: Tensor) -> None:
     if t.dtype != input.dtype:
-        raise TypeError(f"lsce: {name} is {t.dtype} but input is {input.dtype}; they must match")
+        raise checks.ArgumentTypeError(f"lsce: {name} is {t.dtype} but input is {input.dtype}; they must match")
     if t.device != input.device:
-        raise ValueError(f"lsce: {name} is on {t.device} but input is on {input.device}")
+        raise checks.ArgumentError(f"lsce: {name} is on {t.device} but input is on {input.device}")
 
 
-def check_linear_arguments(input, linear_weight, target, linear_bias) -> Tuple[int, int]:
+def check_linear_arguments(input, linear_weight, target, linear_bias, *, k_dim: bool = False) -> Tuple[int, int]:
     """The tensor checks of a fused head: hidden states ``(..., H)``, the
     linear layer ``(K, H)`` and ``(K,)``, targets of shape ``input.shape[:-1]``.
-    Returns (K, H)."""
+    ``k_dim``: also a K-dimensional layer ``(K, d1, ..., H)`` and ``(K, d1, ...)``
+    with targets ``input.shape[:-1] + (d1, ...)``, as F.linear_cross_entropy takes. Returns (K, H)."""
     for name, t in (("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
+            raise checks.ArgumentTypeError(f"lsce: {name} must be a Tensor, got {type(t).__name__}")
     checks.check_float("input", input, "hidden states", "features")
-    if linear_weight.dim() != 2:
-        raise ValueError(
-            f"lsce: linear_weight must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)}")
-    K, H = linear_weight.shape
+    if linear_weight.dim() != 2 and not (k_dim and linear_weight.dim() > 2):
+        expected = "(num_classes, [d1, ...,] in_features)" if k_dim else "2-D (num_classes, in_features)"
+        raise checks.ArgumentError(
+            f"lsce: linear_weight must be {expected}, got shape {tuple(linear_weight.shape)}")
+    K, H, out_features = linear_weight.shape[0], linear_weight.shape[-1], tuple(linear_weight.shape[1:-1])
     if K < 1:
-        raise ValueError("lsce: linear_weight has 0 rows (classes); at least 1 is needed")
+        raise checks.ArgumentError("lsce: linear_weight has 0 rows (classes); at least 1 is needed")
     if input.shape[-1] != H:
-        raise ValueError(
+        raise checks.ArgumentError(
             f"lsce: input has {input.shape[-1]} features (its last dimension) but linear_weight "
             f"{tuple(linear_weight.shape)} expects {H}")
     _check_like_input("linear_weight", linear_weight, input)
     if linear_bias is not None:
         if not isinstance(linear_bias, Tensor):
-            raise TypeError(f"lsce: linear_bias must be a Tensor or None, got {type(linear_bias).__name__}")
-        if tuple(linear_bias.shape) != (K,):
-            raise ValueError(f"lsce: linear_bias must have shape ({K},) (one value per class), "
-                             f"got {tuple(linear_bias.shape)}")
+            raise checks.ArgumentTypeError(
+                f"lsce: linear_bias must be a Tensor or None, got {type(linear_bias).__name__}")
+        if tuple(linear_bias.shape) != (K, *out_features):
+            raise checks.ArgumentError(f"lsce: linear_bias must have shape {(K, *out_features)} (linear_weight's "
+                                       f"without in_features), got {tuple(linear_bias.shape)}")
         _check_like_input("linear_bias", linear_bias, input)
     if isinstance(target, Tensor) and target.is_floating_point():  # probabilities: one per class (lsce.linear_soft)
         checks.check_soft_logits(input.new_empty(input.shape[:-1] + (K,), device="meta"), target.to("meta"))
         if target.device != input.device:
             raise checks.SoftTargetError(f"lsce: target is on {target.device} but input is on {input.device}")
         return K, H
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
-            f"expected {tuple(input.shape[:-1])} (input's shape without the feature dimension)")
+    expected = (*input.shape[:-1], *out_features)
+    if tuple(target.shape) != expected:
+        raise checks.ArgumentError(
+            f"lsce: target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}"
+            f"{f' and linear_weight shape {tuple(linear_weight.shape)}' if out_features else ''}: expected {expected} "
+            f"(input's shape without the feature dimension{', then d1, ...' if out_features else ''})")
     checks.check_target(target, input.device)
     return K, H
+
+
+def _options_chunk_size(chunk_size: Optional[int], options) -> Optional[int]:
+    """lsce's chunk_size given PyTorch's ``LinearCrossEntropyOptions``: its
+    ``batch_chunk_size`` is lsce's chunk_size. Its other fields have no
+    counterpart and are ignored: ``acc_policy``/``acc_dtype`` (lsce always
+    accumulates in fp32, fp64 for fp64), ``chunking_method`` (lsce sizes chunks
+    by default_chunk_size), ``allow_retain_graph`` (lsce always allows it)."""
+    rows = None if options is None else getattr(options, "batch_chunk_size", None)
+    if rows is not None and chunk_size is not None and rows != chunk_size:
+        raise checks.ArgumentError(f"lsce: chunk_size={chunk_size} and options.batch_chunk_size={rows} disagree")
+    return chunk_size if rows is None else rows
+
+
+class _WeakInputs:
+    """Weak references to a reduced call's (x, W, b). Its backward hands out
+    gradients computed in the forward for a unit upstream, which are constants
+    to a backward that records a graph (create_graph=True: gradient penalties,
+    Hessians); that backward recomputes them from these inputs instead. Weak, so
+    that the usual step keeps no N×H input alive; a view (the hidden states
+    reshaped to rows) is rebuilt from its base, which the caller holds."""
+
+    def __init__(self, tensors):
+        self.refs = []
+        for t in tensors:
+            base = t if t is None or t._base is None else t._base
+            self.refs.append(None if t is None else
+                             (weakref.ref(base), t is not base, t.size(), t.stride(), t.storage_offset(), t._version))
+
+    def get(self):
+        out = []
+        for entry in self.refs:
+            if entry is None:
+                out.append(None)
+                continue
+            ref, is_view, size, stride, offset, version = entry
+            base = ref()
+            if base is None:
+                raise RuntimeError(
+                    "lsce: a backward with create_graph=True through linear_cross_entropy(reduction='mean' or "
+                    "'sum') recomputes from the hidden states, which were freed: keep a reference to them until "
+                    "then, or use reduction='none' and reduce the rows yourself")
+            if base._version != version:
+                raise RuntimeError("lsce: an input of linear_cross_entropy was modified in place after the call; "
+                                   "a backward with create_graph=True needs it as it was")
+            out.append(base.as_strided(size, stride, offset) if is_view else base)
+        return out
+
+
+def _differentiable_grads(grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, W: Tensor, b: Optional[Tensor],
+                          y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor], options, reduction: str,
+                          mask: List[bool]) -> List[Optional[Tensor]]:
+    """Gradients for (x, W, b) where ``mask`` says, as differentiable ops through
+    the N×K logits (as nn.Linear's): for a backward that records a graph
+    (create_graph=True), where the kernels' gradients would be constants."""
+    mask = [m and t is not None for m, t in zip(mask, (x, W, b))]
+    z = torch.nn.functional.linear(x, W, b)
+    grads = iter(ops.differentiable_backward(grad_loss, grad_lse, z, y, weight, prior, *options[:4],
+                                             reduction=reduction, inputs=[t for t, m in zip((x, W, b), mask) if m]))
+    return [next(grads) if m else None for m in mask]
 
 
 # The signature mirrors torch.nn.functional.linear_cross_entropy on purpose (a drop-in);
@@ -402,26 +479,37 @@ def linear_cross_entropy(
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
-    ignore_index: Optional[int] = -100,
+    ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
+    options=None,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     smoothing_prior: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """``lsce.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``
-    without the N×K logits; argument names as ``torch.nn.functional.linear_cross_entropy``.
+    without the N×K logits; arguments as ``torch.nn.functional.linear_cross_entropy``'s.
 
     Args:
-        input: hidden states ``(N, H)``, ``(B, T, H)`` (any leading shape) or ``(H,)``.
-        linear_weight: ``(K, H)``, as ``nn.Linear.weight``; same dtype and device as input.
-        target: class indices of shape ``input.shape[:-1]``, or class probabilities
-            of shape ``input.shape[:-1] + (K,)`` (a float tensor; lsce/linear_soft.py).
-        linear_bias: optional ``(K,)``.
-        weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-            smoothing_prior, out_dtype: as in :func:`lsce.cross_entropy` (``ignore_index=None``
-            means -100, as in PyTorch's linear_cross_entropy).
+        input: hidden states ``(N, H)``, ``(H,)`` or, beyond PyTorch, any leading shape ``(B, T, H)``.
+        linear_weight: ``(K, H)``, as ``nn.Linear.weight``, or ``(K, d1, ..., H)``
+            (K-dimensional loss: target ``input.shape[:-1] + (d1, ...)``); same dtype and device as input.
+        target: class indices of shape ``input.shape[:-1]`` (``+ (d1, ...)``), or class
+            probabilities of shape ``input.shape[:-1] + (K,)`` (a float tensor; lsce/linear_soft.py).
+        linear_bias: optional ``(K,)`` (``(K, d1, ...)``).
+        ignore_index: None (PyTorch's default) means -100.
+        options: PyTorch's ``LinearCrossEntropyOptions``; its ``batch_chunk_size``
+            is ``chunk_size``, its other fields have no counterpart in lsce and are
+            ignored (:func:`_options_chunk_size` says why).
+        weight, reduction, label_smoothing, z_loss, softcap, smoothing_prior,
+            out_dtype, return_lse: as in :func:`lsce.cross_entropy`.
+        backend: as in :func:`lsce.cross_entropy`; the chunk loop runs the
+            device's own kernels (``"auto"``), so another choice (``"torch"``,
+            or ``"triton"`` on CPU tensors under ``TRITON_INTERPRET=1``)
+            computes the logits and calls :func:`lsce.cross_entropy` with it.
         chunk_size: rows per chunk. The default, ``ceil(N·H / K)`` rows but at
             least 384 (fp32) or 1024 (bf16/fp16), capped at N and evened out
             (:func:`default_chunk_size`), keeps the transient chunk buffer
@@ -430,17 +518,23 @@ def linear_cross_entropy(
 
     Memory beyond the gradients themselves is O(chunk_size·K + N); with
     ``reduction`` mean or sum the gradients are computed during the forward
-    (3 matmuls) and held, scaled in backward; with ``none`` backward recomputes
-    the logits chunk by chunk (4 matmuls). The weight gradient is accumulated in
-    fp32 (fp64) and rounded once. Gradients flow to input, linear_weight and
-    linear_bias; class ``weight`` and ``smoothing_prior`` are constants.
+    (3 matmuls) and held, scaled in backward; with ``none`` (or ``return_lse``)
+    backward recomputes the logits chunk by chunk (4 matmuls). The weight
+    gradient is accumulated in fp32 (fp64) and rounded once. Gradients flow to
+    input, linear_weight and linear_bias; class ``weight`` and ``smoothing_prior``
+    are constants. A K-dimensional layer, forward-mode AD and the torch.func
+    transforms compute the logits (as PyTorch does) and go through
+    :func:`lsce.cross_entropy`; a backward with create_graph=True recomputes them.
     """
     ignore_index = -100 if ignore_index is None else checks.as_ignore_index(ignore_index)
-    K, H = check_linear_arguments(input, linear_weight, target, linear_bias)
+    K, H = check_linear_arguments(input, linear_weight, target, linear_bias, k_dim=True)
+    checks.check_chunk_size(chunk_size)
+    chunk_size = _options_chunk_size(chunk_size, options)
     checks.check_chunk_size(chunk_size)
     checks.check_options(K, input.device, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
     checks.check_out_dtype(out_dtype)
+    dtype = result_dtype(input.dtype, input.device, out_dtype)
     if target.is_floating_point():
         from .linear_soft import linear_soft_cross_entropy
 
@@ -449,34 +543,62 @@ def linear_cross_entropy(
         chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
         return linear_soft_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                          label_smoothing, z_loss, softcap, chunk, out_dtype)
+    ce_options = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, smoothing_prior=smoothing_prior, return_lse=return_lse,
+                      out_dtype=dtype, backend=backend)
+    own_kernels = backend == "auto" or ops.row_kernels(backend, input.device) is ops.row_kernels("auto", input.device)
+    if linear_weight.dim() > 2:  # K-dimensional: rows (..., d1, ..., K) of logits, a copy of W in that order
+        W = linear_weight.movedim(0, -2).reshape(-1, H)
+        b = None if linear_bias is None else linear_bias.movedim(0, -1).reshape(-1)
+        rows = torch.nn.functional.linear(input, W, b).reshape(-1, K)
+        out = cross_entropy(rows, target.reshape(-1), **ce_options)
+        return _shaped(out, target.shape, reduction, return_lse)
+    if not own_kernels or needs_differentiable_statement(input, linear_weight, linear_bias):
+        rows = torch.nn.functional.linear(input, linear_weight, linear_bias).reshape(-1, K)
+        return _shaped(cross_entropy(rows, target.reshape(-1), **ce_options), target.shape, reduction, return_lse)
+
     N = target.numel()
     acc = acc_dtype(input.dtype)
-    x = input.reshape(-1, H)
+    x = input if input.dim() == 2 else input.reshape(N, H)  # the caller's own tensor when it can (_WeakInputs)
     y = target.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
     chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
-    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk)
+    options = (ignore_index, float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap), chunk)
 
-    if reduction == "none":
-        loss, *_ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior, *options)
-        return loss.reshape(target.shape).to(out_dtype or input.dtype)
+    if reduction == "none" or return_lse:
+        loss, lse, _, _ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior,
+                                                                   *options)
+        out = reduce_rows(loss, lse, y, w, ignore_index, options[2], reduction, target.shape).to(dtype)
+        return (out, lse.reshape(target.shape)) if return_lse else out
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]
     loss, *_ = torch.ops.lsce.linear_cross_entropy_reduced(
         x, linear_weight, linear_bias, y, w, prior, *options, reduction == "mean", grad_mask)
-    return loss.to(out_dtype or input.dtype)
+    return loss.to(dtype)
 
 
+def _shaped(out, shape, reduction: str, return_lse: bool):
+    """cross_entropy's result on flattened rows, in the target's shape."""
+    loss, lse = out if return_lse else (out, None)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    return (loss, lse.reshape(shape)) if return_lse else loss
+
+
+# The constructor mirrors torch.nn.LinearCrossEntropyLoss on purpose (a drop-in: the
+# same parameters and buffers, so state dicts load either way).
 class LinearCrossEntropyLoss(nn.Module):
-    """An LM head and its loss: mirrors ``torch.nn.LinearCrossEntropyLoss``
-    (it owns ``self.linear``, an ``nn.Linear(in_features, num_classes)``) and
-    computes :func:`linear_cross_entropy` with lsce's options.
-
-    ``weight`` and ``smoothing_prior`` are buffers. PyTorch's ``out_features``
-    (K-dimensional loss) and ``options`` are not supported; ``chunk_size``
-    replaces the latter. To tie the head to an embedding, assign
-    ``loss.linear.weight = embedding.weight``.
+    """An LM head and its loss: ``torch.nn.LinearCrossEntropyLoss``'s constructor
+    and parameters (it owns ``self.linear``, an ``nn.Linear(in_features,
+    num_classes·prod(out_features))`` whose weight is viewed as ``(num_classes,
+    *out_features, in_features)``), computing :func:`linear_cross_entropy`,
+    plus lsce's keyword-only options. ``weight`` and ``smoothing_prior`` are
+    buffers (``smoothing_prior`` is absent from the state dict when None, so
+    state dicts are interchangeable with PyTorch's module). ``options``
+    (PyTorch's ``LinearCrossEntropyOptions``): its ``batch_chunk_size`` is
+    ``chunk_size``, its other fields are ignored (lsce has no counterpart). To
+    tie the head to an embedding, assign ``loss.linear.weight = embedding.weight``.
     """
 
     def __init__(
@@ -484,38 +606,62 @@ class LinearCrossEntropyLoss(nn.Module):
         in_features: int,
         num_classes: int,
         *,
+        out_features: Tuple[int, ...] = (),
         bias: bool = False,
         device=None,
         dtype=None,
         reduction: str = "mean",
         weight: Optional[Tensor] = None,
-        ignore_index: Optional[int] = -100,
+        ignore_index: Optional[int] = None,
         label_smoothing: float = 0.0,
+        options=None,
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
         smoothing_prior: Optional[Tensor] = None,
         chunk_size: Optional[int] = None,
+        out_dtype: Optional[torch.dtype] = None,
+        return_lse: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        # The checks of a call that need no input: a bad setting fails here, with the call's message.
+        checks.check_options(num_classes, None, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
+        checks.check_chunk_size(_options_chunk_size(chunk_size, options))
+        checks.check_out_dtype(out_dtype)
+        if ignore_index is not None:
+            checks.as_ignore_index(ignore_index)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.linear = nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.register_buffer("smoothing_prior", smoothing_prior)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.out_dtype = out_dtype
+        self.return_lse = return_lse
+        self.backend = backend
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor):
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
         return linear_cross_entropy(
-            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+            linear_bias=None if bias is None else bias.reshape(shape), weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
             z_loss=self.z_loss, softcap=self.softcap, smoothing_prior=self.smoothing_prior,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, out_dtype=self.out_dtype, return_lse=self.return_lse, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-                f"ignore_index={self.ignore_index}, z_loss={self.z_loss}, softcap={self.softcap}, "
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
                 f"chunk_size={self.chunk_size}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from . import checks
@@ -30,11 +31,16 @@ class CrossEntropyLoss(nn.Module):
         smoothing_prior: Optional[Tensor] = None,
         return_lse: bool = False,
         backend: str = "auto",
+        out_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        checks.check_deprecated(size_average, reduce)
-        checks.check_class_vector("weight", weight, None, None)
-        checks.check_class_vector("smoothing_prior", smoothing_prior, None, None)
+        # The checks of a call that need no input, so a bad setting fails here
+        # with the message it would give at the first call.
+        reduction = checks.legacy_reduction(size_average, reduce, reduction)
+        checks.check_options(None, None, weight=weight, smoothing_prior=smoothing_prior, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend)
+        checks.check_out_dtype(out_dtype)
+        checks.as_ignore_index(ignore_index)
         self.register_buffer("weight", weight)
         self.register_buffer("smoothing_prior", smoothing_prior)
         self.ignore_index = ignore_index
@@ -44,12 +50,14 @@ class CrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.return_lse = return_lse
         self.backend = backend
+        self.out_dtype = out_dtype
 
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             smoothing_prior=self.smoothing_prior, return_lse=self.return_lse, backend=self.backend,
+            out_dtype=self.out_dtype,
         )
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ one backend of the per-row kernel interface (lsce/interface.py), chosen by
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -82,6 +82,26 @@ def _(grad_loss, grad_lse, logits, target, weight, prior, m, log_s, ignore_index
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
+def differentiable_backward(grad_loss: Tensor, grad_lse: Optional[Tensor], logits: Tensor, target: Tensor,
+                            weight: Optional[Tensor], prior: Optional[Tensor], ignore_index: int,
+                            label_smoothing: float, z_loss: float, softcap: float, *,
+                            reduction: str = "none", inputs: Optional[List[Tensor]] = None) -> Tuple[Tensor, ...]:
+    """The gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` (loss reduced by
+    ``reduction``) for ``inputs`` (default: the logits), as a graph of
+    differentiable ops (autograd of lsce.reference's statement), for a backward
+    that records one (``create_graph=True``: gradient penalties, Hessians);
+    the kernels' gradient would be a constant there."""
+    with torch.enable_grad():  # also under vmap of a plain backward (is_grads_batched)
+        loss, lse = reference.cross_entropy(
+            logits.to(acc_dtype(logits.dtype)), target, weight, ignore_index, reduction, label_smoothing,
+            z_loss=z_loss, softcap=softcap or None, smoothing_prior=prior, return_lse=True)
+        outputs, grads = [loss], [grad_loss.to(loss.dtype)]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads.append(grad_lse.to(lse.dtype))
+        return torch.autograd.grad(outputs, [logits] if inputs is None else inputs, grads, create_graph=True)
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, prior, *options = inputs
     ctx.mark_non_differentiable(output[2], output[3])
@@ -93,8 +113,11 @@ def _backward(ctx, grad_loss, grad_lse, _grad_m, _grad_log_s):
     logits, target, weight, prior, m, log_s = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(m)
-    grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, m, log_s,
-                                                 *ctx.options)
+    if torch.is_grad_enabled():  # create_graph=True
+        grad, = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *ctx.options[:4])
+    else:
+        grad = torch.ops.lsce.cross_entropy_backward(grad_loss, grad_lse, logits, target, weight, prior, m, log_s,
+                                                     *ctx.options)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -114,6 +137,7 @@ class FusedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, prior, ignore_index, eps, z_loss, softcap, expected):
         checks.check_values(target, prior, logits.shape[1], ignore_index)
+        ctx.differentiable = (weight, prior, ignore_index, eps, z_loss, softcap)  # for create_graph=True
         logits, target, ctx.coef, ctx.opts = _prepare(logits, target, weight, prior, ignore_index, eps, z_loss, softcap)
         ctx.grad = cache.empty(logits.shape, logits.dtype)
         loss, m, log_s = cpu.forward(logits, target, ctx.coef, ctx.opts, ctx.grad, expected)
@@ -124,6 +148,15 @@ class FusedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         logits, target, m, log_s, expected = ctx.saved_tensors
+        # create_graph=True, or vmap over this backward (is_grads_batched), where
+        # comparing the upstream with `expected` cannot be read on the host.
+        batched = grad_loss is not None and (torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
+                                             or torch._C._functorch.is_legacy_batchedtensor(grad_loss))
+        if torch.is_grad_enabled() or batched:
+            grad_loss = torch.zeros_like(m) if grad_loss is None else grad_loss
+            weight, prior, *options = ctx.differentiable
+            grad, = differentiable_backward(grad_loss, grad_lse, logits, target, weight, prior, *options)
+            return grad, None, None, None, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
         fused = grad_lse is None and grad_loss is not None and bool((grad_loss == expected).all())
         if grad is None:

@@ -131,7 +131,8 @@ def soft_cross_entropy(input, target, weight=None, reduction: str = "mean", labe
     out_shape = z.shape[:-1] if input.dim() > 1 else ()
     z = _capped(z.reshape(-1, K).to(acc), softcap)
     t = t.reshape(-1, K).to(acc)
-    lse = _lse(z)
+    m, log_s = row_max_and_log_s(z)
+    lse = m + log_s
     # PyTorch's own log_softmax: a row holding +inf is NaN in value and gradient, as in F.cross_entropy.
     logp = torch.log_softmax(z, 1)
     tt = (1 - eps) * t + eps / K if eps else t

@@ -304,7 +304,8 @@ def _assert_unchanged(kwargs, before):
 def assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch):
     """call(**kwargs) raises ``exc`` with lsce's own message, matching ``text``,
     before any kernel (C++, Triton or reference; the fused CPU step included)
-    is reached, and leaves every tensor of kwargs as it was (no .grad either)."""
+    is reached, and leaves every tensor of kwargs as it was (no .grad either).
+    Returns the exception."""
     import lsce.cpu
     import lsce.ops
 
@@ -323,6 +324,7 @@ def assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch):
     assert str(info.value).startswith("lsce"), f"not lsce's own message: {info.value!r}"
     assert not reached, f"a kernel was reached: {reached}"
     _assert_unchanged(kwargs, before)
+    return info.value
 
 
 # ------------------------------------------------------------------ PyTorch

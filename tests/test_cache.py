@@ -4,6 +4,10 @@ exactly the new gradient."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,12 +171,24 @@ def test_last_reference_dropped_on_another_thread():
     assert _grad(logits, target).data_ptr() == ptr
 
 
-def test_environment_limit_is_checked(monkeypatch):
-    monkeypatch.setattr(cache, "_configured", False)
-    monkeypatch.setenv("LSCE_GRAD_CACHE_MB", "-3")
-    with pytest.raises(ValueError, match="LSCE_GRAD_CACHE_MB"):
-        cache.cached_bytes()
+@pytest.mark.parametrize("value", ["-3", "inf", "-inf", "nan", "lots"])
+def test_environment_limit_is_checked(monkeypatch, value):
+    monkeypatch.setenv("LSCE_GRAD_CACHE_MB", value)
+    with pytest.raises(ValueError, match="LSCE_GRAD_CACHE_MB must be a finite number"):
+        cache._limit_from_environment()
+
+
+def test_bad_environment_limit_fails_at_import():
+    """Where it is read: `import lsce`, not the first large gradient mid-training."""
+    env = {**os.environ, "LSCE_GRAD_CACHE_MB": "inf"}
+    run = subprocess.run([sys.executable, "-c", "import lsce"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "LSCE_GRAD_CACHE_MB must be a finite number" in run.stderr
+
+
+def test_environment_limit_zero_turns_the_cache_off(monkeypatch):
     monkeypatch.setenv("LSCE_GRAD_CACHE_MB", "0")
+    monkeypatch.setattr(cache, "_env_limit", cache._limit_from_environment())
+    monkeypatch.setattr(cache, "_configured", False)
     cache.cached_bytes()
     logits, target = make_problem(SHAPE, torch.float32)
     g = _grad(logits, target)

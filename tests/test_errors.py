@@ -6,6 +6,7 @@ one test). lsce.linear_cross_entropy's own table is in tests/test_linear.py."""
 import importlib.util
 import math
 import os
+import warnings
 
 import torch
 
@@ -56,7 +57,7 @@ BAD_CALLS = [
     # probabilities: PyTorch raises a RuntimeError; lsce's error is a ValueError and a RuntimeError.
     ("float target", _with(target=torch.rand(4)), RuntimeError, "class indices"),
     ("bool target", _with(target=torch.tensor([True, False, True, False])), TypeError, "target"),
-    ("integer logits", _with(input=torch.ones(4, K, dtype=torch.int64)), TypeError, "input"),
+    ("integer logits", _with(input=torch.ones(4, K, dtype=torch.int64)), NotImplementedError, "input"),
     ("target shape", _with(target=torch.tensor([0, 1, 2])), ValueError, "target shape"),
     ("scalar input", _with(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError, "at least 1 dimension"),
     ("no classes", _with(input=torch.randn(4, 0)), ValueError, "0 classes"),
@@ -78,8 +79,6 @@ BAD_CALLS = [
     ("softcap zero", _with(softcap=0.0), ValueError, "softcap"),
     ("softcap negative", _with(softcap=-3.0), ValueError, "softcap"),
     ("softcap NaN", _with(softcap=float("nan")), ValueError, "softcap"),
-    ("size_average", _with(size_average=True), TypeError, "size_average"),
-    ("reduce", _with(reduce=False), TypeError, "reduce"),
     ("out_dtype integer", _with(out_dtype=torch.int64), TypeError, "out_dtype"),
     # wrong ranks and shapes
     ("target with a class dim", _with(target=torch.tensor([[0], [1], [2], [3]])), ValueError, "target shape"),
@@ -94,8 +93,8 @@ BAD_CALLS = [
     # devices and dtypes
     ("input on meta", _with(input=torch.randn(4, K, device="meta")), ValueError, "input is on meta"),
     ("prior on meta", _with(smoothing_prior=torch.full((K,), 0.2, device="meta")), ValueError, "smoothing_prior"),
-    ("complex logits", _with(input=torch.randn(4, K, dtype=torch.complex64)), TypeError, "input"),
-    ("bool logits", _with(input=torch.ones(4, K, dtype=torch.bool)), TypeError, "input"),
+    ("complex logits", _with(input=torch.randn(4, K, dtype=torch.complex64)), NotImplementedError, "input"),
+    ("bool logits", _with(input=torch.ones(4, K, dtype=torch.bool)), NotImplementedError, "input"),
     ("integer prior", _with(smoothing_prior=torch.ones(K, dtype=torch.int64)), TypeError, "smoothing_prior"),
     ("complex weight", _with(weight=torch.ones(K, dtype=torch.complex64)), TypeError, "weight"),
     # targets
@@ -112,9 +111,14 @@ BAD_CALLS = [
     ("complex target", _with(target=torch.zeros(4, dtype=torch.complex64)), TypeError, "target"),
     # label_smoothing
     ("eps inf", _with(label_smoothing=math.inf), ValueError, "label_smoothing"),
-    ("eps string", _with(label_smoothing="0.1"), ValueError, "label_smoothing"),
-    ("eps None", _with(label_smoothing=None), ValueError, "label_smoothing"),
-    ("eps tensor", _with(label_smoothing=torch.tensor(0.1)), ValueError, "label_smoothing"),
+    ("eps string", _with(label_smoothing="0.1"), TypeError, "label_smoothing"),
+    ("eps None", _with(label_smoothing=None), TypeError, "label_smoothing"),
+    ("eps 1-D tensor", _with(label_smoothing=torch.tensor([0.1])), TypeError, "label_smoothing"),
+    ("eps numpy 1.5", _with(label_smoothing=np.float32(1.5)), ValueError, "label_smoothing"),
+    ("eps tensor 1.5", _with(label_smoothing=torch.tensor(1.5)), ValueError, "label_smoothing"),
+    ("eps complex tensor", _with(label_smoothing=torch.tensor(0.1j)), TypeError, "label_smoothing"),
+    ("z_loss tensor -1", _with(z_loss=torch.tensor(-1.0)), ValueError, "z_loss"),
+    ("softcap numpy 0", _with(softcap=np.float64(0.0)), ValueError, "softcap"),
     # prior values
     ("prior sums to 1.001", _with(smoothing_prior=torch.tensor([0.2, 0.2, 0.2, 0.2, 0.201])), ValueError,
      "smoothing_prior"),
@@ -130,11 +134,11 @@ BAD_CALLS = [
     # z_loss, softcap
     ("z_loss NaN", _with(z_loss=math.nan), ValueError, "z_loss"),
     ("z_loss -inf", _with(z_loss=-math.inf), ValueError, "z_loss"),
-    ("z_loss None", _with(z_loss=None), ValueError, "z_loss"),
-    ("z_loss string", _with(z_loss="0.1"), ValueError, "z_loss"),
+    ("z_loss None", _with(z_loss=None), TypeError, "z_loss"),
+    ("z_loss string", _with(z_loss="0.1"), TypeError, "z_loss"),
     ("softcap inf", _with(softcap=math.inf), ValueError, "softcap"),
     ("softcap -0.0", _with(softcap=-0.0), ValueError, "softcap"),
-    ("softcap string", _with(softcap="30"), ValueError, "softcap"),
+    ("softcap string", _with(softcap="30"), TypeError, "softcap"),
     # non-Tensor arguments
     ("input list", _with(input=[[0.0] * K] * 4), TypeError, "input"),
     ("target list", _with(target=[0, 1, 2, 3]), TypeError, "target"),
@@ -195,18 +199,96 @@ def _module_call(input, target, **ctor):
     return lsce.CrossEntropyLoss(**ctor)(input, target)
 
 
+_TORCH_ARGS = {"input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"}
+
+
+_LSCE_ONLY = object()
+
+
+def _torch_outcome(kwargs):
+    """What F.cross_entropy raises for the same call (None where it takes the call or
+    the call has lsce's own arguments); lsce's exception must be an instance of its type,
+    so code that catches PyTorch's errors catches lsce's. The table's uniform
+    smoothing_prior is PyTorch's own smoothing."""
+    prior = kwargs.get("smoothing_prior")
+    if (torch.is_tensor(prior) and not prior.requires_grad and prior.shape == (K,) and prior.device.type == "cpu"
+            and torch.equal(prior, torch.full((K,), 1.0 / K))):
+        kwargs = {k: v for k, v in kwargs.items() if k != "smoothing_prior"}
+    if not set(kwargs) <= _TORCH_ARGS:
+        return _LSCE_ONLY
+    target = kwargs.get("target")
+    if torch.is_tensor(target) and target.dtype in (torch.int32, torch.int16, torch.int8):
+        kwargs = dict(kwargs, target=target.long())  # lsce takes these dtypes; compare the values' error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # size_average / reduce
+            F.cross_entropy(**{k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    except Exception as e:  # noqa: BLE001 (any type PyTorch raises is the expectation)
+        return e
+    return None
+
+
+def _torch_error(kwargs):
+    outcome = _torch_outcome(kwargs)
+    return None if outcome is _LSCE_ONLY else outcome
+
+
 @pytest.mark.parametrize("kwargs,exc,text,caller", list(_calls()))
 def test_bad_input_raises_before_any_kernel_and_changes_nothing(kwargs, exc, text, caller, monkeypatch):
+    torch_error = _torch_error(kwargs)
     kwargs = dict(kwargs)
     if caller != "module":
         kwargs.setdefault("backend", caller)
     call = _module_call if caller == "module" else lsce.cross_entropy
-    assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch)
+    err = assert_raises_and_changes_nothing(call, kwargs, exc, text, monkeypatch)
+    if torch_error is not None:
+        assert isinstance(err, type(torch_error)), f"PyTorch raises {torch_error!r}, lsce {err!r}"
 
 
-def test_module_rejects_deprecated_arguments():
-    with pytest.raises(TypeError, match="size_average"):
-        lsce.CrossEntropyLoss(size_average=False)
+# Calls of the table that F.cross_entropy takes and lsce refuses, each with why
+# (README, "Differences from PyTorch").
+ACCEPTED_BY_PYTORCH = {
+    "eps negative": "a negative smoothing is no smoothing PyTorch documents ([0, 1]); nn.LinearCrossEntropyLoss refuses it",
+    "eps NaN": "PyTorch computes a NaN loss",
+    "reduction elementwise_mean": "a name deprecated since PyTorch 0.4",
+    "1-D input, 1-D target": "PyTorch reads (K,) logits with a (1,) target as one row; lsce wants the target's shape ()",
+}
+
+
+def test_pytorch_refuses_the_rest_of_the_table():
+    """The type comparison above runs for every call PyTorch can take except the listed ones."""
+    comparable = {name: kw for name, kw, _, _ in BAD_CALLS if _torch_outcome(kw) is not _LSCE_ONLY}
+    accepted = {name for name, kw in comparable.items() if _torch_error(kw) is None}
+    assert accepted == set(ACCEPTED_BY_PYTORCH)
+    assert len(comparable) > 50
+
+
+@pytest.mark.parametrize("name", ["weight", "reduction", "label_smoothing", "z_loss", "softcap", "backend",
+                                  "ignore_index", "out_dtype", "smoothing_prior"])
+def test_module_checks_settings_at_construction_with_the_call_message(name):
+    bad = {"weight": torch.rand(K, 1), "reduction": "avg", "label_smoothing": 2.0, "z_loss": -1.0, "softcap": 0.0,
+           "backend": "gpu", "ignore_index": 1.5, "out_dtype": torch.int32,
+           "smoothing_prior": torch.ones(K, dtype=torch.int64)}[name]
+    with pytest.raises(Exception) as at_call:
+        lsce.cross_entropy(**_with(**{name: bad}))
+    with pytest.raises(type(at_call.value)) as at_construction:
+        lsce.CrossEntropyLoss(**{name: bad})
+    assert str(at_construction.value) == str(at_call.value)
+
+
+@pytest.mark.parametrize("legacy", [dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)],
+                         ids=["size_average", "reduce", "both"])
+def test_deprecated_reduction_arguments_like_torch(legacy):
+    """size_average / reduce: PyTorch's meaning and its deprecation warning, function and module."""
+    kw = _with(label_smoothing=0.1)
+    kw.pop("smoothing_prior")
+    with pytest.warns(UserWarning, match="deprecated"):
+        expected = F.cross_entropy(**kw, **legacy)
+    with pytest.warns(UserWarning, match="deprecated"):
+        torch.testing.assert_close(lsce.cross_entropy(**kw, **legacy), expected)
+    with pytest.warns(UserWarning, match="deprecated"):
+        module = lsce.CrossEntropyLoss(kw.pop("weight"), **legacy, label_smoothing=0.1)
+    torch.testing.assert_close(module(kw["input"], kw["target"]), expected)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, -1, np.int64(-5)])

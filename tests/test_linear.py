@@ -4,6 +4,7 @@ F.linear_cross_entropy where torch has it, and the fp64 reference; gradcheck,
 torch.compile, chunking edge cases and bad input."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -349,7 +350,14 @@ BAD_CALLS = [
     ("integer input", _bad(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "input"),
     ("scalar input", _bad(input=torch.tensor(1.0), target=torch.tensor(0)), ValueError, "at least 1 dimension"),
     ("list input", _bad(input=[[1.0, 2.0, 3.0]]), TypeError, "input must be a Tensor"),
-    ("1-D linear_weight", _bad(linear_weight=torch.randn(15)), ValueError, "linear_weight must be 2-D"),
+    ("1-D linear_weight", _bad(linear_weight=torch.randn(15)), ValueError, "linear_weight must be"),
+    ("K-dim bias shape", _bad(linear_weight=torch.randn(5, 2, 3), linear_bias=torch.randn(5), target=torch.zeros(4, 2,
+     dtype=torch.long)), ValueError, r"linear_bias must have shape \(5, 2\)"),
+    ("K-dim target shape", _bad(linear_weight=torch.randn(5, 2, 3), linear_bias=None), ValueError, "target shape"),
+    ("options disagree", _bad(chunk_size=2, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3)),
+     ValueError, "disagree"),
+    ("eps string", _bad(label_smoothing="0.1"), TypeError, "label_smoothing"),
+    ("ignore_index float", _bad(ignore_index=1.5), TypeError, "ignore_index"),
     ("feature mismatch", _bad(linear_weight=torch.randn(5, 4)), ValueError, "features"),
     ("no classes", _bad(linear_weight=torch.randn(0, 3), linear_bias=None, weight=None), ValueError, "0 rows"),
     ("weight dtype", _bad(linear_weight=torch.randn(5, 3, dtype=torch.float64)), TypeError, "linear_weight is"),
@@ -372,9 +380,49 @@ BAD_CALLS = [
 ]
 
 
+# Where F.linear_cross_entropy fails by accident rather than by a check, lsce keeps its own type.
+UNLIKE_PYTORCH = {
+    "list input": "AttributeError: 'list' object has no attribute 'dim'",
+    "bias type": "AttributeError: 'float' object has no attribute 'shape'",
+    "no classes": "IndexError: target 0 out of bounds (for 0 classes); lsce says the layer has no classes",
+}
+
+
+def kwargs_id(kwargs):
+    return next(name for name, kw, _, _ in BAD_CALLS if kw is kwargs)
+
+
+_TORCH_ARGS = {"input", "linear_weight", "target", "linear_bias", "weight", "reduction", "ignore_index",
+               "label_smoothing", "options"}
+
+
+def _torch_error(kwargs):
+    """What F.linear_cross_entropy raises for the call (None: it takes it, or the call has lsce's own arguments)."""
+    if not set(kwargs) <= _TORCH_ARGS:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            F.linear_cross_entropy(**{k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    except Exception as e:  # noqa: BLE001 (whatever type PyTorch raises is the expectation)
+        return e
+    return None
+
+
 @pytest.mark.parametrize("kwargs,exc,text", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_and_changes_nothing(kwargs, exc, text, monkeypatch):
-    assert_raises_and_changes_nothing(lsce.linear_cross_entropy, dict(kwargs), exc, text, monkeypatch)
+    """And of a type PyTorch raises for the same call, so that code catching PyTorch's errors catches lsce's."""
+    torch_error = None if kwargs_id(kwargs) in UNLIKE_PYTORCH else _torch_error(kwargs)
+    err = assert_raises_and_changes_nothing(lsce.linear_cross_entropy, dict(kwargs), exc, text, monkeypatch)
+    if torch_error is not None:
+        assert isinstance(err, type(torch_error)), f"PyTorch raises {torch_error!r}, lsce {err!r}"
+
+
+def test_pytorch_refuses_most_of_the_table():
+    """Calls PyTorch takes and lsce refuses: a negative smoothing (nn.LinearCrossEntropyLoss refuses
+    it), a layer on the meta device for CPU input (PyTorch returns a meta loss)."""
+    accepted = {name for name, kw, _, _ in BAD_CALLS if set(kw) <= _TORCH_ARGS and _torch_error(kw) is None}
+    assert accepted == {"eps negative", "weight device"}
 
 
 # ---------------------------------------------------------------- probability (soft) targets
