@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -18,6 +19,15 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "cpu", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def any_dtensor(*tensors) -> bool:
+    """Whether one of ``tensors`` is a ``torch.distributed.tensor.DTensor`` (the
+    entry points then hand the call to lsce.dtensor). Nothing is a DTensor
+    before that module is imported, so this never imports it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    DTensor = getattr(module, "DTensor", None)
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
 def check_target(target, device: torch.device) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copyreg
 import functools
 import inspect
-import sys
 import warnings
 from typing import Optional
 
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from .. import checks
 from ..functional import cross_entropy
 from ..linear import linear_cross_entropy
+from .fsdp import is_fsdp_module, unsharded
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 LOSS_OPTIONS = ("weight", "z_loss", "softcap", "smoothing_prior", "chunk_size")
@@ -162,20 +162,33 @@ class LabelSmoother(CausalLMLoss):
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _foreign_hooks(head: nn.Module, fsdp_unit: bool) -> bool:
+    """Whether ``head`` has hooks a fused head would skip: any but FSDP2's own
+    (whose gather and reduce-scatter lsce.integrations.fsdp.unsharded does)."""
+    global_hooks = (getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS)
+    if any(global_hooks):
+        return True
+    for name in _HOOKS:
+        for hook in getattr(head, name).values():
+            owner = getattr(hook, "__self__", None)
+            if not (fsdp_unit and type(owner).__name__ == "FSDPState"):
+                return True
+    return False
+
+
 def unfused_reason(head: nn.Module) -> Optional[str]:
     """Why running ``head`` fused with the loss (reading its ``weight`` and
-    ``bias``) could differ from calling it; None for a plain ``nn.Linear``."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is an FSDP2 module unless FSDP was imported
-    if fsdp is not None and isinstance(head, getattr(fsdp, "FSDPModule", ())):
-        return "it is an FSDP2 module: its weight is sharded until its own forward gathers it"
+    ``bias``) could differ from calling it; None for a plain ``nn.Linear``,
+    an FSDP2 unit of its own included (its weight is gathered around the
+    fused call: lsce.integrations.fsdp.unsharded)."""
+    fsdp_unit = is_fsdp_module(head)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         return f"it is a {type(head).__module__}.{type(head).__qualname__} with a forward of its own, not an nn.Linear"
     if "forward" in vars(head):
         return "its forward is replaced on the module (as accelerate's device_map hooks do)"
-    global_hooks = (getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS)
-    if any(getattr(head, name) for name in _HOOKS) or any(global_hooks):
+    if _foreign_hooks(head, fsdp_unit):
         return "it has forward or backward hooks, which a fused head would skip"
-    if any(p is not None and type(p) not in (nn.Parameter, Tensor) for p in (head.weight, head.bias)):
+    if not fsdp_unit and any(p is not None and type(p) not in (nn.Parameter, Tensor) for p in (head.weight, head.bias)):
         return f"its weight is a {type(head.weight).__name__}, not a plain tensor"
     return None
 
@@ -259,8 +272,10 @@ def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: di
         hidden = hidden[:, -keep:] if keep else hidden
     else:
         hidden = hidden[:, keep]
-    loss = model._lsce.loss_function(hidden, labels, lm_head=model.get_output_embeddings(),
-                                     softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
+    head = model.get_output_embeddings()
+    with unsharded(head):  # an FSDP2 unit of its own: its weight gathered for the fused call
+        loss = model._lsce.loss_function(hidden, labels, lm_head=head,
+                                         softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
     output = CausalLMOutputWithPast(loss=loss, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return output.to_tuple() if return_dict is False else output
 
@@ -335,8 +350,9 @@ def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: boo
             the loss together (:func:`lsce.linear_cross_entropy`): the logits
             are never materialised and the output's ``logits`` is None. Gemma
             2/3's final-logit softcap is applied inside the fused loss. Only a
-            plain ``nn.Linear`` head without hooks is fused; any other head
-            (LoRA on ``lm_head``, a quantised or FSDP2-sharded head, hooks)
+            plain ``nn.Linear`` head without hooks is fused (an FSDP2 unit of
+            its own too: its weight is gathered around the fused call); any
+            other head (LoRA on ``lm_head``, a quantised head, hooks)
             runs its own forward, with a one-time warning that says why.
             The model's own forward still runs in every other call.
         **loss_options: lsce's ``weight``, ``z_loss``, ``softcap``,
