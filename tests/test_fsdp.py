@@ -95,6 +95,25 @@ def _unsharded(tied):
     return torch.stack(per_rank), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class _FusedLoss(torch.nn.Module):
+    """The model's decoder, then lsce.linear_cross_entropy on its LM head (an
+    FSDP2 unit of its own), gathered by lsce.integrations.fsdp.unsharded."""
+
+    def __init__(self, model, loss, unsharded):
+        super().__init__()
+        self.model, self.loss, self.unsharded = model, loss, unsharded
+
+    def forward(self, input_ids, labels):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = self.model.model(input_ids=input_ids).last_hidden_state
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        head = self.model.lm_head
+        with self.unsharded(head):
+            loss = self.loss(hidden, head.weight, shifted, label_smoothing=EPS)
+        return CausalLMOutputWithPast(loss=loss)
+
+
 def _sharded(wrapping, rank):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -103,7 +122,7 @@ def _sharded(wrapping, rank):
     from lsce.integrations.transformers import apply_lsce
 
     model = _model(tied=wrapping == "tied")
-    if wrapping != "bf16 torch":
+    if not wrapping.endswith("torch") and wrapping != "direct call":
         apply_lsce(model, label_smoothing=EPS)
     if wrapping == "checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,25 +133,23 @@ def _sharded(wrapping, rank):
         fully_shard(layer, **kw)
     if wrapping not in ("head in root", "tied"):
         fully_shard(model.lm_head, **kw)
+    if wrapping == "direct call":  # a training module of one's own: the decoder, then the fused loss
+        model = _FusedLoss(model, lsce.linear_cross_entropy, unsharded)
     fully_shard(model, **kw)
-    run = torch.compile(model, backend="aot_eager") if wrapping == "compile" else model
+    run = torch.compile(model, backend="aot_eager") if wrapping.startswith("compile") else model
 
     def loss_of(model, step, batches):
         ids, labels = batches[step]
-        if wrapping == "bf16 torch":
+        if wrapping.endswith("torch"):
             return _torch_loss(run, ids, labels)
-        if wrapping == "direct call":  # the decoder, then the fused loss on the gathered head
-            hidden = run.model(input_ids=ids).last_hidden_state
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            with unsharded(model.lm_head):
-                return lsce.linear_cross_entropy(hidden, model.lm_head.weight, shifted, label_smoothing=EPS)
         return run(input_ids=ids, labels=labels).loss
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = _train(model, _batches(rank), loss_of)
     fused_warnings = [str(w.message) for w in caught if "not fused" in str(w.message)]
-    state = {k: v.full_tensor().detach().float().clone() for k, v in model.state_dict().items()}
+    inner = model.model if wrapping == "direct call" else model
+    state = {k: v.full_tensor().detach().float().clone() for k, v in inner.state_dict().items()}
     return dict(losses=torch.stack(losses), state=state, warnings=fused_warnings)
 
 

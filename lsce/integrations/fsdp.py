@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import torch
 from torch import nn
 
 __all__ = ["is_fsdp_module", "unsharded"]
@@ -48,8 +49,20 @@ def unsharded(module: nn.Module):
     if not is_fsdp_module(module):
         yield module
         return
-    module.unshard()
+    _unshard(module)
     try:
         yield module
     finally:
-        module.reshard()
+        _reshard(module)
+
+
+# FSDP2's own hooks run outside torch.compile's graphs too (its state
+# machine is Python, not tensor code): a compiled model breaks its graph here.
+@torch.compiler.disable
+def _unshard(module: nn.Module) -> None:
+    module.unshard()
+
+
+@torch.compiler.disable
+def _reshard(module: nn.Module) -> None:
+    module.reshard()

@@ -169,9 +169,9 @@ def _foreign_hooks(head: nn.Module, fsdp_unit: bool) -> bool:
     if any(global_hooks):
         return True
     for name in _HOOKS:
-        for hook in getattr(head, name).values():
-            owner = getattr(hook, "__self__", None)
-            if not (fsdp_unit and type(owner).__name__ == "FSDPState"):
+        hooks = getattr(head, name)
+        for key in hooks:  # (not .values(): torch.compile cannot guard on an index into it)
+            if not (fsdp_unit and type(getattr(hooks[key], "__self__", None)).__name__ == "FSDPState"):
                 return True
     return False
 
@@ -233,7 +233,8 @@ class _LsceState:
                 "compute_loss_func=lsce.integrations.transformers.CausalLMLoss(label_smoothing=...) instead."))
 
 
-def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, args, kwargs):
+def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, var_keyword: Optional[str],
+                  args, kwargs):
     """``model.forward`` after apply_lsce: the model's own forward (its loss
     lsce's), or, in a training-mode call with labels, the fused head."""
     state = model._lsce
@@ -244,7 +245,7 @@ def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, ar
             if arguments.get("labels") is not None:
                 reason = unfused_reason(model.get_output_embeddings())
                 if reason is None:
-                    return _fused_forward(model, signature, dict(arguments))
+                    return _fused_forward(model, var_keyword, dict(arguments))
                 state.warn_once(reason, f"lsce: the LM head is not fused with the loss because {reason}; the loss is "
                                         "lsce's on the logits the head's own forward returns (materialised, as with "
                                         "fused_linear=False)")
@@ -253,7 +254,7 @@ def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, ar
         state.running -= 1
 
 
-def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: dict):
+def _fused_forward(model: nn.Module, var_keyword: Optional[str], arguments: dict):
     """The supported families' ``…ForCausalLM.forward`` with the LM head (and
     Gemma 2/3's final-logit softcap) moved into the loss: the decoder, its last
     hidden states (sliced by ``logits_to_keep``), the fused loss; ``logits`` None.
@@ -261,8 +262,6 @@ def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: di
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     del arguments["self"]
-    var_keyword = next((p.name for p in signature.parameters.values()
-                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     kwargs = arguments.pop(var_keyword, {}) if var_keyword else {}
     labels, keep = arguments.pop("labels"), arguments.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
@@ -296,10 +295,14 @@ def _patched_class(base: type) -> type:
     cls = _PATCHED.get(base)
     if cls is None:
         signature = inspect.signature(base.forward)
+        # The name of forward's **kwargs, found once: torch.compile cannot guard
+        # on the signature's parameters (an odict_values) when a graph breaks in forward.
+        var_keyword = next((p.name for p in signature.parameters.values()
+                            if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
         @functools.wraps(base.forward)
         def forward(self, *args, **kwargs):
-            return _lsce_forward(self, base, signature, args, kwargs)
+            return _lsce_forward(self, base, signature, var_keyword, args, kwargs)
 
         def __reduce_ex__(self, protocol):
             rv = base.__reduce_ex__(self, protocol)
