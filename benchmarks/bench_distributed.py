@@ -366,11 +366,7 @@ def main(argv=None):
           f"({os.cpu_count()} cores); per training step (forward + backward):\n")
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "distributed.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {args.out / 'distributed.csv'}")
+    write_csv(args.out / "distributed.csv", CSV_FIELDS, rows)
     if args.parallel:
         prows = []
         for world in (int(w) for w in args.worlds.split(",")):
@@ -378,11 +374,15 @@ def main(argv=None):
         print(f"\nDTensor and FSDP2 steps: N={args.rows} rows (per rank for FSDP2), K={args.vocab}, "
               f"H={args.hidden}, {args.dtype}, label_smoothing={args.eps}; forward + backward:\n")
         print_parallel_table(prows)
-        with open(args.out / "distributed_parallel.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PARALLEL_FIELDS)
-            writer.writeheader()
-            writer.writerows(prows)
-        print(f"\nwrote {args.out / 'distributed_parallel.csv'}")
+        write_csv(args.out / "distributed_parallel.csv", PARALLEL_FIELDS, prows)
+
+
+def write_csv(path: Path, fields, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
