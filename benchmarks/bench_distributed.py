@@ -359,22 +359,19 @@ def main(argv=None):
                    "(0: PyTorch's side is loss_parallel)")
     args = p.parse_args(argv)
 
-    rows = []
-    for world in (int(w) for w in args.worlds.split(",")):
-        rows += run_world(world, args)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    rows = [row for world in worlds for row in run_world(world, args)]
     print(f"\nN={args.rows}, K={args.vocab}, {args.dtype}, label_smoothing={EPS}, gloo on CPU "
           f"({os.cpu_count()} cores); per training step (forward + backward):\n")
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "distributed.csv", CSV_FIELDS, rows)
     if args.parallel:
-        prows = []
-        for world in (int(w) for w in args.worlds.split(",")):
-            prows += run_parallel(world, args)
+        rows = [row for world in worlds for row in run_parallel(world, args)]
         print(f"\nDTensor and FSDP2 steps: N={args.rows} rows (per rank for FSDP2), K={args.vocab}, "
               f"H={args.hidden}, {args.dtype}, label_smoothing={args.eps}; forward + backward:\n")
-        print_parallel_table(prows)
-        write_csv(args.out / "distributed_parallel.csv", PARALLEL_FIELDS, prows)
+        print_parallel_table(rows)
+        write_csv(args.out / "distributed_parallel.csv", PARALLEL_FIELDS, rows)
 
 
 def write_csv(path: Path, fields, rows) -> None:
