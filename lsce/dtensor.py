@@ -31,8 +31,11 @@ The target has the logits' placements with the class shard replaced by
 The fused head: ``linear_weight`` (K, H) ``Shard(0)`` on at most one mesh
 dimension (``ColwiseParallel``) runs
 :func:`lsce.distributed.vocab_parallel_linear_cross_entropy` (no logits are
-gathered, nor materialised); the input (…, H) is plain (the same on every
-rank) or a DTensor sharded on its row dimensions only. Where the input is
+gathered, nor materialised); the input (…, H) is a DTensor replicated on that
+mesh dimension and sharded on its row dimensions only, if at all (a plain
+input is refused there: it could be each rank's own batch beside an FSDP2
+parameter, which is a ``Shard(0)`` DTensor too); with a replicated head, a
+plain input is the same on every rank. Where the input is
 row-sharded and the head replicated, the head's gradient there is
 ``Partial`` (each rank's rows' share), as DTensor's own matmul gives it.
 
@@ -229,6 +232,14 @@ def _linear_layout(input, linear_weight, linear_bias) -> Tuple[object, "_Layout"
         if any(p.is_shard(input.dim() - 1) for p in x_places) or (split is not None and not x_places[split].is_replicate()):
             raise ValueError(f"lsce: input (…, H) may be sharded on its row dimensions only, and must be replicated "
                              f"on the mesh dimension that shards the head; got {x_places}")
+    elif split is not None:
+        # A plain input cannot say that every rank holds the same rows, which the vocabulary-parallel head
+        # needs; and FSDP2's own sharded weights are Shard(0) DTensors too, beside each rank's own batch.
+        raise ValueError(
+            "lsce: linear_weight is sharded on its output dimension, so the input must be a DTensor replicated "
+            "on that mesh dimension (DTensor.from_local(input, mesh, [Replicate()])) for the tensor-parallel "
+            "head; if the weight is an FSDP2-sharded parameter, gather it around the call with "
+            "lsce.integrations.fsdp.unsharded(module)")
     else:
         x_places = tuple(tensor.Replicate() for _ in range(mesh.ndim))
     return mesh, _Layout(mesh, w_places, split, x_places)

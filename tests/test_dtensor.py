@@ -100,7 +100,7 @@ def _run_case(mesh, spec, fn=None):
 
 
 def _linear_cases(world):
-    cases = [("1d colwise", dict(mesh="1d", w="S0", x="plain")), ("1d replicated head", dict(mesh="1d", w="R", x="plain"))]
+    cases = [("1d colwise", dict(mesh="1d", w="S0", x="R")), ("1d replicated head", dict(mesh="1d", w="R", x="plain"))]
     if world == 4:
         cases += [("2d rows x colwise", dict(mesh="2d", w="R,S0", x="S0,R")),
                   ("2d rows, replicated head", dict(mesh="2d", w="R,R", x="S0,R"))]
@@ -137,6 +137,8 @@ def _run_linear(meshes, spec):
     bd = distribute_tensor(b, mesh, w_places).requires_grad_(True)
     if spec["x"] == "plain":
         xd, yd = x.clone().requires_grad_(True), target
+    elif spec["x"] == "R":
+        xd, yd = distribute_tensor(x, mesh, _placements("R")).requires_grad_(True), target
     else:
         xd = distribute_tensor(x, mesh, _placements(spec["x"])).requires_grad_(True)
         yd = distribute_tensor(target, mesh, _placements(spec["x"]))
@@ -157,6 +159,7 @@ ERRORS = {
     "target out of range on the last rank, rows sharded": IndexError,
     "bad reduction on rank 0": ValueError,
     "plain target for row-sharded logits": ValueError,
+    "plain input with a vocabulary-sharded head": ValueError,
     "2d: z_loss differs on rank 3": ValueError,
 }
 
@@ -178,6 +181,9 @@ def _error_calls(world, rank, meshes):
         ("target out of range on the last rank, rows sharded", lambda: lsce.cross_entropy(z0, bad)),
         ("bad reduction on rank 0", lambda: lsce.cross_entropy(z, target, reduction="avg" if rank == 0 else "mean")),
         ("plain target for row-sharded logits", lambda: lsce.cross_entropy(z0, target)),
+        ("plain input with a vocabulary-sharded head", lambda: lsce.linear_cross_entropy(
+            torch.randn(ROWS, HIDDEN), distribute_tensor(torch.randn(K, HIDDEN), meshes["1d"], _placements("S0")),
+            target)),
     ]
     if world == 4:
         z2 = distribute_tensor(logits, meshes["2d"], _placements("S0,S1"))
