@@ -18,6 +18,25 @@ The gather-the-logits baseline is run at ``--baseline-rows`` rows (its
 gathered logits and their gradient are N·K each on every rank, 4·W GB at the
 full size in fp32) and its bytes and time are scaled to N rows: both grow
 linearly with the rows. Writes a table to the terminal and OUT/distributed.csv.
+
+``--parallel`` adds the steps of PyTorch's own distributed stack, each
+against PyTorch's equivalent in the same run (OUT/distributed_parallel.csv):
+
+* DTensor tensor parallelism: logits ``Shard(1)`` over a 1-D mesh of W ranks
+  (a ColwiseParallel head's output), ``lsce.cross_entropy`` on the DTensor;
+  PyTorch: ``loss_parallel()`` at ``--eps 0`` (it does not compute ε > 0),
+  else ``F.cross_entropy`` of the gathered logits (``full_tensor()``).
+* The fused DTensor head: ``lsce.linear_cross_entropy`` with the head's weight
+  ``Shard(0)`` (ColwiseParallel, ``--hidden`` features); PyTorch: the
+  ColwiseParallel head's logits, then as above.
+* FSDP2: the LM head an FSDP2 unit of its own inside a root module, each rank
+  with N rows of its own; lsce: ``lsce.linear_cross_entropy`` on the gathered
+  head (``lsce.integrations.fsdp.unsharded``); PyTorch: the head's forward and
+  ``F.cross_entropy`` of the materialised logits.
+
+Each of those runs in fresh processes: the peak is the resident-memory peak
+of rank 0's first step above its level before it (what the step itself
+touches), the time the median of ``--repeats`` later steps on rank 0.
 """
 
 from __future__ import annotations
@@ -165,6 +184,120 @@ def _worker(rank, world, port, args, out_dir):
     dist.destroy_process_group()
 
 
+PARALLEL_FIELDS = ["world", "N", "K", "H", "dtype", "eps", "step", "provider", "step_ms", "peak_MiB",
+                   "threads_per_rank"]
+
+
+def _parallel_keys(eps):
+    """(step, provider) of each --parallel measurement, lsce's first."""
+    theirs = "loss_parallel" if eps == 0 else "materialised logits"
+    return [("DTensor logits Shard(1)", "lsce"), ("DTensor logits Shard(1)", theirs),
+            ("DTensor head ColwiseParallel", "lsce fused"), ("DTensor head ColwiseParallel", theirs),
+            ("FSDP2 head unit", "lsce fused"), ("FSDP2 head unit", "materialised logits")]
+
+
+def _parallel_step(rank, world, args, key):
+    """A callable running one training step of ``key`` (step, provider) on this rank; only its own tensors built."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    from lsce.integrations.fsdp import unsharded
+
+    dtype, eps, N, K, H = DTYPES[args.dtype], args.eps, args.rows, args.vocab, args.hidden
+    step, provider = key
+    ours = provider.startswith("lsce")
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(1234)
+    target = torch.randint(0, K, (N,), generator=gen)
+
+    def torch_loss(z):
+        if eps == 0:
+            with loss_parallel():
+                F.cross_entropy(z, target).backward()
+        else:
+            F.cross_entropy(z.full_tensor(), target, label_smoothing=eps).backward()
+
+    if step.startswith("DTensor logits"):
+        logits = distribute_tensor((torch.randn((N, K), generator=gen) * 2).to(dtype), mesh, [Shard(1)],
+                                   src_data_rank=None).requires_grad_(True)
+        if ours:
+            return lambda: lsce.cross_entropy(logits, target, label_smoothing=eps).backward()
+        return lambda: torch_loss(logits)
+    if step.startswith("DTensor head"):
+        hidden = (torch.randn((N, H), generator=gen) / H ** 0.5).to(dtype).requires_grad_(True)
+        head = nn.Linear(H, K, bias=False, dtype=dtype)
+        parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+        if ours:
+            return lambda: lsce.linear_cross_entropy(hidden, head.weight, target, label_smoothing=eps).backward()
+        return lambda: torch_loss(head(hidden))
+
+    class Root(nn.Module):  # an FSDP2 root whose forward computes the loss; its head a unit of its own
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(H, K, bias=False, dtype=dtype)
+
+        def forward(self, x, y):
+            if ours:
+                with unsharded(self.head):
+                    return lsce.linear_cross_entropy(x, self.head.weight, y, label_smoothing=eps)
+            return F.cross_entropy(self.head(x), y, label_smoothing=eps)
+
+    root = Root()
+    fully_shard(root.head, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    rows = (torch.randn((N, H), generator=torch.Generator().manual_seed(rank)) / H ** 0.5).to(dtype)
+    rows.requires_grad_(True)  # each rank's rows of its own (data parallel)
+    return lambda: root(rows, target).backward()
+
+
+def _parallel_worker(rank, world, port, args, key, out_dir):
+    """One step of --parallel in fresh processes: rank 0's peak of the first step, then the median time."""
+    from measure import PeakMemory
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    step = _parallel_step(rank, world, args, key)
+    meter = PeakMemory("cpu")
+    dist.barrier()
+    meter.start()
+    step()
+    peak = meter.peak()
+    times = time_stages([lambda _: step()], "cpu", args.repeats, min_repeats=args.repeats, warmup_s=0,
+                        before=dist.barrier)
+    if rank == 0:
+        torch.save(dict(peak=peak, seconds=float(statistics.median(times[:, 0])), threads=threads),
+                   Path(out_dir) / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_parallel(world, args):
+    rows = []
+    keys = list(_parallel_keys(args.eps))
+    for key in keys:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_parallel_worker, args=(world, free_port(), args, key, tmp), nprocs=world, join=True)
+            r = torch.load(Path(tmp) / "result.pt")
+        rows.append(dict(world=world, N=args.rows, K=args.vocab, H=args.hidden, dtype=args.dtype, eps=args.eps,
+                         step=key[0], provider=key[1], step_ms=round(r["seconds"] * 1e3, 1),
+                         peak_MiB=round(r["peak"] / 2**20, 1), threads_per_rank=r["threads"]))
+    return rows
+
+
+def print_parallel_table(rows):
+    head = f"{'W':>2} {'step':<30} {'provider':<20} {'step ms':>9} {'peak MiB (rank 0)':>18}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['world']:>2} {r['step']:<30} {r['provider']:<20} {r['step_ms']:>9} {r['peak_MiB']:>18}")
+
+
 def computed_bytes(method, world, N, K, dtype):
     """Bytes each rank receives per step (gathers include its own part), from the formula."""
     acc = 8 if dtype == torch.float64 else 4
@@ -220,20 +353,33 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method (median)")
     p.add_argument("--baseline-rows", type=int, default=512, help="rows the gather-the-logits baseline runs at")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    p.add_argument("--parallel", action="store_true", help="also the DTensor and FSDP2 steps (module docstring)")
+    p.add_argument("--hidden", type=int, default=1024, help="H of the --parallel fused heads")
+    p.add_argument("--eps", type=float, default=EPS, help="label smoothing of the --parallel steps "
+                   "(0: PyTorch's side is loss_parallel)")
     args = p.parse_args(argv)
 
-    rows = []
-    for world in (int(w) for w in args.worlds.split(",")):
-        rows += run_world(world, args)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    rows = [row for world in worlds for row in run_world(world, args)]
     print(f"\nN={args.rows}, K={args.vocab}, {args.dtype}, label_smoothing={EPS}, gloo on CPU "
           f"({os.cpu_count()} cores); per training step (forward + backward):\n")
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "distributed.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    write_csv(args.out / "distributed.csv", CSV_FIELDS, rows)
+    if args.parallel:
+        rows = [row for world in worlds for row in run_parallel(world, args)]
+        print(f"\nDTensor and FSDP2 steps: N={args.rows} rows (per rank for FSDP2), K={args.vocab}, "
+              f"H={args.hidden}, {args.dtype}, label_smoothing={args.eps}; forward + backward:\n")
+        print_parallel_table(rows)
+        write_csv(args.out / "distributed_parallel.csv", PARALLEL_FIELDS, rows)
+
+
+def write_csv(path: Path, fields, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\nwrote {args.out / 'distributed.csv'}")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

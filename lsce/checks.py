@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -34,6 +35,15 @@ class ArgumentTypeError(TypeError, RuntimeError):
 
 class UnsupportedDtypeError(TypeError, NotImplementedError):
     """Logits of a dtype without a kernel (PyTorch: NotImplementedError, a RuntimeError)."""
+
+
+def any_dtensor(*tensors) -> bool:
+    """Whether one of ``tensors`` is a ``torch.distributed.tensor.DTensor`` (the
+    entry points then hand the call to lsce.dtensor). Nothing is a DTensor
+    before that module is imported, so this never imports it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    DTensor = getattr(module, "DTensor", None)
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
 
 
 def check_target(target, device: torch.device) -> None:

@@ -78,7 +78,7 @@ from .functional import reduce_rows
 from .interface import Coefficients, RowOptions, acc_dtype, coefficients, fixed_sum
 from .linear import GradSums, LogitChunks, check_linear_arguments, default_chunk_size
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "check_agreement"]
 
 # The kernels' targets for ignored rows and for rows whose true class is in
 # another slice: never a local column, whatever the user's ignore_index is.
@@ -392,6 +392,7 @@ def vocab_parallel_cross_entropy(
     smoothing_prior: Optional[Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    out_dtype: Optional[torch.dtype] = None,
 ):
     """``lsce.cross_entropy`` of the full logits, from this rank's vocabulary slice.
 
@@ -411,6 +412,7 @@ def vocab_parallel_cross_entropy(
         return_lse: also return the global per-row logsumexp (fp32; fp64 for
             fp64 logits), differentiable.
         backend: the per-row kernels, as in :func:`lsce.cross_entropy`.
+        out_dtype: the loss's dtype, as in :func:`lsce.cross_entropy`.
 
     Every rank returns the same loss; backward gives the gradient of this
     rank's slice. Collectives: see the module docstring (two small
@@ -426,7 +428,7 @@ def vocab_parallel_cross_entropy(
     if z.stride(-1) != 1:
         z = z.contiguous()
     ce, lse = _VocabParallelRows.apply(z, y.contiguous(), sl)
-    out = _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(local_logits.dtype)
+    out = _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(out_dtype or local_logits.dtype)
     return (out, lse.reshape(target.shape)) if return_lse else out
 
 
@@ -447,6 +449,7 @@ def vocab_parallel_linear_cross_entropy(
     smoothing_prior: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     reduce_input_grad: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``lsce.linear_cross_entropy`` with the LM head's rows (the vocabulary) split over the ranks.
 
@@ -463,7 +466,7 @@ def vocab_parallel_linear_cross_entropy(
     all-reduces its gradient (Megatron-LM's column-parallel LM head does):
     each rank then gets only its own share.
 
-    Other arguments: as in :func:`vocab_parallel_cross_entropy`.
+    Other arguments (``out_dtype`` included): as in :func:`vocab_parallel_cross_entropy`.
     """
     ignore_index = -100 if ignore_index is None else ignore_index  # as lsce.linear_cross_entropy
 
@@ -480,4 +483,40 @@ def vocab_parallel_linear_cross_entropy(
     chunk = default_chunk_size(x.shape[0], x.shape[1], sl.width, x.dtype) if chunk_size is None else chunk_size
     ce, lse = _VocabParallelLinearRows.apply(x, local_linear_weight, local_linear_bias, y.contiguous(), sl, chunk,
                                              bool(reduce_input_grad))
-    return _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(input.dtype)
+    return _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(out_dtype or input.dtype)
+
+
+def check_agreement(groups, own_error: Optional[Exception], options, device: Optional[torch.device] = None) -> None:
+    """The same verdict on every rank of a mesh before any collective of a call:
+    raises on every rank if one of them failed its own checks (``own_error``,
+    raised as is where it happened) or the ranks' ``options`` differ.
+
+    ``groups`` are the process groups of a device mesh's dimensions (one per
+    dimension): one all_gather of 4 int64 per group, in order; each passes on
+    what the previous ones found, so after the last every rank of the mesh
+    has heard of every other (lsce.dtensor calls this before the collectives
+    of its reductions over the batch dimensions, which a failing rank would
+    otherwise leave its peers waiting in).
+    """
+    code = 0 if own_error is None else next(c for c, kind in enumerate(_ERRORS) if kind and isinstance(own_error, kind))
+    me = dist.get_rank()
+    # error code, the global rank it came from (-1: none), options differ (0/1), options fingerprint
+    meta = [code, me if code else -1, 0, _fingerprint(options)]
+    for group in groups:
+        world = dist.get_world_size(group)
+        t = torch.tensor(meta, dtype=torch.int64, device=_meta_device(group, device))
+        rows = _all_gather(t, group, world).tolist()
+        failed = [m for m in rows if m[0]]
+        if failed and not meta[0]:
+            meta[0], meta[1] = failed[0][0], failed[0][1]
+        meta[2] = int(any(m[2] for m in rows) or len({m[3] for m in rows}) > 1)
+    if own_error is not None:
+        raise own_error
+    if meta[0]:
+        raise _ERRORS[meta[0]](
+            f"lsce: rank {meta[1]} failed its argument checks (its own error says why); every rank raises so "
+            "that none is left waiting in a collective")
+    if meta[2]:
+        raise ValueError("lsce: the ranks of the device mesh were called with different options (ignore_index, "
+                         "reduction, label_smoothing, z_loss, softcap, weight/smoothing_prior given or not, "
+                         "return_lse, chunk_size) or with different kinds of placements")

@@ -69,19 +69,24 @@ def mean_denominators(y: Tensor, w: Optional[Tensor], ignore_index: int, acc: to
 
 
 def reduce_rows(loss: Tensor, lse: Tensor, y: Tensor, w: Optional[Tensor], ignore_index: int,
-                z_loss: float, reduction: str, shape) -> Tensor:
+                z_loss: float, reduction: str, shape, total=None) -> Tensor:
     """The reduction of per-row losses (z-loss term included), as docs/design.md §1
-    states it; shared by every entry point (cross_entropy, linear, distributed)."""
+    states it; shared by every entry point (cross_entropy, linear, distributed,
+    dtensor). ``total`` (lsce.dtensor: over the ranks that hold other rows)
+    turns each sum over these rows into the sum over all rows; default: these
+    rows are all."""
     if reduction == "none":
         return loss.reshape(shape)
+    total = total or (lambda t: t)
     if reduction == "sum":
-        return fixed_sum(loss)
+        return total(fixed_sum(loss))
     valid, count, total_weight = mean_denominators(y, w, ignore_index, loss.dtype)
+    count, total_weight = total(count), total(total_weight)
     if w is not None and z_loss:
         # The z-loss term is averaged over rows, the cross-entropy over weight.
         zl = torch.where(valid, z_loss * lse * lse, 0)
-        return fixed_sum(loss - zl) / total_weight + fixed_sum(zl) / count
-    return fixed_sum(loss) / total_weight
+        return total(fixed_sum(loss - zl)) / total_weight + total(fixed_sum(zl)) / count
+    return total(fixed_sum(loss)) / total_weight
 
 
 def _fused_upstream(z, y, w, ignore_index, z_loss, reduction, backend) -> Optional[Tensor]:
@@ -150,6 +155,13 @@ def cross_entropy(
     ``size_average`` and ``reduce`` (deprecated in PyTorch) mean what they mean there, with its warning.
     """
     reduction = checks.legacy_reduction(size_average, reduce, reduction)
+    if checks.any_dtensor(input, target, weight, smoothing_prior):  # tensor parallelism: lsce/dtensor.py
+        from .dtensor import cross_entropy as dtensor_cross_entropy
+
+        return dtensor_cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, smoothing_prior=smoothing_prior, return_lse=return_lse,
+            backend=backend, out_dtype=out_dtype)
     if isinstance(target, Tensor) and target.is_floating_point():
         return _soft_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                    smoothing_prior, return_lse, backend, out_dtype)

@@ -526,6 +526,13 @@ def linear_cross_entropy(
     transforms compute the logits (as PyTorch does) and go through
     :func:`lsce.cross_entropy`; a backward with create_graph=True recomputes them.
     """
+    if checks.any_dtensor(input, linear_weight, target, linear_bias, weight, smoothing_prior):
+        from .dtensor import linear_cross_entropy as dtensor_linear_cross_entropy  # tensor parallelism
+
+        return dtensor_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            smoothing_prior=smoothing_prior, chunk_size=chunk_size, out_dtype=out_dtype)
     ignore_index = -100 if ignore_index is None else checks.as_ignore_index(ignore_index)
     K, H = check_linear_arguments(input, linear_weight, target, linear_bias, k_dim=True)
     checks.check_chunk_size(chunk_size)

@@ -299,27 +299,28 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path):
-    """Runs _worker on ``world`` processes; returns each rank's results."""
+def _spawn(world, tmp_path, module="test_distributed", deadline_s=SPAWN_DEADLINE_S):
+    """Runs ``module``'s ``_worker(rank, world, port, out_dir)`` (a test file's)
+    on ``world`` processes; returns each rank's results (its rank{r}.pt)."""
     port = free_port()
     here = Path(__file__).resolve().parent
     # The workers import the lsce this process imported, and _util from here.
     paths = [str(here), str(Path(lsce.__file__).resolve().parent.parent)] + [os.path.abspath(p) for p in sys.path]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), TRITON_INTERPRET="1")
-    code = "import sys, test_distributed as t; t._worker(*map(int, sys.argv[1:4]), sys.argv[4])"
+    code = f"import sys, {module} as t; t._worker(*map(int, sys.argv[1:4]), sys.argv[4])"
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port), str(tmp_path)],
                          cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for r in range(world)
     ]
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     outputs = []
     try:
         for p in procs:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             outputs.append(out.decode(errors="replace"))
     except subprocess.TimeoutExpired:
-        pytest.fail(f"world {world}: the workers did not finish within {SPAWN_DEADLINE_S} s (a hang?)")
+        pytest.fail(f"world {world}: the workers did not finish within {deadline_s} s (a hang?)")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -6,4 +6,4 @@ them reachable without needing the library: ``lsce.integrations.transformers``
 needs ``pip install 'lsce[transformers]'`` when it is used.
 """
 
-from . import transformers  # noqa: F401
+from . import fsdp, transformers  # noqa: F401

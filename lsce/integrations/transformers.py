@@ -32,7 +32,6 @@ from __future__ import annotations
 import copyreg
 import functools
 import inspect
-import sys
 import warnings
 from typing import Optional
 
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from .. import checks
 from ..functional import cross_entropy
 from ..linear import linear_cross_entropy
+from .fsdp import is_fsdp_module, unsharded
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 LOSS_OPTIONS = ("weight", "z_loss", "softcap", "smoothing_prior", "chunk_size")
@@ -222,20 +222,33 @@ class LabelSmoother(CausalLMLoss):
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _foreign_hooks(head: nn.Module, fsdp_unit: bool) -> bool:
+    """Whether ``head`` has hooks a fused head would skip: any but FSDP2's own
+    (whose gather and reduce-scatter lsce.integrations.fsdp.unsharded does)."""
+    global_hooks = (getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS)
+    if any(global_hooks):
+        return True
+    for name in _HOOKS:
+        hooks = getattr(head, name)
+        for key in hooks:  # (not .values(): torch.compile cannot guard on an index into it)
+            if not (fsdp_unit and type(getattr(hooks[key], "__self__", None)).__name__ == "FSDPState"):
+                return True
+    return False
+
+
 def unfused_reason(head: nn.Module) -> Optional[str]:
     """Why running ``head`` fused with the loss (reading its ``weight`` and
-    ``bias``) could differ from calling it; None for a plain ``nn.Linear``."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is an FSDP2 module unless FSDP was imported
-    if fsdp is not None and isinstance(head, getattr(fsdp, "FSDPModule", ())):
-        return "it is an FSDP2 module: its weight is sharded until its own forward gathers it"
+    ``bias``) could differ from calling it; None for a plain ``nn.Linear``,
+    an FSDP2 unit of its own included (its weight is gathered around the
+    fused call: lsce.integrations.fsdp.unsharded)."""
+    fsdp_unit = is_fsdp_module(head)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         return f"it is a {type(head).__module__}.{type(head).__qualname__} with a forward of its own, not an nn.Linear"
     if "forward" in vars(head):
         return "its forward is replaced on the module (as accelerate's device_map hooks do)"
-    global_hooks = (getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS)
-    if any(getattr(head, name) for name in _HOOKS) or any(global_hooks):
+    if _foreign_hooks(head, fsdp_unit):
         return "it has forward or backward hooks, which a fused head would skip"
-    if any(p is not None and type(p) not in (nn.Parameter, Tensor) for p in (head.weight, head.bias)):
+    if not fsdp_unit and any(p is not None and type(p) not in (nn.Parameter, Tensor) for p in (head.weight, head.bias)):
         return f"its weight is a {type(head.weight).__name__}, not a plain tensor"
     return None
 
@@ -280,7 +293,8 @@ class _LsceState:
                 "lsce.integrations.trl.SFTTrainer with label_smoothing_factor instead."))
 
 
-def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, args, kwargs):
+def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, var_keyword: Optional[str],
+                  args, kwargs):
     """``model.forward`` after apply_lsce: the model's own forward (its loss
     lsce's), or, in a training-mode call with labels, the fused head."""
     state = model._lsce
@@ -296,7 +310,7 @@ def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, ar
             elif state.fused_linear:
                 reason = unfused_reason(model.get_output_embeddings())
                 if reason is None:
-                    return _fused_forward(model, signature, dict(arguments))
+                    return _fused_forward(model, var_keyword, dict(arguments))
                 state.warn_once(reason, f"lsce: the LM head is not fused with the loss because {reason}; the loss is "
                                         "lsce's on the logits the head's own forward returns (materialised, as with "
                                         "fused_linear=False)")
@@ -305,7 +319,7 @@ def _lsce_forward(model: nn.Module, base: type, signature: inspect.Signature, ar
         state.running -= 1
 
 
-def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: dict):
+def _fused_forward(model: nn.Module, var_keyword: Optional[str], arguments: dict):
     """The supported families' ``…ForCausalLM.forward`` with the LM head (and
     Gemma 2/3's final-logit softcap) moved into the loss: the decoder, its last
     hidden states (sliced by ``logits_to_keep``), the fused loss; ``logits`` None.
@@ -313,8 +327,6 @@ def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: di
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     del arguments["self"]
-    var_keyword = next((p.name for p in signature.parameters.values()
-                        if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     kwargs = arguments.pop(var_keyword, {}) if var_keyword else {}
     labels, keep = arguments.pop("labels"), arguments.pop("logits_to_keep", 0)
     return_dict = kwargs.pop("return_dict", None)
@@ -324,8 +336,10 @@ def _fused_forward(model: nn.Module, signature: inspect.Signature, arguments: di
         hidden = hidden[:, -keep:] if keep else hidden
     else:
         hidden = hidden[:, keep]
-    loss = model._lsce.loss_function(hidden, labels, lm_head=model.get_output_embeddings(),
-                                     softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
+    head = model.get_output_embeddings()
+    with unsharded(head):  # an FSDP2 unit of its own: its weight gathered for the fused call
+        loss = model._lsce.loss_function(hidden, labels, lm_head=head,
+                                         softcap=getattr(model.config, "final_logit_softcapping", None), **kwargs)
     output = CausalLMOutputWithPast(loss=loss, **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
     return output.to_tuple() if return_dict is False else output
 
@@ -346,10 +360,14 @@ def _patched_class(base: type) -> type:
     cls = _PATCHED.get(base)
     if cls is None:
         signature = inspect.signature(base.forward)
+        # The name of forward's **kwargs, found once: torch.compile cannot guard
+        # on the signature's parameters (an odict_values) when a graph breaks in forward.
+        var_keyword = next((p.name for p in signature.parameters.values()
+                            if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
         @functools.wraps(base.forward)
         def forward(self, *args, **kwargs):
-            return _lsce_forward(self, base, signature, args, kwargs)
+            return _lsce_forward(self, base, signature, var_keyword, args, kwargs)
 
         def __reduce_ex__(self, protocol):
             rv = base.__reduce_ex__(self, protocol)
@@ -400,8 +418,9 @@ def apply_lsce(model: nn.Module, label_smoothing: float = 0.1, fused_linear: boo
             the loss together (:func:`lsce.linear_cross_entropy`): the logits
             are never materialised and the output's ``logits`` is None. Gemma
             2/3's final-logit softcap is applied inside the fused loss. Only a
-            plain ``nn.Linear`` head without hooks is fused; any other head
-            (LoRA on ``lm_head``, a quantised or FSDP2-sharded head, hooks)
+            plain ``nn.Linear`` head without hooks is fused (an FSDP2 unit of
+            its own too: its weight is gathered around the fused call); any
+            other head (LoRA on ``lm_head``, a quantised head, hooks)
             runs its own forward, with a one-time warning that says why.
             The model's own forward still runs in every other call.
         **loss_options: lsce's ``weight``, ``z_loss``, ``softcap``,
