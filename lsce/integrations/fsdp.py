@@ -58,11 +58,12 @@ def unsharded(module: nn.Module):
 
 # FSDP2's own hooks run outside torch.compile's graphs too (its state
 # machine is Python, not tensor code): a compiled model breaks its graph here.
-@torch.compiler.disable
+# Disabled at the call, not with a decorator: torch.compiler.disable imports
+# torch._dynamo, which imports triton, and `import lsce` must not (a later
+# TRITON_INTERPRET=1 would then be ignored).
 def _unshard(module: nn.Module) -> None:
-    module.unshard()
+    torch.compiler.disable(module.unshard)()
 
 
-@torch.compiler.disable
 def _reshard(module: nn.Module) -> None:
-    module.reshard()
+    torch.compiler.disable(module.reshard)()
