@@ -58,7 +58,8 @@ _MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024,
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
 _CLASS_BLOCK = 2048
 # Rows per chunk, at least, with vocabulary blocks: their chunks hold no
-# weight-gradient sum to amortise, so fewer rows (a smaller buffer) suffice.
+# weight-gradient sum to amortise, so fewer rows (a smaller buffer) suffice;
+# but never more than an eighth of the rows (blocked_chunk_floor).
 _MIN_BLOCKED_ROWS = 256
 # The kernels' targets in a vocabulary block: ignored rows, and rows whose
 # true class lies in another block (lsce/interface.py: any target outside
@@ -88,6 +89,13 @@ def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = No
         return N
     chunks = -(-N // rows)
     return -(-N // chunks)
+
+
+def blocked_chunk_floor(N: int) -> int:
+    """The default chunk's floor with vocabulary blocks: 256 rows, at most N/8
+    (the buffer then holds at most an eighth of the N×K logits, the blocks'
+    point)."""
+    return max(1, min(_MIN_BLOCKED_ROWS, -(-N // 8)))
 
 
 def vocabulary_blocks(N: int, H: int, K: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> bool:
@@ -546,7 +554,8 @@ def linear_cross_entropy(
             (:func:`default_chunk_size`), keeps the transient chunk buffer
             (logits, then their gradient over them) near the size of ``input``
             while the matmuls stay compute-bound. With vocabulary blocks
-            (:func:`vocabulary_blocks`) the floor is 256 rows, and the same
+            (:func:`vocabulary_blocks`) the floor is 256 rows but at most N/8
+            (:func:`blocked_chunk_floor`), and the same
             buffer of chunk_size·K values then holds blocks of
             ``chunk_size·K / N`` classes of every row.
 
@@ -578,7 +587,7 @@ def linear_cross_entropy(
     if chunk_size is not None:
         chunk = chunk_size
     else:
-        chunk = default_chunk_size(N, H, K, input.dtype, floor=_MIN_BLOCKED_ROWS if by_class else None)
+        chunk = default_chunk_size(N, H, K, input.dtype, floor=blocked_chunk_floor(N) if by_class else None)
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), chunk, by_class)
 
     if reduction == "none":

@@ -295,10 +295,13 @@ def test_design_rule():
 
 def test_vocabulary_blocks_default_chunk():
     """With vocabulary blocks the default chunk has a floor of 256 rows (no
-    weight-gradient sum to amortise), so the buffer holds a few blocks of classes."""
-    assert linear.default_chunk_size(4096, 1024, 32000, torch.bfloat16, floor=linear._MIN_BLOCKED_ROWS) == 256
-    assert linear.default_chunk_size(2048, 2048, 128256, torch.bfloat16, floor=linear._MIN_BLOCKED_ROWS) == 256
-    assert linear.default_chunk_size(100, 1024, 32000, torch.bfloat16, floor=linear._MIN_BLOCKED_ROWS) == 100
+    weight-gradient sum to amortise) but at most N/8, so the buffer holds at
+    most an eighth of the N×K logits, and a few blocks of classes."""
+    for n, h, k in [(4096, 1024, 32000), (2048, 2048, 128256)]:
+        assert linear.default_chunk_size(n, h, k, torch.bfloat16, floor=linear.blocked_chunk_floor(n)) == 256
+    for n in (1, 7, 100, 256, 2047):
+        rows = linear.default_chunk_size(n, 1024, 32000, torch.bfloat16, floor=linear.blocked_chunk_floor(n))
+        assert 1 <= rows <= max(1, -(-n // 8))
 
 
 def _relative_error(value, truth):
