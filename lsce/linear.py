@@ -31,9 +31,11 @@ Two designs of the loop, chosen per call by :func:`vocabulary_blocks`:
   blocks of classes over all rows (logits recomputed, the block's gradient
   with the global lse, and its rows of the weight gradient in one matmul over
   every row, written straight into the result: 2 matmuls). One matmul more
-  than row chunks, no K×H sum, each gradient element rounded once. The
-  upstream of ``mean``/``sum`` is folded into the logit gradients (bf16 has
-  fp32's range), so the gradients are final when the forward ends.
+  than row chunks, no K×H sum, each gradient element rounded once. With
+  ``mean``/``sum`` the first pass runs in forward with mean's 1/Σw folded into
+  the logit gradients (bf16 has fp32's range) and the second in backward,
+  where the true upstream is known (``lsce::..._rows_backward`` with the
+  input's gradient masked off).
 """
 
 from __future__ import annotations
