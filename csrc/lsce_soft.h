@@ -36,7 +36,7 @@ template <typename A> static inline A soft_shift(A mb) { return mb == neg_inf<A>
 // an infinite or NaN distance): it is added as it is, whatever the reference.
 template <typename A>
 static inline void soft_merge(SoftPart<A>& p, A mb, A s, A mass, A dev) {
-  merge(p.ms, mb, s, A(0));
+  merge(p.ms, Part<A>{mb, s, A(0), A(0)});  // only m and s are read (dot and cs stay 0)
   const A before = p.mass;
   p.mass += mass;
   if (mb - mb != A(0)) {  // ±inf or NaN
