@@ -20,8 +20,22 @@ Two strategies, registered as ops of their own so that
   chunk's logits (4 matmuls in all) and folds the upstream into the kernel's
   single pass over the chunk.
 
-The weight (and bias) gradient is summed over chunks in fp32 (fp64 for fp64
-input) whatever the input dtype, then rounded once.
+Two designs of the loop, chosen per call by :func:`vocabulary_blocks`:
+
+* **row chunks** (above): the weight (and bias) gradient is summed over chunks
+  in fp32 (fp64 for fp64 input) whatever the input dtype, then rounded once.
+  Below fp32 that K×H sum is a buffer of its own, twice the weight gradient.
+* **vocabulary blocks** (bf16 where that sum would outweigh the logits saved):
+  the same buffer first serves row chunks of full rows (logits, per-row
+  forward, logit gradient, the chunk's input gradient: 2 matmuls), then
+  blocks of classes over all rows (logits recomputed, the block's gradient
+  with the rows' global m and log_s, and its rows of the weight gradient in one matmul over
+  every row, written straight into the result: 2 matmuls). One matmul more
+  than row chunks, no K×H sum, each gradient element rounded once. With
+  ``mean``/``sum`` the first pass runs in forward with mean's 1/Σw folded into
+  the logit gradients (bf16 has fp32's range) and the second in backward,
+  where the true upstream is known (``lsce::..._rows_backward`` with the
+  input's gradient masked off).
 """
 
 from __future__ import annotations
@@ -47,9 +61,18 @@ _MIN_CHUNK_ROWS = {torch.float32: 384, torch.float64: 384, torch.bfloat16: 1024,
 # enough that the block's product is still in cache when it is added to the
 # fp32 sum (on CPU, bf16: 8192-class blocks took 2.4× as long as 2048).
 _CLASS_BLOCK = 2048
+# Rows per chunk, at least, with vocabulary blocks: their chunks hold no
+# weight-gradient sum to amortise, so fewer rows (a smaller buffer) suffice;
+# but never more than an eighth of the rows (blocked_chunk_floor).
+_MIN_BLOCKED_ROWS = 256
+# The kernels' targets in a vocabulary block: ignored rows, and rows whose
+# true class lies in another block (lsce/interface.py: any target outside
+# the columns that is not ignore_index).
+_IGNORED, _ELSEWHERE = -2, -1
 
 
-def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = None) -> int:
+def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = None, *,
+                       floor: Optional[int] = None) -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
     A chunk holds one row-block of K values (its logits, then their gradient
@@ -64,12 +87,36 @@ def default_chunk_size(N: int, H: int, K: int, dtype: Optional[torch.dtype] = No
     """
     if N <= 0:
         return 1
-    floor = _MIN_CHUNK_ROWS.get(dtype, MIN_CHUNK_ROWS)
+    floor = _MIN_CHUNK_ROWS.get(dtype, MIN_CHUNK_ROWS) if floor is None else floor
     rows = max(floor, -(-N * H // max(K, 1)))
     if rows >= N:
         return N
     chunks = -(-N // rows)
     return -(-N // chunks)
+
+
+def blocked_chunk_floor(N: int) -> int:
+    """The default chunk's floor with vocabulary blocks: 256 rows, at most N/8
+    (the buffer then holds at most an eighth of the N×K logits, the blocks'
+    point)."""
+    return max(1, min(_MIN_BLOCKED_ROWS, -(-N // 8)))
+
+
+def vocabulary_blocks(N: int, H: int, K: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> bool:
+    """The design of a call: True for vocabulary blocks, False for row chunks
+    (module docstring). ``chunk_size``: the caller's, or None for the default.
+
+    Vocabulary blocks (one matmul more) for bf16 when the row chunks' extra
+    memory — the fp32 K×H weight-gradient sum plus one chunk of K logits —
+    would exceed a quarter of the N×K logits that fusing avoids (PyTorch holds
+    at least two N×K tensors). fp32/fp64 sum into the result itself; fp16
+    stays on row chunks, whose unit-upstream gradients and fp32 sum keep clear
+    of its narrow range.
+    """
+    if dtype != torch.bfloat16:
+        return False
+    rows = default_chunk_size(N, H, K, dtype) if chunk_size is None else min(chunk_size, max(N, 1))
+    return 4 * K * H + 2 * rows * K > 2 * N * K / 4
 
 
 class LogitChunks:
@@ -120,6 +167,57 @@ class _Chunks(LogitChunks):
                  m: Tensor, log_s: Tensor) -> Tensor:
         """The chunk's logit gradient, written over its logits ``z``."""
         return self.kernels.backward(grad_loss, grad_lse, z, self.y[s:e], self.coef, self.opts, m, log_s, out=z)
+
+    def blocks(self):
+        """Blocks of classes ``(k0, k1, z)``: ``z`` the (N, k1 − k0) logits of
+        classes [k0, k1) of every row, in the chunk buffer (as many classes as
+        its chunk_size·K values hold; at least one, N values, when chunk_size·K < N)."""
+        N, K = self.x.shape[0], self.W.shape[0]
+        if self.buffer.numel() < N:
+            self.buffer = self.x.new_empty(N)
+        width = K if N == 0 else min(K, self.buffer.numel() // N)
+        flat = self.buffer.view(-1)
+        for k0 in range(0, K, width):
+            k1 = min(k0 + width, K)
+            out, Wb = flat[: N * (k1 - k0)].view(N, k1 - k0), self.W[k0:k1].t()
+            yield k0, k1, (torch.mm(self.x, Wb, out=out) if self.b is None
+                           else torch.addmm(self.b[k0:k1], self.x, Wb, out=out))
+
+    def class_grads(self, grad_loss: Tensor, grad_lse: Optional[Tensor], m: Tensor, log_s: Tensor,
+                    weight: bool, bias: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(grad_weight, grad_bias) in the parameters' dtypes, block by block of
+        classes: each block's rows of grad_weight in one matmul over all rows
+        (fp32 accumulation inside it, rounded once), no K×H sum.
+
+        A block's kernels see local targets (lsce/interface.py): the rows'
+        global m and log_s (so that p is the full row's softmax), the block's
+        class coefficients with the full vocabulary's ``C``,
+        and, for rows whose true class is in another block, the true-class
+        weight ``g·(1 − ε)·w_y`` in the lse upstream, where the kernels would
+        have added it to ``A``."""
+        x, W, b, y, opts, coef = self.x, self.W, self.b, self.y, self.opts, self.coef
+        gw = torch.empty(W.shape, dtype=W.dtype, device=W.device) if weight else None
+        gb = torch.empty(W.shape[:1], dtype=b.dtype, device=b.device) if bias else None
+        if gw is None and gb is None:
+            return gw, gb
+        valid = y != opts.ignore_index
+        g = torch.where(valid, grad_loss.to(m.dtype), 0)
+        w_y = 1 if coef.weight is None else coef.weight[torch.where(valid, y, 0)]
+        true_class = g * (1 - opts.label_smoothing) * w_y
+        local_opts = opts._replace(ignore_index=_IGNORED)
+        for k0, k1, z in self.blocks():
+            own = valid & (y >= k0) & (y < k1)
+            target = torch.where(own, y - k0, torch.where(valid, _ELSEWHERE, _IGNORED))
+            h = torch.where(own | ~valid, 0, true_class)
+            h = h if grad_lse is None else h + grad_lse
+            local = coef._replace(weight=None if coef.weight is None else coef.weight[k0:k1],
+                                  c=None if coef.c is None else coef.c[k0:k1])
+            d = self.kernels.backward(g, h, z, target, local, local_opts, m, log_s, out=z)
+            if gw is not None:
+                torch.mm(d.t(), x, out=gw[k0:k1])
+            if gb is not None:
+                gb[k0:k1] = d.sum(0, dtype=m.dtype)
+        return gw, gb
 
 
 class GradSums:
@@ -186,44 +284,69 @@ def _add_product(acc: Tensor, d: Tensor, x: Tensor, first: bool) -> None:
             rows.add_(product)
 
 
+def _lse_upstream(lse: Tensor, y: Tensor, lse_coef: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
+    """The lse's upstream per row that the reduced loss adds to the chunks'
+    upstream 1 (in units of mean's 1/Σw): ``lse_coef·lse`` on non-ignored rows;
+    None without a coefficient (:func:`_lse_coef`)."""
+    return None if lse_coef is None else torch.where(y != ignore_index, lse_coef * lse, 0)
+
+
+def _lse_coef(y: Tensor, weight: Optional[Tensor], ignore_index: int, z_loss: float, mean: bool,
+              acc: torch.dtype) -> Optional[Tensor]:
+    """With class weights ``mean`` averages the z-loss over the count, not Σw:
+    the lse gradient makes up the difference, (Σw/count − 1)·2λ per row; None
+    where there is no difference."""
+    if not (mean and weight is not None and z_loss):
+        return None
+    _, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
+    return 2 * z_loss * (total_weight / count - 1)
+
+
 def _reduced_impl(
     x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-    mean: bool, grad_mask: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    by_class: bool, mean: bool, grad_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The reduced loss, and the gradients of the loss for a unit upstream
     gradient, up to the factor ``grad_scale``: (loss, grad_scale, grad_input,
-    grad_weight, grad_bias); the last two are sums in the accumulation dtype."""
+    grad_weight, grad_bias, m, log_s), the last two per row (lsce.interface).
+    Row chunks: grad_weight and grad_bias are sums in the accumulation dtype.
+    Vocabulary blocks (``by_class``): grad_input has ``grad_scale`` folded in,
+    and grad_weight and grad_bias are empty: backward computes them (the
+    blocks' pass, with the rows' m and log_s), rounded once with the true
+    upstream. The first five are lsce.linear_soft's reduced op's outputs too."""
     acc = acc_dtype(x.dtype)
     checks.check_values(y, prior, W.shape[0], ignore_index)
-    valid, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
-    grads = GradSums(x, W, b, grad_mask)
+    _, count, total_weight = mean_denominators(y, weight, ignore_index, acc)
     one = torch.ones((), dtype=acc, device=x.device)
-    # The chunks get upstream 1 per row; mean's 1/Σw is applied in backward
-    # (keeps fp16 chunk gradients clear of underflow). With class weights the
-    # z-loss is averaged over the count, not Σw: the lse gradient makes up
-    # the difference, (Σw/count − 1)·2λ·lse.
-    lse_coef = 2 * z_loss * (total_weight / count - 1) if mean and weight is not None and z_loss else None
+    # As F.cross_entropy: no row at all gives zero gradients, rows of weight 0 NaN (0/0).
+    grad_scale = torch.where(count != 0, 1 / total_weight, 0) if mean else one
+    # Row chunks get upstream 1 per row and mean's 1/Σw is applied in backward
+    # (keeps fp16 chunk gradients clear of underflow); vocabulary blocks (bf16,
+    # fp32's range) fold it in, so that grad_input is rounded once.
+    upstream = grad_scale if by_class else one
+    lse_coef = _lse_coef(y, weight, ignore_index, z_loss, mean, acc)
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
+    grads = GradSums(x, W, b, [grad_mask[0], False, False] if by_class else grad_mask)
     loss, m, log_s = chunks.per_row()
     for s, e, z in chunks:
         loss[s:e], m[s:e], log_s[s:e] = chunks.forward(z, s, e)
         if grads.wanted:
-            grad_lse = None if lse_coef is None else torch.where(valid[s:e], lse_coef * (m[s:e] + log_s[s:e]), 0)
-            grads.add(chunks.backward(z, s, e, one.expand(e - s), grad_lse, m[s:e], log_s[s:e]), x[s:e], W, s, e)
+            h = _lse_upstream(m[s:e] + log_s[s:e], y[s:e], lse_coef, ignore_index)
+            d = chunks.backward(z, s, e, upstream.expand(e - s), None if h is None else upstream * h,
+                                m[s:e], log_s[s:e])
+            grads.add(d, x[s:e], W, s, e)
     out = reduce_rows(loss, m + log_s, y, weight, ignore_index, z_loss, "mean" if mean else "sum", ())
-    # As F.cross_entropy: no row at all gives zero gradients, rows of weight 0 NaN (0/0).
-    grad_scale = torch.where(count != 0, 1 / total_weight, 0) if mean else one
-    return (out, grad_scale, *grads.tensors(x, W, b, final=False))
+    return (out, grad_scale, *grads.tensors(x, W, b, final=False), m, log_s)
 
 
 def _rows_impl(
     x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor, weight: Optional[Tensor], prior: Optional[Tensor],
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int, by_class: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, m, log_s) of the logits ``x @ W.T + b``, chunk by
     chunk; the backward takes (m, log_s) (lsce.interface), lse = m + log_s is
-    the differentiable one."""
+    the differentiable one. The forward is the same for both designs."""
     checks.check_values(y, prior, W.shape[0], ignore_index)
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     loss, m, log_s = chunks.per_row()
@@ -235,18 +358,21 @@ def _rows_impl(
 def _rows_backward_impl(
     grad_loss: Tensor, grad_lse: Optional[Tensor], x: Tensor, W: Tensor, b: Optional[Tensor], y: Tensor,
     weight: Optional[Tensor], prior: Optional[Tensor], m: Tensor, log_s: Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int, by_class: bool,
     grad_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``Σ grad_loss·loss + Σ grad_lse·lse`` for (input, weight,
-    bias), recomputing each chunk's logits; empty where grad_mask is False."""
-    grads = GradSums(x, W, b, grad_mask)
+    bias), recomputing each chunk's (or block's) logits; empty where grad_mask is False."""
     chunks = _Chunks(x, W, b, y, weight, prior, (ignore_index, label_smoothing, z_loss, softcap), chunk_size)
     m, log_s = m.contiguous(), log_s.contiguous()  # the kernels index them as plain vectors
-    for s, e, z in chunks:
+    grads = GradSums(x, W, b, [grad_mask[0], False, False] if by_class else grad_mask)
+    for s, e, z in chunks if grads.wanted else ():
         h = None if grad_lse is None else grad_lse[s:e]
         grads.add(chunks.backward(z, s, e, grad_loss[s:e], h, m[s:e], log_s[s:e]), x[s:e], W, s, e)
-    return grads.tensors(x, W, b, final=True)
+    if not by_class:
+        return grads.tensors(x, W, b, final=True)
+    gw, gb = chunks.class_grads(grad_loss, grad_lse, m, log_s, grad_mask[1], grad_mask[2] and b is not None)
+    return (grads.tensors(x, W, b, final=True)[0], *(x.new_empty(0) if t is None else t for t in (gw, gb)))
 
 
 _reduced_op = torch.library.custom_op("lsce::linear_cross_entropy_reduced", _reduced_impl, mutates_args=())
@@ -265,20 +391,23 @@ def _fake_grads(x, W, b, grad_mask, acc: Optional[torch.dtype]):
 
 
 @_reduced_op.register_fake
-def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size, mean, grad_mask):
+def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size, by_class, mean,
+      grad_mask):
     acc = acc_dtype(x.dtype)
-    return (x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), *_fake_grads(x, W, b, grad_mask, acc))
+    grads = _fake_grads(x, W, b, [grad_mask[0], False, False] if by_class else grad_mask, acc)
+    return (x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), *grads,
+            x.new_empty(x.shape[:1], dtype=acc), x.new_empty(x.shape[:1], dtype=acc))
 
 
 @_rows_op.register_fake
-def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size):
+def _(x, W, b, y, weight, prior, ignore_index, label_smoothing, z_loss, softcap, chunk_size, by_class):
     acc = acc_dtype(x.dtype)
     return tuple(x.new_empty(x.shape[:1], dtype=acc) for _ in range(4))
 
 
 @_rows_backward_op.register_fake
 def _(grad_loss, grad_lse, x, W, b, y, weight, prior, m, log_s, ignore_index, label_smoothing, z_loss, softcap,
-      chunk_size, grad_mask):
+      chunk_size, by_class, grad_mask):
     return _fake_grads(x, W, b, grad_mask, None)
 
 
@@ -301,35 +430,54 @@ def _scaled(t: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _reduced_setup_context(ctx, inputs, output):
-    x, W, b, *_, grad_mask = inputs
-    _, grad_scale, gi, gw, gb = output
-    ctx.mark_non_differentiable(grad_scale, gi, gw, gb)
+    # options: the 4 of RowOptions and chunk_size, then by_class (class targets; lsce.linear_soft's op has none).
+    x, W, b, y, weight, prior, *options, mean, grad_mask = inputs
+    _, grad_scale, gi, gw, gb, *rows = output  # rows: (m, log_s), class targets only
+    ctx.mark_non_differentiable(grad_scale, gi, gw, gb, *rows)
     ctx.set_materialize_grads(False)  # no K×H zeros for the unused gradient outputs
-    ctx.save_for_backward(grad_scale, gi, gw, gb)
+    ctx.by_class = len(options) > 5 and options[5]
+    # Vocabulary blocks compute the parameters' gradients in backward, from the inputs and the rows' m, log_s.
+    ctx.save_for_backward(grad_scale, gi, gw, gb, *((*rows, x, W, b, y, weight, prior) if ctx.by_class else ()))
     ctx.dtypes = (x.dtype, W.dtype, None if b is None else b.dtype)
-    ctx.grad_mask = grad_mask
+    ctx.grad_mask, ctx.options, ctx.mean, ctx.n_inputs = grad_mask, options, mean, len(inputs)
     ctx.inputs = _WeakInputs((x, W, b))  # for create_graph=True
-    ctx.rest = inputs[3:11], "mean" if inputs[11] else "sum"  # (y, weight, prior, *options), reduction
+    ctx.rest = (y, weight, prior, *options[:5]), "mean" if mean else "sum"  # reduction
 
 
 def _reduced_backward(ctx, grad_out, *_):
-    grad_scale, gi, gw, gb = ctx.saved_tensors
+    grad_scale, gi, gw, gb, *inputs = ctx.saved_tensors
     grads = [None, None, None]
-    if grad_out is not None and torch.is_grad_enabled():  # create_graph=True
+    if grad_out is None:
+        pass
+    elif torch.is_grad_enabled():  # create_graph=True
         (y, weight, prior, *options), reduction = ctx.rest
         grads = _differentiable_grads(grad_out, None, *ctx.inputs.get(), y, weight, prior, options, reduction,
                                       ctx.grad_mask)
-    elif grad_out is not None:
+    elif not ctx.by_class:
         scale = grad_out * grad_scale
         for i, (t, dtype) in enumerate(zip((gi, gw, gb), ctx.dtypes)):
             if ctx.grad_mask[i] and dtype is not None:
                 grads[i] = _scaled(t, scale, dtype)
-    return (*grads, None, None, None, None, None, None, None, None, None, None)
+    else:
+        if ctx.grad_mask[0]:
+            grads[0] = _scaled(gi, grad_out, ctx.dtypes[0])  # grad_scale is in it
+        m, log_s, x, W, b, y, weight, prior = inputs
+        mask = [False, ctx.grad_mask[1], ctx.grad_mask[2] and b is not None]
+        if mask[1] or mask[2]:
+            scale = (grad_out * grad_scale).to(m.dtype)
+            ignore_index, _, z_loss = ctx.options[:3]
+            coef = _lse_coef(y, weight, ignore_index, z_loss, ctx.mean, m.dtype)
+            h = _lse_upstream(m + log_s, y, coef, ignore_index)
+            _, gw, gb = torch.ops.lsce.linear_cross_entropy_rows_backward(
+                scale.expand(m.shape), None if h is None else scale * h, x, W, b, y, weight, prior, m, log_s,
+                *ctx.options, mask)
+            grads[1:] = [g if keep else None for g, keep in zip((gw, gb), mask[1:])]
+    return (*grads, *[None] * (ctx.n_inputs - 3))  # y, weight, prior, the options, mean, grad_mask
 
 
 _reduced_op.register_autograd(_reduced_backward, setup_context=_reduced_setup_context)
 # Shared with lsce.linear_soft's probability-target ops, whose reduced op has
-# the same 13 inputs and 5 outputs.
+# the same inputs less by_class (13) and the same first 5 outputs (no m, log_s).
 REDUCED_AUTOGRAD = dict(backward=_reduced_backward, setup_context=_reduced_setup_context)
 fake_grads = _fake_grads
 
@@ -348,11 +496,11 @@ def _rows_backward(ctx, grad_loss, grad_lse, _grad_m, _grad_log_s):
         grad_loss = torch.zeros_like(m)
     if torch.is_grad_enabled():  # create_graph=True
         grads = _differentiable_grads(grad_loss, grad_lse, x, W, b, y, weight, prior, ctx.options, "none", mask)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 9)
     gi, gw, gb = torch.ops.lsce.linear_cross_entropy_rows_backward(
         grad_loss, grad_lse, x, W, b, y, weight, prior, m, log_s, *ctx.options, mask)
     grads = [g if m else None for g, m in zip((gi, gw, gb), mask)]
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, *[None] * 9)  # y, weight, prior, the 5 options, by_class
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
@@ -514,13 +662,21 @@ def linear_cross_entropy(
             least 384 (fp32) or 1024 (bf16/fp16), capped at N and evened out
             (:func:`default_chunk_size`), keeps the transient chunk buffer
             (logits, then their gradient over them) near the size of ``input``
-            while the matmuls stay compute-bound.
+            while the matmuls stay compute-bound. With vocabulary blocks
+            (:func:`vocabulary_blocks`) the floor is 256 rows but at most N/8
+            (:func:`blocked_chunk_floor`), and the same
+            buffer of chunk_size·K values then holds blocks of
+            ``chunk_size·K / N`` classes of every row.
 
-    Memory beyond the gradients themselves is O(chunk_size·K + N); with
+    Memory beyond the gradients themselves is O(chunk_size·K + N), plus, with
+    row chunks below fp32, the K×H weight-gradient sum. Row chunks: with
     ``reduction`` mean or sum the gradients are computed during the forward
     (3 matmuls) and held, scaled in backward; with ``none`` (or ``return_lse``)
-    backward recomputes the logits chunk by chunk (4 matmuls). The weight
-    gradient is accumulated in fp32 (fp64) and rounded once. Gradients flow to
+    backward recomputes the logits chunk by chunk (4 matmuls); the weight
+    gradient is accumulated in fp32 (fp64) and rounded once. Vocabulary blocks
+    (bf16 where that sum would cost more than the logits saved): 4 matmuls for
+    mean/sum, 5 for ``none``; each weight-gradient element is one matmul over
+    all rows with fp32 accumulation inside, rounded once. Gradients flow to
     input, linear_weight and linear_bias; class ``weight`` and ``smoothing_prior``
     are constants. A K-dimensional layer, forward-mode AD and the torch.func
     transforms compute the logits (as PyTorch does) and go through
@@ -570,8 +726,13 @@ def linear_cross_entropy(
     y = target.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
-    chunk = default_chunk_size(N, H, K, input.dtype) if chunk_size is None else chunk_size
-    options = (ignore_index, float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap), chunk)
+    by_class = vocabulary_blocks(N, H, K, input.dtype, chunk_size)
+    if chunk_size is not None:
+        chunk = chunk_size
+    else:
+        chunk = default_chunk_size(N, H, K, input.dtype, floor=blocked_chunk_floor(N) if by_class else None)
+    options = (ignore_index, float(label_smoothing), float(z_loss), 0.0 if softcap is None else float(softcap), chunk,
+               by_class)
 
     if reduction == "none" or return_lse:
         loss, lse, _, _ = torch.ops.lsce.linear_cross_entropy_rows(x, linear_weight, linear_bias, y, w, prior,
