@@ -40,6 +40,8 @@ Two designs of the loop, chosen per call by :func:`vocabulary_blocks`:
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import weakref
 from typing import List, Optional, Tuple
@@ -117,6 +119,23 @@ def vocabulary_blocks(N: int, H: int, K: int, dtype: torch.dtype, chunk_size: Op
         return False
     rows = default_chunk_size(N, H, K, dtype) if chunk_size is None else min(chunk_size, max(N, 1))
     return 4 * K * H + 2 * rows * K > 2 * N * K / 4
+
+
+_WEIGHT_RELEASED = [0]  # depth of weight_released_after_forward() blocks (a plain int: torch.compile guards it)
+
+
+@contextlib.contextmanager
+def weight_released_after_forward():
+    """In this block, a fused head with ``reduction`` mean or sum keeps no
+    reference to its weight for the backward: it takes row chunks, whose
+    gradients are computed in the forward, never vocabulary blocks (whose
+    backward reads the weight again). For callers that free the weight's
+    storage after the forward, as FSDP2's ``reshard()`` does (lsce.integrations.fsdp)."""
+    _WEIGHT_RELEASED[0] += 1
+    try:
+        yield
+    finally:
+        _WEIGHT_RELEASED[0] -= 1
 
 
 class LogitChunks:
@@ -726,7 +745,7 @@ def linear_cross_entropy(
     y = target.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.to(acc).contiguous()
     prior = None if smoothing_prior is None else smoothing_prior.to(acc).contiguous()
-    by_class = vocabulary_blocks(N, H, K, input.dtype, chunk_size)
+    by_class = vocabulary_blocks(N, H, K, input.dtype, chunk_size) and not _WEIGHT_RELEASED[0]
     if chunk_size is not None:
         chunk = chunk_size
     else:

@@ -177,7 +177,6 @@ BAD_CALLS = [
     ("soft softcap zero", _soft(softcap=0.0), ValueError, "softcap"),
     ("soft backend", _soft(backend="cuda"), ValueError, "backend"),
     ("soft out_dtype integer", _soft(out_dtype=torch.int64), TypeError, "out_dtype"),
-    ("soft size_average", _soft(size_average=True), TypeError, "size_average"),
 ]
 
 MODULE_ARGS = ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing", "z_loss", "softcap",
@@ -252,6 +251,7 @@ ACCEPTED_BY_PYTORCH = {
     "eps NaN": "PyTorch computes a NaN loss",
     "reduction elementwise_mean": "a name deprecated since PyTorch 0.4",
     "1-D input, 1-D target": "PyTorch reads (K,) logits with a (1,) target as one row; lsce wants the target's shape ()",
+    "soft smoothing_prior": "lsce's own prior has no meaning beside a probability target: mix it into the target",
 }
 
 

@@ -17,7 +17,8 @@ The gradient reaches the gathered parameter; FSDP2's end-of-backward callback
 reduce-scatters it into the sharded parameter's ``.grad`` as for a module that
 ran its own forward (reduce_dtype, gradient division and all). The weight is
 resharded on leaving the block: with ``reduction`` mean or sum the fused op
-computed the gradients in its forward and keeps no reference to the weight
+computes the gradients in its forward (row chunks, never vocabulary blocks,
+in the block: lsce.linear.weight_released_after_forward) and keeps no reference to the weight
 (``none`` recomputes the logits in backward and needs it there: keep the
 backward inside the block then).
 """
@@ -49,9 +50,12 @@ def unsharded(module: nn.Module):
     if not is_fsdp_module(module):
         yield module
         return
+    from ..linear import weight_released_after_forward
+
     _unshard(module)
     try:
-        yield module
+        with weight_released_after_forward():  # reshard() frees the gathered weight: nothing may read it in backward
+            yield module
     finally:
         _reshard(module)
 
