@@ -295,7 +295,8 @@ bool run_case(const Case& cs, uint64_t case_seed) {
     const double tout_u = tdt == lsce::kBF16 ? 0x1p-8 : tdt == lsce::kF16 ? 0x1p-11 : tdt == lsce::kF64 ? 0x1p-53 : 0x1p-24;
     double gsum = 0;
     const double wmax_a = [&] { double x = 0; for (double v : a) x = std::max(x, std::fabs(v)); return x; }();
-    const double gtol = u * 64 * M * (std::fabs(cp) + std::fabs(g) * wmax_a) + 1e-30;
+    // log_s carries the rounding of a K-term sum, as the loss does: the same (64 + K/8) units.
+    const double gtol = u * (64 + K / 8.0) * M * (std::fabs(cp) + std::fabs(g) * wmax_a) + 1e-30;
     for (int64_t k = 0; k < K; ++k) {
       const double p = std::exp((zc[k] - mx) - log_s);
       double d = cp * p - g * a[k];
