@@ -65,24 +65,34 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from lsce.interface import RowOptions, acc_dtype, coefficients  # noqa: E402
 from lsce.triton_kernels import cross_entropy as _installed  # noqa: E402
+from lsce.triton_kernels import distillation as _installed_kd  # noqa: E402
 
 
-def _jit_kernels():
-    """lsce's kernel module with its kernels as JITFunctions even where TRITON_INTERPRET=1
+def _jit_kernels(installed, name, **modules):
+    """A kernel module of lsce with its kernels as JITFunctions even where TRITON_INTERPRET=1
     (a Triton test file collected earlier sets it on machines without CUDA, and
-    triton.jit reads it when it decorates): a private copy, loaded with the variable unset."""
+    triton.jit reads it when it decorates): a private copy, loaded with the variable unset
+    and with ``modules`` (the private copies of the lsce modules it imports jitted helpers from)
+    standing in for those modules while it loads."""
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        spec = importlib.util.spec_from_file_location("_lsce_aot_kernels", _installed.__file__)
+        spec = importlib.util.spec_from_file_location(name, installed.__file__)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with mock.patch.dict(sys.modules, modules):
+            spec.loader.exec_module(module)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
     return module
 
 
-ce = _jit_kernels()
+ce = _jit_kernels(_installed, "_lsce_aot_kernels")
+kd = _jit_kernels(_installed_kd, "_lsce_aot_distillation", **{"lsce.triton_kernels.cross_entropy": ce})
+
+
+def _kernel(name: str):
+    """The private JITFunction called ``name`` (cross_entropy's or distillation's)."""
+    return getattr(kd if name.startswith("_distill") else ce, name)
 
 try:  # the launcher's specialisation code (Triton >= 3.3)
     from triton.runtime.jit import create_function_from_signature
@@ -93,7 +103,8 @@ except ImportError:  # pragma: no cover
 # resident per SM (65536 registers / 512 threads); more halves the warps that
 # keep loads in flight. Combine runs one warp per row on O(splits) values.
 REG_BUDGET = {"_forward_kernel": 128, "_backward_kernel": 128, "_combine_kernel": 64,
-              "_soft_forward_kernel": 128, "_soft_backward_kernel": 128}
+              "_soft_forward_kernel": 128, "_soft_backward_kernel": 128,
+              "_distill_forward_kernel": 128, "_distill_backward_kernel": 128}
 # Bits of a full-width vector load or store (LDG.E.128 / STG.E.128).
 WIDE = 128
 
@@ -140,8 +151,15 @@ OPTION_SETS = {
     # probability targets (the soft kernels; a target of the logits' dtype)
     "soft": ("soft",),
     "soft_all": ("soft", "weight", "z_loss", "softcap"),
+    # distillation (the distill kernels; a teacher of the student's dtype, class targets
+    # with weight and ε = 0.1): each branch of the divergence, β = 0, 1 and ½
+    "kd_fkl": ("kd", "weight"),
+    "kd_rkl": ("kd", "weight"),
+    "kd_mix": ("kd", "weight"),
 }
 SOFT_KERNELS = ("_soft_forward_kernel", "_soft_backward_kernel")
+KD_KERNELS = ("_distill_forward_kernel", "_distill_backward_kernel")
+KD_BETA = {"kd_fkl": 0.0, "kd_rkl": 1.0, "kd_mix": 0.5}
 
 
 class Variant(NamedTuple):
@@ -161,8 +179,12 @@ def _all_variants() -> List[Variant]:
         for dtype in DTYPES:
             for options in OPTION_SETS:
                 for case in CASES:
+                    if options in KD_BETA:
+                        # one program per row (no split); every dtype, and the odd K in bf16
+                        if case.name == "split" or (case.name == "oddK" and dtype != "bf16"):
+                            continue
                     # fp64 (rare on GPUs) and the odd K: the extremes of the options only.
-                    if (dtype == "fp64" or case.name == "oddK") and options not in ("plain", "all", "soft_all"):
+                    elif (dtype == "fp64" or case.name == "oddK") and options not in ("plain", "all", "soft_all"):
                         continue
                     out.append(Variant(arch.cc, dtype, options, case.name))
     return out
@@ -174,6 +196,7 @@ DEFAULT = {
     for dtype, options, case in [
         ("bf16", "plain", "rows"), ("bf16", "plain", "split"), ("bf16", "all", "rows"), ("bf16", "all", "split"),
         ("fp32", "plain", "rows"), ("bf16", "plain", "oddK"), ("bf16", "soft", "rows"), ("bf16", "soft_all", "rows"),
+        ("bf16", "kd_fkl", "rows"), ("bf16", "kd_rkl", "rows"), ("bf16", "kd_mix", "rows"),
     ]
 }
 
@@ -221,9 +244,13 @@ def launches(v: Variant) -> List[Launch]:
     patches = [mock.patch.object(ce, "_target_programs", lambda device: 4 * arch.sms)]
     patches += [mock.patch.object(ce, k, _Recorder(k, out, label))
                 for k in ("_forward_kernel", "_combine_kernel", "_backward_kernel", *SOFT_KERNELS)]
+    patches += [mock.patch.object(kd, k, _Recorder(k, out, label)) for k in KD_KERNELS]
     for p in patches:
         p.start()
     try:
+        if "kd" in names:
+            _kd_launches(logits, target, weight, KD_BETA[v.options], eps, label)
+            return out
         if "soft" in names:
             _soft_launches(ce, logits, weight, opts, label)
             return out
@@ -256,6 +283,28 @@ def _soft_launches(ce, logits, weight, opts, label):
                      target_grad=True)
 
 
+def _kd_launches(student, target, weight, beta, eps, label):
+    """The distillation launches: forward, and backward of a mean or sum (both upstreams expanded scalars)."""
+    meta, (N, K), acc = student.device, student.shape, acc_dtype(student.dtype)
+    teacher = torch.empty_like(student)
+    opts = _DistillOptions(2.0, beta, eps, -100, float(K))
+    label[0] = "kd forward"
+    _, _, stats = kd.distill_forward(student, teacher, target, weight, opts)
+    upstream = torch.empty((), dtype=acc, device=meta).expand(N)
+    label[0] = "kd backward"
+    kd.distill_backward(upstream, upstream, student, teacher, target, weight, opts, stats)
+
+
+class _DistillOptions(NamedTuple):
+    """The fields of lsce.interface.DistillOptions, in its order (the kernels read them by name)."""
+
+    temperature: float
+    beta: float
+    label_smoothing: float
+    ignore_index: int
+    weight_sum: float
+
+
 class Spec(NamedTuple):
     """One compilation: what JITFunction.run would hand to triton.compile."""
 
@@ -273,7 +322,7 @@ class Spec(NamedTuple):
 
 
 def specialise(launch: Launch, cc: int) -> Spec:
-    fn = getattr(ce, launch.kernel)
+    fn = _kernel(launch.kernel)
     backend = make_backend(GPUTarget("cuda", cc, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
@@ -348,7 +397,7 @@ def build(spec: Spec) -> Result:
     """Compiles ``spec`` for its architecture and reads registers, spills and load widths.
     Runs in a worker process of build_all."""
     try:
-        src = ASTSource(getattr(ce, spec.kernel), spec.signature, spec.constexprs, spec.attrs)
+        src = ASTSource(_kernel(spec.kernel), spec.signature, spec.constexprs, spec.attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", spec.cc, 32), options=spec.options)
         cubin = kernel.asm["cubin"]
         usage = _cuobjdump("-res-usage", cubin)
@@ -396,7 +445,7 @@ def compile_variants(variants, cache=None) -> Dict[Variant, List[Row]]:
     specs = {s.key: s for pairs in planned.values() for _, s in pairs}
 
     def cache_key(s: Spec) -> str:
-        text = f"{triton.__version__} {getattr(ce, s.kernel).cache_key} {s.key} {Result._fields}"
+        text = f"{triton.__version__} {_kernel(s.kernel).cache_key} {s.key} {Result._fields}"
         return "lsce/triton_aot/" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
     results = {}
@@ -429,7 +478,7 @@ def table(rows_by_variant: Dict[Variant, List[Row]]) -> str:
                 continue
             seen.add(r.spec.key)
             c = r.spec.constexprs
-            names = list(getattr(ce, r.spec.kernel).arg_names)
+            names = list(_kernel(r.spec.kernel).arg_names)
             block = c.get((names.index("BLOCK"),)) if "BLOCK" in names else c.get((names.index("SPLITS_BLOCK"),))
             res = r.result
             kind = r.spec.kernel.strip("_").replace("_kernel", "")
@@ -512,13 +561,14 @@ def _params(known=None):
 
 def _rows(compiled, variant):
     rows = compiled[variant]
-    soft = "soft" in OPTION_SETS[variant.options]
-    if soft:
+    if variant.options in KD_BETA:
+        assert {r.launch.kernel for r in rows} == set(KD_KERNELS)
+    elif "soft" in OPTION_SETS[variant.options]:
         assert {r.launch.kernel for r in rows} == set(SOFT_KERNELS)
     else:
         assert {r.launch.kernel for r in rows} >= {"_forward_kernel", "_backward_kernel"}
-    if variant.case == "split" and not soft:
-        assert any(r.launch.kernel == "_combine_kernel" for r in rows), "4 rows should split"
+        if variant.case == "split":
+            assert any(r.launch.kernel == "_combine_kernel" for r in rows), "4 rows should split"
     return [(f"{r.launch.kernel} ({r.launch.label}) for {variant.id}", r) for r in rows]
 
 
@@ -544,7 +594,7 @@ def test_streaming_loops_move_128_bits_per_access(variant, compiled):
         if not aligned:
             continue  # the widths are in the table
         assert set(res.loop_loads) == {WIDE}, f"{what}: loop loads of {res.loop_loads} bits, not all {WIDE}"
-        if r.launch.kernel in ("_backward_kernel", "_soft_backward_kernel"):
+        if r.launch.kernel in ("_backward_kernel", "_soft_backward_kernel", "_distill_backward_kernel"):
             assert set(res.loop_stores) == {WIDE}, f"{what}: loop stores of {res.loop_stores} bits, not all {WIDE}"
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from lsce.interface import (Coefficients, RowOptions, check_rows, check_soft_rows, grad_buffer,
                             soft_target_grad_buffer)
 
-__all__ = ["forward", "backward", "soft_forward", "soft_backward"]
+__all__ = ["forward", "backward", "soft_forward", "soft_backward", "distill_forward", "distill_backward"]
 
 _ACC_DTYPE = {
     torch.float32: (torch.float32, tl.float32),
@@ -569,3 +569,15 @@ def soft_backward(
             **flags,
         )
     return grad, grad_t
+
+
+def __getattr__(name: str):
+    """The distillation launchers (distillation.py) in this namespace too, since
+    lsce.ops.row_kernels("triton", …) returns this module. Imported on first use:
+    distillation.py imports this module's helpers, so an import at the top or
+    the end here would be a cycle that fails when distillation is imported first."""
+    if name in ("distill_forward", "distill_backward"):
+        from lsce.triton_kernels import distillation
+
+        return getattr(distillation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
