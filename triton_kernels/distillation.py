@@ -18,7 +18,7 @@ enters only through ``x = log(β/(1 − β)) + (lt − ls)``::
     lt − lm = −log β − softplus(−x),   ls − lm = −log(1 − β) − softplus(x)
     β·t/mix = sigmoid(x),              (1 − β)·s/mix = sigmoid(−x)
 
-so each element costs one exp and one log beyond s and t, and ``lt − ls`` is
+so each element costs two exps and one log beyond s and t, no division, and ``lt − ls`` is
 formed from the two rows' differences to their maxima (never from two
 absolute log-probabilities).
 
@@ -59,33 +59,33 @@ def _kl_mode(beta: float) -> int:
 
 @triton.jit
 def _log1p(e):
-    """log(1 + e) for e in [0, 1], accurate for small e without libdevice (the
-    interpreter has none): log(v)·e/(v − 1) with v = 1 + e rounded (Goldberg)."""
+    """log(1 + e) for e in [0, 1] to about an ulp of the result, without libdevice (the
+    interpreter has none) and without a division (whose slow path spills on sm_90):
+    v = 1 + e rounds by c = e − (v − 1), and log(1 + e) = log(v) + c/v + O(c²) with
+    |c·(1 − 1/v)| <= ulp(1)/2 · e/(1 + e)."""
     v = 1.0 + e
-    return tl.where(v == 1.0, e, tl.log(v) * (e / (v - 1.0)))
+    return tl.log(v) + (e - (v - 1.0))
 
 
 @triton.jit
-def _mixture_terms(dz, du, inv_t, log_st, log_st_shift, logit_beta):
-    """Per element of a row (dz = z − m, du = u − mt): (ls, lt, x, softplus(x),
-    softplus(−x), e = exp(−|x|)), x = log(β/(1 − β)) + (lt − ls)."""
-    ls = dz * inv_t - log_st_shift
+def _mixture_terms(dz, du, inv_t, log_st, log_sT, logit_beta):
+    """Per element of a row (dz = z − m, du = u − mt), with x = log(β/(1 − β)) + (lt − ls):
+    (ls, lt, softplus(x), softplus(−x), sigmoid(x), sigmoid(−x))."""
+    ls = dz * inv_t - log_sT
     lt = du * inv_t - log_st
     x = logit_beta + (lt - ls)
     e = tl.exp(-tl.abs(x))
     sp_abs = _log1p(e)
-    sp_pos = tl.maximum(x, 0.0) + sp_abs
-    sp_neg = tl.maximum(-x, 0.0) + sp_abs
-    return ls, lt, x, sp_pos, sp_neg, e
+    r = tl.exp(-sp_abs)  # 1/(1 + e) without a division
+    pos = x >= 0
+    return (ls, lt, tl.maximum(x, 0.0) + sp_abs, tl.maximum(-x, 0.0) + sp_abs,
+            tl.where(pos, r, e * r), tl.where(pos, e * r, r))
 
 
 @triton.jit
-def _mixture_sq(s, ls_minus_lm, x, e, beta, q_sig_x):
+def _mixture_sq(s, ls_minus_lm, sig_x, sig_neg, beta, q_sig_x):
     """s_k·q_k of the mixture, q_k = β·(ls − lm) − (1 − β)·((1 − β)·t + β·s)/mix, where
     (1 − β)·((1 − β)·t + β·s)/mix = ((1 − β)²/β)·sigmoid(x) + β·sigmoid(−x); 0 where s = 0."""
-    r = 1.0 / (1.0 + e)
-    sig_x = tl.where(x >= 0, r, e * r)
-    sig_neg = tl.where(x >= 0, e * r, r)
     q = beta * ls_minus_lm - (q_sig_x * sig_x + beta * sig_neg)
     return tl.where(s > 0, s * q, 0.0)
 
@@ -213,13 +213,14 @@ def _distill_forward_kernel(
             mask = cols < K
             z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
             u = tl.load(u_row + cols, mask=mask, other=float("-inf")).to(ACC)
-            ls, lt, x, sp_pos, sp_neg, e = _mixture_terms(z - sh, u - sht, inv_t, log_st, log_sT, logit_beta)
+            ls, lt, sp_pos, sp_neg, sig_x, sig_neg = _mixture_terms(z - sh, u - sht, inv_t, log_st, log_sT,
+                                                                   logit_beta)
             s = tl.exp(ls)
             t = tl.exp(lt)
             ls_lm = -log1m_beta - sp_pos
             d_acc += tl.where(t > 0, (1.0 - beta) * t * (-log_beta - sp_neg), 0.0)
             d_acc += tl.where(s > 0, beta * s * ls_lm, 0.0)
-            q_acc += _mixture_sq(s, ls_lm, x, e, beta, q_sig_x)
+            q_acc += _mixture_sq(s, ls_lm, sig_x, sig_neg, beta, q_sig_x)
         d = tl.sum(d_acc, 0)
         q_stat = tl.sum(q_acc, 0)
     kd = tl.full((), temperature_arg, ACC) * tl.full((), temperature_arg, ACC) * d
@@ -309,9 +310,9 @@ def _distill_backward_kernel(
             s = tl.exp(ls)
             d = g_t * tl.where(s > 0, s * ((ls - lt) - q_stat), 0.0)
         else:  # T·(s·q − s·Q)
-            ls, lt, x, sp_pos, sp_neg, e = _mixture_terms(dz, u - mt, inv_t, log_st, log_sT, logit_beta)
+            ls, _, sp_pos, _, sig_x, sig_neg = _mixture_terms(dz, u - mt, inv_t, log_st, log_sT, logit_beta)
             s = tl.exp(ls)
-            sq = _mixture_sq(s, -log1m_beta - sp_pos, x, e, beta, q_sig_x)
+            sq = _mixture_sq(s, -log1m_beta - sp_pos, sig_x, sig_neg, beta, q_sig_x)
             d = g_t * tl.where(s > 0, sq - s * q_stat, 0.0)
         if HAS_TARGET:
             d += p_coef * tl.exp(dz - log_s1)
