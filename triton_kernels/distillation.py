@@ -206,8 +206,8 @@ def _distill_forward_kernel(
         logit_beta = tl.full((), logit_beta_arg, ACC)
         q_sig_x = tl.full((), q_sig_x_arg, ACC)
         # Second pass: D and Q from the final maxima and sums.
-        d_acc = tl.zeros([BLOCK], ACC)
-        q_acc = tl.zeros([BLOCK], ACC)
+        d = tl.full((), 0.0, ACC)
+        q_stat = tl.full((), 0.0, ACC)
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < K
@@ -218,11 +218,11 @@ def _distill_forward_kernel(
             s = tl.exp(ls)
             t = tl.exp(lt)
             ls_lm = -log1m_beta - sp_pos
-            d_acc += tl.where(t > 0, (1.0 - beta) * t * (-log_beta - sp_neg), 0.0)
-            d_acc += tl.where(s > 0, beta * s * ls_lm, 0.0)
-            q_acc += _mixture_sq(s, ls_lm, sig_x, sig_neg, beta, q_sig_x)
-        d = tl.sum(d_acc, 0)
-        q_stat = tl.sum(q_acc, 0)
+            d_el = tl.where(t > 0, (1.0 - beta) * t * (-log_beta - sp_neg), 0.0)
+            d_el += tl.where(s > 0, beta * s * ls_lm, 0.0)
+            # Summed per block (no per-lane accumulators: registers)
+            d += tl.sum(d_el, 0)
+            q_stat += tl.sum(_mixture_sq(s, ls_lm, sig_x, sig_neg, beta, q_sig_x), 0)
     kd = tl.full((), temperature_arg, ACC) * tl.full((), temperature_arg, ACC) * d
 
     y, valid, w_y = _row_target(row, target_ptr, weight_ptr, ignore_index, ACC, HAS_TARGET, HAS_WEIGHT)
@@ -346,10 +346,9 @@ def _check(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: O
     return acc, tl_acc
 
 
-def _config(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor], opts, tl_acc):
+def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor], opts, acc, tl_acc):
     """(scalars, meta) of a call: the float options after ``ignore_index`` (as fp64,
-    so that fp64 rows get them unrounded) and the compile-time switches, the block
-    sized by the wider of the two logits dtypes."""
+    so that fp64 rows get them unrounded), the compile-time switches, the block and warps."""
     T, beta, eps = float(opts.temperature), float(opts.beta), float(opts.label_smoothing)
     mode = _kl_mode(beta)
     if mode == _MIXTURE:
@@ -358,8 +357,15 @@ def _config(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: 
     else:
         mixture = (beta, 0.0, 0.0, 0.0, 0.0)
     scalars = (T, 1.0 / T, eps, float(opts.weight_sum), *mixture)
-    wider = student.dtype if student.dtype.itemsize >= teacher.dtype.itemsize else teacher.dtype
-    block, num_warps, _, _ = _launch_config(student.shape[0], student.shape[1], wider, student.device)
+    # The block sized by the accumulation dtype, whatever the logits' dtypes: two
+    # rows' values are live per element (four at the mixture), so 16 KiB of ACC
+    # values per stream (16 per thread; 8 for fp64) rather than 16 KiB of input
+    # (32 bf16 per thread: 128-182 registers at 0 < β < 1 on sm_80-sm_100).
+    block, num_warps, _, _ = _launch_config(student.shape[0], student.shape[1], acc, student.device)
+    if mode == _MIXTURE and block >= 32:
+        # Half again at 0 < β < 1 (8 values per thread, 4 for fp64: still whole 128-bit
+        # loads), whose forward second pass and backward keep ~8 values per element live.
+        block //= 2
     has_target = target is not None
     meta = dict(ACC=tl_acc, KL_MODE=mode, HAS_TARGET=has_target, HAS_WEIGHT=has_target and weight is not None,
                 HAS_SMOOTHING=has_target and eps != 0.0, BLOCK=block, num_warps=num_warps)
@@ -380,7 +386,7 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     stats = torch.empty((6, N), dtype=acc, device=student.device)
     if N == 0:
         return kd, ce, stats
-    scalars, meta = _config(student, teacher, target, weight, opts, tl_acc)
+    scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
     with _device_guard(student):
         _distill_forward_kernel[(N,)](
             student, teacher, target, weight, kd, ce, stats,
@@ -404,7 +410,7 @@ def distill_backward(grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher:
     if N == 0:
         return grad
     stats = stats.contiguous()
-    scalars, meta = _config(student, teacher, target, weight, opts, tl_acc)
+    scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
     with _device_guard(student):
         _distill_backward_kernel[(N,)](
             grad, grad_kd, grad_kd.stride(0), grad_ce, grad_ce.stride(0), student, teacher, target, weight, stats,
