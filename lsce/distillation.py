@@ -51,6 +51,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import checks
+from .reference import divergence, tempered_divergence
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
 from .linear import default_chunk_size
@@ -59,45 +60,6 @@ __all__ = ["distillation_loss", "linear_distillation_loss", "divergence"]
 
 TOPK_MASS = ("renormalize", "remainder")
 _CHUNK_ELEMS = 1 << 22  # elements of the (rows, K) temporaries per chunk
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ_k p_k·(log p_k − log q_k) over the last dimension, with 0·log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)
-
-
-def divergence(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
-    """D_β(t, s) per row from log-probabilities (…, K) (see the module docstring)."""
-    if beta == 0:
-        return _kl(log_t, log_s)
-    if beta == 1:
-        return _kl(log_s, log_t)
-    log_m = torch.logaddexp(log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)),
-                            log_s + torch.log1p(torch.tensor(-beta, dtype=log_s.dtype)))
-    return (1 - beta) * _kl(log_t, log_m) + beta * _kl(log_s, log_m)
-
-
-def _log_remainder(log_p: Tensor) -> Tensor:
-    """log(1 − Σ exp(log_p)) over the last dimension, clamped at log 0 (the teacher's: no gradient)."""
-    mass = log_p.exp().sum(-1, keepdim=True).clamp(max=1)
-    return torch.log1p(-mass)
-
-
-def _chunk_divergence(z, teacher, ids, temperature, beta, topk_mass):
-    """D_β per row of one chunk of student logits z (n, K), in the accumulation dtype."""
-    z = z.to(acc_dtype(z.dtype)) / temperature
-    if ids is None:  # dense teacher logits
-        return divergence(F.log_softmax(teacher.to(z.dtype) / temperature, -1), F.log_softmax(z, -1), beta)
-    lp = teacher.to(z.dtype)
-    if topk_mass == "renormalize":
-        return divergence(F.log_softmax(lp / temperature, -1), F.log_softmax(z.gather(1, ids), -1), beta)
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    log_s = z.gather(1, ids) - lse
-    if ids.shape[1] < z.shape[1]:  # the student's remainder from its own logits, not 1 − Σ (cancellation)
-        rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), -1, keepdim=True) - lse
-        lp, log_s = torch.cat([lp, _log_remainder(lp)], -1), torch.cat([log_s, rest], -1)
-    return divergence(lp, log_s, beta)
 
 
 class _Settings(NamedTuple):
@@ -123,7 +85,7 @@ def _rows(student, teacher, ids, target, N: int, K: int, chunk_rows: int, s: _Se
         z = student(i, j)
         with torch.no_grad():
             t = teacher(i, j)
-        kd = _chunk_divergence(z, t, None if ids is None else ids[i:j], s.temperature, s.beta, s.topk_mass)
+        kd = tempered_divergence(z, t, None if ids is None else ids[i:j], s.temperature, s.beta, s.topk_mass)
         kd = kd * s.temperature ** 2
         if target is None:
             return kd, torch.zeros_like(kd)
