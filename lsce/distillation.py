@@ -33,11 +33,20 @@ them; ``mean`` is ``alpha·T²·(Σ_i D_i) / (rows counted) + (1 − alpha)·CE_
 with CE's own mean (``F.cross_entropy``'s: divided by ``Σ w_y``).
 
 :func:`linear_distillation_loss` takes the student's last hidden states and
-LM head (and a live teacher's) instead of logits. Both are computed with
-PyTorch ops in row chunks under activation checkpointing: a chunk's logits
-(the student's, the teacher's) exist only while that chunk is computed, in
-the forward and again in the backward, so memory holds a few chunk-sized
-temporaries, never N×K. No fused kernel yet.
+LM head (and a live teacher's) instead of logits, in row chunks under
+activation checkpointing: a chunk's logits (the student's, the teacher's)
+exist only while that chunk is computed, in the forward and again in the
+backward, so memory holds a few chunk-sized temporaries, never N×K.
+
+**Kernels**: a dense teacher goes to the registered op
+``lsce::distillation_forward`` / ``_backward`` (the per-row interface of
+lsce/interface.py: C++ on CPU, Triton on CUDA, ``backend=`` as
+lsce.cross_entropy takes it), one read of the student and the teacher per
+direction; on CPU in eager mode the forward also writes the gradient for the
+reduction's upstream (ops.FusedDistillStep). The statement both are tested
+against is lsce.reference.distillation_loss. A top-k teacher is computed with
+PyTorch ops on the gathered (N, k) columns, its cross-entropy term by lsce's
+kernels.
 """
 
 from __future__ import annotations
