@@ -63,7 +63,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-from lsce.interface import RowOptions, acc_dtype, coefficients  # noqa: E402
+from lsce.interface import DistillOptions, RowOptions, acc_dtype, coefficients  # noqa: E402
 from lsce.triton_kernels import cross_entropy as _installed  # noqa: E402
 from lsce.triton_kernels import distillation as _installed_kd  # noqa: E402
 
@@ -287,22 +287,12 @@ def _kd_launches(student, target, weight, beta, eps, label):
     """The distillation launches: forward, and backward of a mean or sum (both upstreams expanded scalars)."""
     meta, (N, K), acc = student.device, student.shape, acc_dtype(student.dtype)
     teacher = torch.empty_like(student)
-    opts = _DistillOptions(2.0, beta, eps, -100, float(K))
+    opts = DistillOptions(2.0, beta, eps, -100, float(K))
     label[0] = "kd forward"
     _, _, stats = kd.distill_forward(student, teacher, target, weight, opts)
     upstream = torch.empty((), dtype=acc, device=meta).expand(N)
     label[0] = "kd backward"
     kd.distill_backward(upstream, upstream, student, teacher, target, weight, opts, stats)
-
-
-class _DistillOptions(NamedTuple):
-    """The fields of lsce.interface.DistillOptions, in its order (the kernels read them by name)."""
-
-    temperature: float
-    beta: float
-    label_smoothing: float
-    ignore_index: int
-    weight_sum: float
 
 
 class Spec(NamedTuple):
