@@ -35,7 +35,7 @@ from torch import Tensor
 from lsce.interface import (Coefficients, RowOptions, check_rows, check_soft_rows, grad_buffer,
                             soft_target_grad_buffer)
 
-__all__ = ["forward", "backward", "soft_forward", "soft_backward", "distill_forward", "distill_backward"]
+__all__ = ["forward", "backward", "soft_forward", "soft_backward"]  # and distill_* by __getattr__ (at the end)
 
 _ACC_DTYPE = {
     torch.float32: (torch.float32, tl.float32),
