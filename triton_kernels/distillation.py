@@ -1,8 +1,8 @@
 """Knowledge distillation with label-smoothed cross-entropy: Triton forward and backward kernels.
 
-These implement the per-row distillation interface (issue 16;
-``distill_forward`` / ``distill_backward``, the contract of
-``lsce.reference.ROWS``): per row ``i`` of the student's logits ``z`` and the
+These implement the per-row distillation functions of lsce/interface.py (issue 16;
+``distill_forward`` / ``distill_backward``; its docstring and
+``lsce.reference.ROWS`` state them): per row ``i`` of the student's logits ``z`` and the
 teacher's logits ``u`` (both (N, K), any float dtypes, unit column stride),
 at temperature ``T`` and skew ``β``,
 
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lsce.interface import grad_buffer
+from lsce.interface import DistillOptions, check_distill_rows, grad_buffer
 from lsce.triton_kernels.cross_entropy import _ACC_DTYPE, _device_guard, _finite_or_zero, _launch_config
 
 __all__ = ["distill_forward", "distill_backward"]
@@ -327,26 +327,12 @@ def _distill_backward_kernel(
         tl.store(grad_row + cols, d.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor]):
-    """The layout the kernels assume (the caller has checked values and shapes)."""
-    if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"lsce: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits must be "
-                         "2-D and of one shape")
-    if student.dtype not in _ACC_DTYPE or teacher.dtype not in _ACC_DTYPE:
-        raise TypeError(f"lsce: unsupported logits dtypes {student.dtype}, {teacher.dtype}")
-    if (student.shape[1] > 1 and student.stride(1) != 1) or (teacher.shape[1] > 1 and teacher.stride(1) != 1):
-        raise ValueError("lsce: the kernels need logits with unit column stride")
-    acc, tl_acc = _ACC_DTYPE[student.dtype]
-    if target is not None and (target.dtype != torch.int64 or not target.is_contiguous()
-                               or target.shape != student.shape[:1]):
-        raise ValueError("lsce: the target must be a contiguous (N,) int64 tensor")
-    if weight is not None and (weight.dtype != acc or not weight.is_contiguous()
-                               or weight.shape != student.shape[1:]):
-        raise ValueError(f"lsce: the weight must be a contiguous (K,) {acc} tensor")
-    return acc, tl_acc
+def _check(student: Tensor, teacher: Tensor, target: Optional[Tensor]) -> Tuple[torch.dtype, tl.dtype]:
+    check_distill_rows(student, teacher, target)
+    return _ACC_DTYPE[student.dtype]
 
 
-def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor], opts, acc, tl_acc):
+def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor], opts: DistillOptions, acc, tl_acc):
     """(scalars, meta) of a call: the float options after ``ignore_index`` (as fp64,
     so that fp64 rows get them unrounded), the compile-time switches, the block and warps."""
     T, beta, eps = float(opts.temperature), float(opts.beta), float(opts.label_smoothing)
@@ -373,13 +359,13 @@ def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
 
 
 def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
-                    opts) -> Tuple[Tensor, Tensor, Tensor]:
+                    opts: DistillOptions) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(kd, ce, stats)``: kd and ce (N,) and stats (6, N), in fp32 (fp64 for fp64 students).
 
     ``opts`` is a DistillOptions (temperature, beta, label_smoothing, ignore_index,
     weight_sum). No host synchronisation: every option is a Python number.
     """
-    acc, tl_acc = _check(student, teacher, target, weight)
+    acc, tl_acc = _check(student, teacher, target)
     N, K = student.shape
     kd = torch.empty(N, dtype=acc, device=student.device)
     ce = torch.empty(N, dtype=acc, device=student.device)
@@ -396,7 +382,8 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
 
 
 def distill_backward(grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor, target: Optional[Tensor],
-                     weight: Optional[Tensor], opts, stats: Tensor, out: Optional[Tensor] = None) -> Tensor:
+                     weight: Optional[Tensor], opts: DistillOptions, stats: Tensor,
+                     out: Optional[Tensor] = None) -> Tensor:
     """The student's gradient of ``Σ_i grad_kd[i]·kd[i] + grad_ce[i]·ce[i]`` (0 on ignored rows),
     in the student's dtype: a new contiguous (N, K) tensor, or ``out`` (which may be the
     contiguous student itself: each program reads a block before it writes that block).
@@ -404,7 +391,7 @@ def distill_backward(grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher:
     ``grad_kd`` / ``grad_ce`` (N,) in the accumulation dtype, any stride (0: an expanded
     scalar); ``stats`` (6, N) from :func:`distill_forward` with the same arguments.
     """
-    acc, tl_acc = _check(student, teacher, target, weight)
+    acc, tl_acc = _check(student, teacher, target)
     N, K = student.shape
     grad = grad_buffer(student, out)
     if N == 0:
