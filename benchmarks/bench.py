@@ -38,7 +38,8 @@ except ImportError:  # run from a checkout without PYTHONPATH: use the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce import reference
-from measure import Clock, PeakMemory, WorkerError, reply, run_worker, time_stages
+from measure import (CPU_MEMORY_ENV, FLOOR_COLUMN, Clock, PeakMemory, WorkerError, floor_stages, reply, run_worker,
+                     time_stages)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LOW_PRECISION = ("bf16", "fp16")
@@ -242,9 +243,7 @@ def peak_above(meter: PeakMemory, action) -> int:
     and the peak counts it (between steps the cache keeps it)."""
     gc.collect()
     lsce.empty_cache()
-    meter.start()
-    action()
-    return max(meter.peak(), 0)  # RSS read just after the reset can exceed it by a few pages
+    return meter.during(action)
 
 
 def case_peaks(provider: Provider, case: Case, dev, meter: PeakMemory):
@@ -275,7 +274,7 @@ def measure_memory(provider: Provider, cases, dev):
         return probe(provider, cases, dev)
     spec = json.dumps({"provider": provider.name, "cases": [asdict(c) for c in cases]})
     try:
-        return [tuple(p) for p in run_worker(__file__, ["--probe", spec], env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+        return [tuple(p) for p in run_worker(__file__, ["--probe", spec], env=CPU_MEMORY_ENV,
                                              timeout=1800)]
     except WorkerError as e:  # report, do not stop the sweep
         print(f"\nmemory probe of {provider.name} failed: {e}", file=sys.stderr)
@@ -283,18 +282,6 @@ def measure_memory(provider: Provider, cases, dev):
 
 
 # ----------------------------------------------------------------------------- the sweep
-def floor_stages(z):
-    """The floors' stages, first in every run (columns FLOOR_COLUMN): one read of the logits;
-    a read and a write into new memory (clone, whose page faults a fresh gradient pays too); a
-    read and a write into memory already mapped (copy_: bandwidth alone)."""
-    flat = z.detach()
-    warm = flat.clone()
-    return [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
-
-
-FLOOR_COLUMN = {"sum": 0, "clone": 1, "copy": 2}
-
-
 def torch_error(case: Case, kw, z, y, truth):
     """PyTorch's own (loss, grad) error at a low-precision dtype, which the check allows on
     top of its tolerance; None where it does not apply (fp32/fp64, or an option torch lacks)."""

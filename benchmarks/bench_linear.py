@@ -64,7 +64,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH: use the repository's package
     sys.path.insert(0, str(ROOT))
     import lsce
-from measure import PeakMemory, WorkerError, reply, run_worker, time_stages
+from measure import PeakMemory, reply, time_stages, worker_result
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 0.1
@@ -142,10 +142,7 @@ def memory_worker(spec: dict) -> dict:
     N, H, K, dtype = spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]]
     device = torch.device(spec["device"])
     meter = PeakMemory(device)
-    meter.start()
-    calibration = torch.ones(CALIBRATION_BYTES // 4, device=device)
-    seen = meter.peak()
-    del calibration
+    seen = meter.calibrate(CALIBRATION_BYTES)
 
     fn = loss_fn(spec["provider"])
     # One tiny step first: lazy imports, kernel libraries and thread pools are
@@ -181,10 +178,7 @@ def time_worker(spec: dict) -> dict:
 
 def in_subprocess(kind: str, spec: dict) -> dict:
     """A worker in a fresh interpreter; {"error": ...} if it fails."""
-    try:
-        return run_worker(__file__, [f"--{kind}-worker", json.dumps(spec)])
-    except WorkerError as e:
-        return dict(error=str(e))
+    return worker_result(__file__, [f"--{kind}-worker", json.dumps(spec)])
 
 
 def parse_case(text: str):
