@@ -13,7 +13,6 @@ columns and how time and peak memory are measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import importlib
 import importlib.metadata
@@ -38,8 +37,8 @@ except ImportError:  # run from a checkout without PYTHONPATH: use the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce import reference
-from measure import (CPU_MEMORY_ENV, FLOOR_COLUMN, Clock, PeakMemory, WorkerError, floor_stages, reply, run_worker,
-                     time_stages)
+from measure import (CPU_MEMORY_ENV, FLOOR_COLUMN, Clock, PeakMemory, WorkerError, floor_stages, format_table, reply,
+                     run_worker, time_stages, write_csv)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LOW_PRECISION = ("bf16", "fp16")
@@ -450,20 +449,6 @@ COLUMNS = [  # (csv field, table heading, format)
 CSV_FIELDS = [c[0] for c in COLUMNS] + ["min_ms", "max_ms", "copy_ms", "floor", "N", "K", "logits_mb", "device"]
 
 
-def _fmt(value, fmt):
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return fmt.format(value)
-
-
-def format_table(rows) -> str:
-    cells = [[h for _, h, _ in COLUMNS]] + [[_fmt(r.get(k), f) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
 # The floor each time panel draws: the one the tables' ratios read. fwd: logits.sum() (floor_ms);
 # bwd and fwd+bwd: the copy_ into memory already mapped (copy_ms, x_copy), bandwidth alone.
 # Not clone() (floor_ms there), which pays the page faults of new memory and so can sit above
@@ -698,11 +683,8 @@ def available_providers(names, dev):
 def write_results(rows, header, out: Path, elapsed):
     """Prints the table; writes it (with the header) to OUT/table.txt and the rows to OUT/results.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    table = format_table(rows)
+    write_csv(out / "results.csv", rows, CSV_FIELDS)
+    table = format_table(rows, COLUMNS)
     (out / "table.txt").write_text(f"{header}\n\n{table}\n\ntotal time {elapsed:.0f} s\n")
     print("\n" + table)
     print(f"\nwrote {out / 'results.csv'}, {out / 'table.txt'}")

@@ -36,7 +36,6 @@ benchmarks/out/distill.csv (--out).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -52,7 +51,8 @@ try:
 except ImportError:  # a checkout without PYTHONPATH: use the repository's package
     sys.path.insert(0, str(ROOT))
     import lsce
-from measure import CPU_MEMORY_ENV, FLOOR_COLUMN, PeakMemory, floor_stages, reply, time_stages, worker_result
+from measure import (CPU_MEMORY_ENV, FLOOR_COLUMN, PeakMemory, floor_stages, format_table, reply, time_stages,
+                     worker_result, write_csv)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("lsce", "torch", "torch_compile")
@@ -189,7 +189,7 @@ def ground_truth(spec: dict, b: dict):
         chunk = with_grad({n: t if n in ("W", "Wt") else t[i:i + rows] for n, t in b64.items()})
         out = step(fn, chunk)
         scale = out[1].shape[0] / N
-        loss += float(out[0]) * scale
+        loss += float(out[0].detach()) * scale
         row_grads.append(out[1] * scale)
         if len(out) > 2:
             weight_grad = weight_grad + out[2] * scale
@@ -238,7 +238,7 @@ def grad_bytes(spec: dict) -> int:
 
 def errors(out, truth):
     """(|loss − truth| / max(1, |truth|), max over the gradients of max |g − truth| / max |truth|)."""
-    loss = abs(float(out[0]) - float(truth[0])) / max(1.0, abs(float(truth[0])))
+    loss = abs(float(out[0].detach()) - float(truth[0])) / max(1.0, abs(float(truth[0])))
     grad = max(float((g.double() - t).abs().max() / t.abs().max().clamp(min=1e-30)) for g, t in zip(out[1:], truth[1:]))
     return loss, grad
 
@@ -256,7 +256,7 @@ def time_worker(spec: dict) -> dict:
             fn = loss_fn(name, spec["settings"], spec["teacher"])
             out = step(fn, b)  # also compiles torch_compile, before any timing
             loss_err, grad_err = errors(out, truth)
-            results[name] = dict(loss=float(out[0]), loss_err=loss_err, grad_err=grad_err)
+            results[name] = dict(loss=float(out[0].detach()), loss_err=loss_err, grad_err=grad_err)
             fns[name] = fn
         except Exception as e:  # noqa: BLE001 (reported in its row, the others go on)
             results[name] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
@@ -331,19 +331,6 @@ COLUMNS = [  # (field, heading, format)
 CSV_FIELDS = [c[0] for c in COLUMNS] + [
     "N", "H", "K", "k", "alpha", "temperature", "beta", "label_smoothing", "reps", "threads", "device",
     "time_min_ms", "floor_ms", "bytes_mb", "flop", "logits_mb", "grads_mb", "calibration_seen_mb", "error"]
-
-
-def fmt(value, f: str) -> str:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f.format(value)
-
-
-def table(rows) -> str:
-    cells = [[h for _, h, _ in COLUMNS]] + [[fmt(r.get(k), f) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
 def targets(rows) -> list:
@@ -432,19 +419,14 @@ def main(argv=None) -> None:
                     derived(r, eager)
                 rows += group
                 print(f"{form} {teacher} {dtype}: " + ", ".join(
-                    f"{r['provider']} {fmt(r.get('time_ms'), '{:.1f} ms')}" for r in group), flush=True)
-    print("\n" + table(rows))
+                    f"{r['provider']} {r['time_ms']:.1f} ms" if "time_ms" in r else f"{r['provider']} -" for r in group), flush=True)
+    print("\n" + format_table(rows, COLUMNS))
     seen = [r["calibration_seen_mb"] for r in rows if "calibration_seen_mb" in r]
     if seen:
         print(f"calibration: a {CALIBRATION_BYTES >> 20} MB buffer measured as {min(seen):.1f}-{max(seen):.1f} MB")
     for note in targets(rows):
         print(note)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    out = write_csv(args.out, rows, CSV_FIELDS)
     print(f"wrote {out}")
 
 

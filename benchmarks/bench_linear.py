@@ -48,7 +48,6 @@ benchmarks/out/linear.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import warnings
@@ -64,7 +63,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH: use the repository's package
     sys.path.insert(0, str(ROOT))
     import lsce
-from measure import PeakMemory, reply, time_stages, worker_result
+from measure import PeakMemory, reply, time_stages, worker_result, write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 0.1
@@ -264,15 +263,10 @@ def main() -> None:
                 print(f"      targets ({'vocabulary blocks' if by_class else 'row chunks'}, vs {least['provider']}): "
                       f"T {t_ratio:.3f} (≤ {TRANSIENT_TARGET}), peak {p_ratio:.3f} (≤ {PEAK_TARGET}), "
                       f"time {time} (≤ {TIME_TARGET[by_class]})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
-              "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",
-              "calibration_mb", "calibration_seen_mb", "note", "error"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    out = write_csv(args.out, rows, [
+        "device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
+        "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",
+        "calibration_mb", "calibration_seen_mb", "note", "error"])
     print(f"wrote {out}")
 
 

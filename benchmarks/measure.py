@@ -10,6 +10,7 @@ TCP port for process groups.
     run_worker(...)       a script in a fresh interpreter, the same lsce; returns its reply()
     worker_result(...)    run_worker's reply, or {"error": why} when the worker failed
     CPU_MEMORY_ENV        the environment of a worker that measures CPU peak memory
+    format_table(...)     result rows as an aligned text table; write_csv(...) as a CSV file
     reply(value)          a worker's answer: one line of JSON on stdout
     free_port()           a TCP port on 127.0.0.1 that was free a moment ago
 
@@ -19,8 +20,10 @@ examples and tests add benchmarks/ to sys.path in one line first.
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
+import math
 import os
 import socket
 import subprocess
@@ -236,3 +239,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- output
+def _cell(value, fmt: str) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(rows, columns) -> str:
+    """Rows (dicts) as a text table, a heading line, a rule, then one line per row. `columns`:
+    (field, heading, format) each; a value that is missing, empty or NaN shows as "-"."""
+    cells = [[h for _, h, _ in columns]] + [[_cell(r.get(k), f) for k, _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
+
+
+def write_csv(path, rows, fields: Sequence[str]) -> Path:
+    """Rows (dicts) as a CSV file with the columns `fields` (other keys are left out); makes its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
