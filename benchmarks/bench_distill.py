@@ -349,6 +349,7 @@ def targets(rows) -> list:
 
 
 def parse_shape(text: str, parts: int):
+    """"4096x32000" → (4096, 32000); argparse reports a wrong count of sizes or a non-number."""
     values = tuple(int(v) for v in text.lower().split("x"))
     if len(values) != parts:
         raise argparse.ArgumentTypeError(f"expected {parts} sizes joined by x, got {text!r}")
@@ -358,8 +359,10 @@ def parse_shape(text: str, parts: int):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 rounds: a smoke test")
-    ap.add_argument("--case", help="materialised N×K (default 4096x32000; --quick 256x4000)")
-    ap.add_argument("--fused-case", help="fused N×H×K (default 2048x1024x32000; --quick 128x64x4000)")
+    ap.add_argument("--case", type=lambda text: parse_shape(text, 2),
+                    help="materialised N×K (default 4096x32000; --quick 256x4000)")
+    ap.add_argument("--fused-case", type=lambda text: parse_shape(text, 3),
+                    help="fused N×H×K (default 2048x1024x32000; --quick 128x64x4000)")
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--teachers", default=",".join(TEACHERS))
     ap.add_argument("--dtypes", default="fp32", help=f"comma-separated, of {','.join(DTYPES)}")
@@ -386,8 +389,7 @@ def main(argv=None) -> None:
                                   ("dtype", args.dtypes, DTYPES), ("provider", args.providers, PROVIDERS)):
         if bad := [v for v in values.split(",") if v not in allowed]:
             ap.error(f"unknown {name} {bad}; choose from {list(allowed)}")
-    shapes = {"materialised": parse_shape(args.case, 2) if args.case else CASE[args.quick],
-              "fused": parse_shape(args.fused_case, 3) if args.fused_case else FUSED_CASE[args.quick]}
+    shapes = {"materialised": args.case or CASE[args.quick], "fused": args.fused_case or FUSED_CASE[args.quick]}
     settings = dict(alpha=args.alpha, temperature=args.temperature, beta=args.beta, label_smoothing=args.eps)
     reps = args.reps or (2 if args.quick else 5)
     names = args.providers.split(",")
@@ -409,7 +411,7 @@ def main(argv=None) -> None:
                              flop=must_compute(spec), logits_mb=N * K * e / 2**20, grads_mb=grad_bytes(spec) / 2**20)
                     r.pop("settings")
                     r.update(timed.get(name, {}) if "error" not in timed else {"error": timed["error"]})
-                    if args.memory and "error" not in r:
+                    if args.memory and r.get("status") == "ok":  # measure only what computes the loss
                         memory = in_subprocess("memory", dict(spec, provider=name))
                         r.update({"error": f"memory: {memory['error']}"} if "error" in memory else memory)
                     r.setdefault("status", f"FAILED ({r['error']})" if "error" in r else "")
