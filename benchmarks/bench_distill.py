@@ -323,7 +323,7 @@ def derived(r: dict, torch_row) -> None:
 COLUMNS = [  # (field, heading, format)
     ("form", "form", "{}"), ("teacher", "teacher", "{}"), ("shape", "case", "{}"), ("dtype", "dtype", "{}"),
     ("provider", "provider", "{}"), ("time_ms", "ms", "{:.1f}"), ("q1_ms", "q1", "{:.1f}"), ("q3_ms", "q3", "{:.1f}"),
-    ("gbps", "GB/s", "{:.1f}"), ("pct_floor", "%floor", "{:.0f}%"), ("tflops", "TFLOP/s", "{:.3f}"),
+    ("gbps", "GB/s", "{:.2f}"), ("pct_floor", "%floor", "{:.0f}%"), ("tflops", "TFLOP/s", "{:.3f}"),
     ("vs_torch", "vs_torch", "{:.2f}x"), ("peak_mb", "peak_MB", "{:.0f}"), ("x_logits", "x_logits", "{:.2f}"),
     ("transient_vs_torch", "T/torch", "{:.3f}"), ("loss", "loss", "{:.6f}"), ("loss_err", "loss_err", "{:.1e}"),
     ("grad_err", "grad_err", "{:.1e}"), ("status", "status", "{}"),
