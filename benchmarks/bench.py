@@ -13,7 +13,6 @@ columns and how time and peak memory are measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import importlib
 import importlib.metadata
@@ -38,7 +37,8 @@ except ImportError:  # run from a checkout without PYTHONPATH: use the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce import reference
-from measure import Clock, PeakMemory, WorkerError, reply, run_worker, time_stages
+from measure import (CPU_MEMORY_ENV, FLOOR_COLUMN, Clock, PeakMemory, WorkerError, floor_stages, format_table, reply,
+                     run_worker, time_stages, write_csv)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LOW_PRECISION = ("bf16", "fp16")
@@ -242,9 +242,7 @@ def peak_above(meter: PeakMemory, action) -> int:
     and the peak counts it (between steps the cache keeps it)."""
     gc.collect()
     lsce.empty_cache()
-    meter.start()
-    action()
-    return max(meter.peak(), 0)  # RSS read just after the reset can exceed it by a few pages
+    return meter.during(action)
 
 
 def case_peaks(provider: Provider, case: Case, dev, meter: PeakMemory):
@@ -275,7 +273,7 @@ def measure_memory(provider: Provider, cases, dev):
         return probe(provider, cases, dev)
     spec = json.dumps({"provider": provider.name, "cases": [asdict(c) for c in cases]})
     try:
-        return [tuple(p) for p in run_worker(__file__, ["--probe", spec], env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+        return [tuple(p) for p in run_worker(__file__, ["--probe", spec], env=CPU_MEMORY_ENV,
                                              timeout=1800)]
     except WorkerError as e:  # report, do not stop the sweep
         print(f"\nmemory probe of {provider.name} failed: {e}", file=sys.stderr)
@@ -283,18 +281,6 @@ def measure_memory(provider: Provider, cases, dev):
 
 
 # ----------------------------------------------------------------------------- the sweep
-def floor_stages(z):
-    """The floors' stages, first in every run (columns FLOOR_COLUMN): one read of the logits;
-    a read and a write into new memory (clone, whose page faults a fresh gradient pays too); a
-    read and a write into memory already mapped (copy_: bandwidth alone)."""
-    flat = z.detach()
-    warm = flat.clone()
-    return [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
-
-
-FLOOR_COLUMN = {"sum": 0, "clone": 1, "copy": 2}
-
-
 def torch_error(case: Case, kw, z, y, truth):
     """PyTorch's own (loss, grad) error at a low-precision dtype, which the check allows on
     top of its tolerance; None where it does not apply (fp32/fp64, or an option torch lacks)."""
@@ -461,20 +447,6 @@ COLUMNS = [  # (csv field, table heading, format)
     ("status", "status", "{}"),
 ]
 CSV_FIELDS = [c[0] for c in COLUMNS] + ["min_ms", "max_ms", "copy_ms", "floor", "N", "K", "logits_mb", "device"]
-
-
-def _fmt(value, fmt):
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return fmt.format(value)
-
-
-def format_table(rows) -> str:
-    cells = [[h for _, h, _ in COLUMNS]] + [[_fmt(r.get(k), f) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 # The floor each time panel draws: the one the tables' ratios read. fwd: logits.sum() (floor_ms);
@@ -711,11 +683,8 @@ def available_providers(names, dev):
 def write_results(rows, header, out: Path, elapsed):
     """Prints the table; writes it (with the header) to OUT/table.txt and the rows to OUT/results.csv."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    table = format_table(rows)
+    write_csv(out / "results.csv", rows, CSV_FIELDS)
+    table = format_table(rows, COLUMNS)
     (out / "table.txt").write_text(f"{header}\n\n{table}\n\ntotal time {elapsed:.0f} s\n")
     print("\n" + table)
     print(f"\nwrote {out / 'results.csv'}, {out / 'table.txt'}")

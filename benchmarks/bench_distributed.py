@@ -42,7 +42,6 @@ touches), the time the median of ``--repeats`` later steps on rank 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -60,7 +59,7 @@ except ImportError:  # run from a checkout without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import lsce
 from lsce.distributed import vocab_parallel_cross_entropy
-from measure import free_port, time_stages
+from measure import free_port, time_stages, write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 EPS = 0.1
@@ -365,21 +364,13 @@ def main(argv=None):
           f"({os.cpu_count()} cores); per training step (forward + backward):\n")
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "distributed.csv", CSV_FIELDS, rows)
+    print(f"\nwrote {write_csv(args.out / 'distributed.csv', rows, CSV_FIELDS)}")
     if args.parallel:
         rows = [row for world in worlds for row in run_parallel(world, args)]
         print(f"\nDTensor and FSDP2 steps: N={args.rows} rows (per rank for FSDP2), K={args.vocab}, "
               f"H={args.hidden}, {args.dtype}, label_smoothing={args.eps}; forward + backward:\n")
         print_parallel_table(rows)
-        write_csv(args.out / "distributed_parallel.csv", PARALLEL_FIELDS, rows)
-
-
-def write_csv(path: Path, fields, rows) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {path}")
+        print(f"\nwrote {write_csv(args.out / 'distributed_parallel.csv', rows, PARALLEL_FIELDS)}")
 
 
 if __name__ == "__main__":

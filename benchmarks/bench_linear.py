@@ -48,7 +48,6 @@ benchmarks/out/linear.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import warnings
@@ -64,7 +63,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH: use the repository's package
     sys.path.insert(0, str(ROOT))
     import lsce
-from measure import PeakMemory, WorkerError, reply, run_worker, time_stages
+from measure import PeakMemory, reply, time_stages, worker_result, write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 0.1
@@ -142,10 +141,7 @@ def memory_worker(spec: dict) -> dict:
     N, H, K, dtype = spec["N"], spec["H"], spec["K"], DTYPES[spec["dtype"]]
     device = torch.device(spec["device"])
     meter = PeakMemory(device)
-    meter.start()
-    calibration = torch.ones(CALIBRATION_BYTES // 4, device=device)
-    seen = meter.peak()
-    del calibration
+    seen = meter.calibrate(CALIBRATION_BYTES)
 
     fn = loss_fn(spec["provider"])
     # One tiny step first: lazy imports, kernel libraries and thread pools are
@@ -181,10 +177,7 @@ def time_worker(spec: dict) -> dict:
 
 def in_subprocess(kind: str, spec: dict) -> dict:
     """A worker in a fresh interpreter; {"error": ...} if it fails."""
-    try:
-        return run_worker(__file__, [f"--{kind}-worker", json.dumps(spec)])
-    except WorkerError as e:
-        return dict(error=str(e))
+    return worker_result(__file__, [f"--{kind}-worker", json.dumps(spec)])
 
 
 def parse_case(text: str):
@@ -270,15 +263,10 @@ def main() -> None:
                 print(f"      targets ({'vocabulary blocks' if by_class else 'row chunks'}, vs {least['provider']}): "
                       f"T {t_ratio:.3f} (≤ {TRANSIENT_TARGET}), peak {p_ratio:.3f} (≤ {PEAK_TARGET}), "
                       f"time {time} (≤ {TIME_TARGET[by_class]})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
-              "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",
-              "calibration_mb", "calibration_seen_mb", "note", "error"]
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    out = write_csv(args.out, rows, [
+        "device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
+        "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",
+        "calibration_mb", "calibration_seen_mb", "note", "error"])
     print(f"wrote {out}")
 
 

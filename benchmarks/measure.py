@@ -4,8 +4,13 @@ TCP port for process groups.
 
     Clock(device)         .now(): seconds (CUDA: after the queued kernels finish); .since(t)
     time_stages(...)      seconds of each stage per timed run, an array (runs, stages)
-    PeakMemory(device)    .start(), then .peak(): peak bytes above the level at start()
+    floor_stages(t)       stages that only move t's bytes (sum, clone, copy_): the bandwidth floors
+    PeakMemory(device)    .start(), then .peak(): peak bytes above the level at start();
+                          .during(action), .calibrate(nbytes)
     run_worker(...)       a script in a fresh interpreter, the same lsce; returns its reply()
+    worker_result(...)    run_worker's reply, or {"error": why} when the worker failed
+    CPU_MEMORY_ENV        the environment of a worker that measures CPU peak memory
+    format_table(...)     result rows as an aligned text table; write_csv(...) as a CSV file
     reply(value)          a worker's answer: one line of JSON on stdout
     free_port()           a TCP port on 127.0.0.1 that was free a moment ago
 
@@ -15,7 +20,10 @@ examples and tests add benchmarks/ to sys.path in one line first.
 
 from __future__ import annotations
 
+import csv
+import gc
 import json
+import math
 import os
 import socket
 import subprocess
@@ -103,7 +111,26 @@ def time_stages(stages: Sequence[Callable], device, repeats: int, budget_s: floa
     return np.array(samples)
 
 
+def floor_stages(t):
+    """Stages for time_stages that only move the bytes of tensor t, the floors a step on it is
+    compared with (FLOOR_COLUMN names their columns): one read (t.sum()); a read and a write
+    into new memory (clone, whose page faults a fresh gradient pays too); a read and a write
+    into memory already mapped (copy_: bandwidth alone)."""
+    flat = t.detach()
+    warm = flat.clone()
+    return [lambda _: flat.sum(), lambda _: flat.clone(), lambda _: warm.copy_(flat)]
+
+
+FLOOR_COLUMN = {"sum": 0, "clone": 1, "copy": 2}
+
+
 # ----------------------------------------------------------------------------- memory
+# A worker that measures CPU peak memory runs with this: glibc then gives every allocation of
+# 64 KiB or more its own mapping, returned to the OS when freed, so that the resident set
+# follows the live tensors instead of keeping freed heap (which would hide a step's peak).
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 class PeakMemory:
     """Peak bytes above the level at start(). CUDA: the caching allocator's counters
     (max_memory_allocated after reset_peak_memory_stats). CPU: PyTorch keeps no peak
@@ -112,7 +139,8 @@ class PeakMemory:
     (Linux >= 4.0); it counts pages actually touched, by anything in the process."""
 
     def __init__(self, device="cpu"):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.base = 0
 
     @staticmethod
@@ -136,6 +164,23 @@ class PeakMemory:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.base
         return self._status("VmHWM") - self.base
+
+    def during(self, action) -> int:
+        """Peak bytes above what was held before, while `action()` runs (never below 0: on
+        CPU the RSS read just after the reset can exceed the later high-water mark by a few pages)."""
+        gc.collect()
+        self.start()
+        action()
+        return max(self.peak(), 0)
+
+    def calibrate(self, nbytes: int) -> int:
+        """The peak this meter sees for a buffer of `nbytes` made and freed: a worker reports it
+        next to its measurements, to show whether the method sees the bytes it should."""
+        self.start()
+        buffer = torch.ones(nbytes // 4, device=self.device)
+        seen = self.peak()
+        del buffer
+        return seen
 
 
 # ----------------------------------------------------------------------------- processes
@@ -180,8 +225,44 @@ def run_worker(script, args: Sequence[str], env: Optional[dict] = None, timeout:
     raise WorkerError(why, proc.stderr)
 
 
+def worker_result(script, args: Sequence[str], env: Optional[dict] = None, timeout: Optional[float] = None):
+    """run_worker's reply, or {"error": the reason} if the worker failed: a sweep reports a
+    failed measurement and goes on."""
+    try:
+        return run_worker(script, args, env=env, timeout=timeout)
+    except WorkerError as e:
+        return dict(error=str(e))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that the OS had free just now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- output
+def _cell(value, fmt: str) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(rows, columns) -> str:
+    """Rows (dicts) as a text table, a heading line, a rule, then one line per row. `columns`:
+    (field, heading, format) each; a value that is missing, empty or NaN shows as "-"."""
+    cells = [[h for _, h, _ in columns]] + [[_cell(r.get(k), f) for k, _, f in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
+
+
+def write_csv(path, rows, fields: Sequence[str]) -> Path:
+    """Rows (dicts) as a CSV file with the columns `fields` (other keys are left out); makes its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

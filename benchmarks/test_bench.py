@@ -13,14 +13,20 @@ Each case is its own benchmark group, holding the providers and the out.copy_(lo
 The device is CUDA when available, else CPU. Providers, cases and inputs come from bench.py.
 An optional provider that cannot run here is skipped; lsce (bench.py's required provider)
 fails instead, e.g. when its compiled lsce._C does not import.
+
+The last tests are not benchmarks: a smoke run of bench_distill.py --quick (its providers
+must agree and its CSV hold every row), its check and its memory worker.
 """
 
+import csv
+import itertools
 import os
 
 import pytest
 import torch
 
 import bench
+import bench_distill
 from measure import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,3 +87,43 @@ def test_floor_copy(benchmark, case):
         return out
 
     benchmark(copy)
+
+
+# ----------------------------------------------------------------------------- bench_distill.py
+def test_distill_quick(tmp_path):
+    """bench_distill.py --quick (timing only): a CSV row for every form, teacher and provider,
+    each passing its check against the fp64 composition, and the providers' losses agree."""
+    out = tmp_path / "distill.csv"
+    bench_distill.main(["--quick", "--no-memory", "--out", str(out)])
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["form"], r["teacher"], r["provider"]) for r in rows]
+    assert sorted(keys) == sorted(itertools.product(bench_distill.FORMS, bench_distill.TEACHERS,
+                                                    bench_distill.PROVIDERS))
+    for r in rows:
+        assert r["status"] == "ok" and not r["error"], r
+        assert float(r["time_ms"]) > 0 and float(r["loss_err"]) <= bench_distill.TOL["fp32"], r
+        eager = next(e for e in rows if (e["form"], e["teacher"], e["provider"]) == (r["form"], r["teacher"], "torch"))
+        assert float(r["loss"]) == pytest.approx(float(eager["loss"]), rel=1e-5), r
+
+
+def test_distill_check_fails_on_another_loss(monkeypatch):
+    """The check before timing catches a provider whose loss differs (alpha 0.4 instead of
+    0.5), and such a provider is not timed."""
+    real = bench_distill.loss_fn
+    monkeypatch.setattr(bench_distill, "loss_fn",
+                        lambda p, s, t: real(p, dict(s, alpha=0.4) if p == "lsce" else s, t))
+    spec = dict(bench_distill.case_spec("materialised", "topk"), providers=["lsce", "torch"], reps=1)
+    result = bench_distill.time_worker(spec)
+    assert result["lsce"]["status"].startswith("FAILED") and "time_ms" not in result["lsce"]
+    assert result["torch"]["status"] == "ok" and result["torch"]["time_ms"] > 0
+
+
+def test_distill_memory_worker():
+    """The memory worker (a fresh process) sees its calibration buffer and, in lsce's step, at
+    least the gradient that step must return."""
+    spec = dict(bench_distill.case_spec("materialised", "dense"), provider="lsce")
+    r = bench_distill.in_subprocess("memory", spec)
+    assert "error" not in r, r
+    assert r["calibration_seen_mb"] == pytest.approx(bench_distill.CALIBRATION_BYTES / 2**20, rel=0.05)
+    assert r["peak_mb"] >= bench_distill.grad_bytes(spec) / 2**20
