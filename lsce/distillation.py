@@ -33,11 +33,20 @@ them; ``mean`` is ``alpha·T²·(Σ_i D_i) / (rows counted) + (1 − alpha)·CE_
 with CE's own mean (``F.cross_entropy``'s: divided by ``Σ w_y``).
 
 :func:`linear_distillation_loss` takes the student's last hidden states and
-LM head (and a live teacher's) instead of logits. Both are computed with
-PyTorch ops in row chunks under activation checkpointing: a chunk's logits
-(the student's, the teacher's) exist only while that chunk is computed, in
-the forward and again in the backward, so memory holds a few chunk-sized
-temporaries, never N×K. No fused kernel yet.
+LM head (and a live teacher's) instead of logits, in row chunks under
+activation checkpointing: a chunk's logits (the student's, the teacher's)
+exist only while that chunk is computed, in the forward and again in the
+backward, so memory holds a few chunk-sized temporaries, never N×K.
+
+**Kernels**: a dense teacher goes to the registered op
+``lsce::distillation_forward`` / ``_backward`` (the per-row interface of
+lsce/interface.py: C++ on CPU, Triton on CUDA, ``backend=`` as
+lsce.cross_entropy takes it), one read of the student and the teacher per
+direction; on CPU in eager mode the forward also writes the gradient for the
+reduction's upstream (ops.FusedDistillStep). The statement both are tested
+against is lsce.reference.distillation_loss. A top-k teacher is computed with
+PyTorch ops on the gathered (N, k) columns, its cross-entropy term by lsce's
+kernels.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import checks
+from . import checks, ops
+from .reference import divergence, tempered_divergence
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
 from .linear import default_chunk_size
@@ -61,45 +71,6 @@ TOPK_MASS = ("renormalize", "remainder")
 _CHUNK_ELEMS = 1 << 22  # elements of the (rows, K) temporaries per chunk
 
 
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ_k p_k·(log p_k − log q_k) over the last dimension, with 0·log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)
-
-
-def divergence(log_t: Tensor, log_s: Tensor, beta: float) -> Tensor:
-    """D_β(t, s) per row from log-probabilities (…, K) (see the module docstring)."""
-    if beta == 0:
-        return _kl(log_t, log_s)
-    if beta == 1:
-        return _kl(log_s, log_t)
-    log_m = torch.logaddexp(log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)),
-                            log_s + torch.log1p(torch.tensor(-beta, dtype=log_s.dtype)))
-    return (1 - beta) * _kl(log_t, log_m) + beta * _kl(log_s, log_m)
-
-
-def _log_remainder(log_p: Tensor) -> Tensor:
-    """log(1 − Σ exp(log_p)) over the last dimension, clamped at log 0 (the teacher's: no gradient)."""
-    mass = log_p.exp().sum(-1, keepdim=True).clamp(max=1)
-    return torch.log1p(-mass)
-
-
-def _chunk_divergence(z, teacher, ids, temperature, beta, topk_mass):
-    """D_β per row of one chunk of student logits z (n, K), in the accumulation dtype."""
-    z = z.to(acc_dtype(z.dtype)) / temperature
-    if ids is None:  # dense teacher logits
-        return divergence(F.log_softmax(teacher.to(z.dtype) / temperature, -1), F.log_softmax(z, -1), beta)
-    lp = teacher.to(z.dtype)
-    if topk_mass == "renormalize":
-        return divergence(F.log_softmax(lp / temperature, -1), F.log_softmax(z.gather(1, ids), -1), beta)
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    log_s = z.gather(1, ids) - lse
-    if ids.shape[1] < z.shape[1]:  # the student's remainder from its own logits, not 1 − Σ (cancellation)
-        rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), -1, keepdim=True) - lse
-        lp, log_s = torch.cat([lp, _log_remainder(lp)], -1), torch.cat([log_s, rest], -1)
-    return divergence(lp, log_s, beta)
-
-
 class _Settings(NamedTuple):
     temperature: float
     alpha: float
@@ -108,34 +79,43 @@ class _Settings(NamedTuple):
     weight: Optional[Tensor]
     ignore_index: int
     topk_mass: str
+    backend: str
 
 
-def _rows(student, teacher, ids, target, N: int, K: int, chunk_rows: int, s: _Settings):
+def _chunk_terms(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor], s: _Settings):
+    """Per-row ``T²·D_i`` and ``CE_i`` of student logits z (n, K) (0 on ignored rows): the
+    registered op for a dense teacher t (n, K), PyTorch ops for a top-k one (ids, t: (n, k))."""
+    if ids is None:
+        kd, ce, _ = torch.ops.lsce.distillation_forward(z, t, y, s.weight, s.temperature, s.beta, s.label_smoothing,
+                                                        s.ignore_index, s.backend)
+        return kd, ce
+    kd = tempered_divergence(z, t, ids, s.temperature, s.beta, s.topk_mass) * s.temperature ** 2
+    if y is None:
+        return kd, torch.zeros_like(kd)
+    ce = cross_entropy(z, y, s.weight, ignore_index=s.ignore_index, reduction="none",
+                       label_smoothing=s.label_smoothing, out_dtype=kd.dtype, backend=s.backend)
+    return torch.where(y != s.ignore_index, kd, 0), ce
+
+
+def _rows(student, teacher, ids, target, N: int, chunk_rows: int, s: _Settings):
     """Per-row ``T²·D_i`` and ``CE_i`` (each (N,), 0 on ignored rows) in row chunks.
 
     ``student(i, j)`` gives the student's logits of rows [i, j) (K columns),
-    ``teacher(i, j)`` the teacher's logits or top-k log-probabilities; each
-    chunk runs under activation checkpointing, so only its inputs are kept
-    and its logits are recomputed in the backward.
+    ``teacher(i, j)`` the teacher's logits or top-k log-probabilities. With
+    more than one chunk each runs under activation checkpointing, so only its
+    inputs are kept and its logits are recomputed in the backward.
     """
 
     def chunk(i: int, j: int):
         z = student(i, j)
         with torch.no_grad():
             t = teacher(i, j)
-        kd = _chunk_divergence(z, t, None if ids is None else ids[i:j], s.temperature, s.beta, s.topk_mass)
-        kd = kd * s.temperature ** 2
-        if target is None:
-            return kd, torch.zeros_like(kd)
-        y = target[i:j]
-        ce = cross_entropy(z, y, s.weight, ignore_index=s.ignore_index, reduction="none",
-                           label_smoothing=s.label_smoothing, out_dtype=kd.dtype)
-        return torch.where(y != s.ignore_index, kd, 0), ce
+        return _chunk_terms(z, t, None if ids is None else ids[i:j], None if target is None else target[i:j], s)
 
+    if N <= chunk_rows:
+        return chunk(0, N)
     run = functools.partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
     parts = [run(i, min(i + chunk_rows, N)) for i in range(0, N, chunk_rows)]
-    if not parts:
-        return None
     return torch.cat([kd for kd, _ in parts]), torch.cat([ce for _, ce in parts])
 
 
@@ -152,10 +132,19 @@ def _reduce(kd: Tensor, ce: Tensor, target: Optional[Tensor], reduction: str, s:
     return s.alpha * kd.sum() / count + (1 - s.alpha) * ce.sum() / total_weight
 
 
-def _loss(student, teacher, ids, target, N, K, chunk_rows, s: _Settings, reduction, dtype, device, return_parts):
+def _fused_upstream(N: int, target: Optional[Tensor], reduction: str, s: _Settings, acc) -> Tensor:
+    """The upstreams [g, h] (2,) that _reduce's backward sends every row's kd and ce when
+    the loss gets gradient 1, by running that backward (the same bits, for the comparison
+    in ops.FusedDistillStep's backward)."""
+    kd, ce = (torch.zeros(N, dtype=acc, requires_grad=True) for _ in range(2))
+    with torch.enable_grad():
+        g, h = torch.autograd.grad(_reduce(kd, ce, target, reduction, s), (kd, ce), allow_unused=True)
+    return torch.stack([g[0], torch.zeros((), dtype=acc) if h is None else h[0]])
+
+
+def _loss(rows, target, N: int, s: _Settings, reduction, dtype, device, return_parts):
     acc = acc_dtype(dtype)
-    rows = _rows(student, teacher, ids, target, N, K, max(1, chunk_rows), s)
-    kd, ce = rows if rows is not None else (torch.zeros(0, dtype=acc, device=device),) * 2
+    kd, ce = rows() if N else (torch.zeros(0, dtype=acc, device=device),) * 2
     out = _reduce(kd, ce, target, reduction, s).to(dtype)
     return (out, kd.detach(), ce.detach()) if return_parts else out
 
@@ -167,7 +156,7 @@ def _float(name: str, t, shape, device) -> None:
 
 
 def _check_teacher_and_settings(N, K, device, target, dense, ids, logprobs, temperature, alpha, beta, topk_mass,
-                                weight, reduction, label_smoothing, ignore_index) -> _Settings:
+                                weight, reduction, label_smoothing, ignore_index, backend) -> _Settings:
     """The checks common to both entry points, given the student's N rows of K classes; ``dense``: whether
     a dense teacher (logits or hidden states) was given."""
     if dense == (ids is not None or logprobs is not None):
@@ -199,14 +188,15 @@ def _check_teacher_and_settings(N, K, device, target, dense, ids, logprobs, temp
         raise ValueError(f"lsce.distillation_loss: alpha and beta must lie in [0, 1], got {alpha}, {beta}")
     if alpha < 1 and target is None:
         raise ValueError("lsce.distillation_loss: a target is needed unless alpha=1")
-    checks.check_options(K, device, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    checks.check_options(K, device, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
+                         backend=backend)
     ignore_index = checks.as_ignore_index(ignore_index)
     if target is not None:
         checks.check_target(target, device)
         if tuple(target.shape) != (N,):
             raise ValueError(f"lsce.distillation_loss: target must have shape ({N},), got {tuple(target.shape)}")
         checks.check_values(target, None, K, ignore_index)
-    return _Settings(temperature, alpha, beta, float(label_smoothing), weight, ignore_index, topk_mass)
+    return _Settings(temperature, alpha, beta, float(label_smoothing), weight, ignore_index, topk_mass, backend)
 
 
 def distillation_loss(
@@ -225,6 +215,7 @@ def distillation_loss(
     reduction: str = "mean",
     topk_mass: str = "renormalize",
     return_parts: bool = False,
+    backend: str = "auto",
 ):
     """``alpha·T²·D_β(teacher, student) + (1 − alpha)·CE_ε(student, target)``; see the module docstring.
 
@@ -241,10 +232,18 @@ def distillation_loss(
         _float("teacher_logits", teacher_logits, (N, K), device)
     s = _check_teacher_and_settings(N, K, device, target, teacher_logits is not None, teacher_topk_ids,
                                     teacher_topk_logprobs, float(temperature), float(alpha), float(beta), topk_mass,
-                                    weight, reduction, label_smoothing, ignore_index)
+                                    weight, reduction, label_smoothing, ignore_index, backend)
     teacher = (teacher_logits if teacher_logits is not None else teacher_topk_logprobs).detach()
-    return _loss(lambda i, j: student_logits[i:j], lambda i, j: teacher[i:j], teacher_topk_ids, target, N, K,
-                 _CHUNK_ELEMS // max(1, K), s, reduction, student_logits.dtype, device, return_parts)
+    if teacher_logits is not None:
+        rows = functools.partial(_chunk_terms, student_logits, teacher, None, target, s)  # one call: O(N) saved
+        if reduction != "none" and ops.fusable(student_logits, backend):
+            expected = _fused_upstream(N, target, reduction, s, acc_dtype(student_logits.dtype))
+            rows = functools.partial(ops.FusedDistillStep.apply, student_logits, teacher, target, weight,
+                                     s.temperature, s.beta, s.label_smoothing, s.ignore_index, expected)
+    else:
+        rows = functools.partial(_rows, lambda i, j: student_logits[i:j], lambda i, j: teacher[i:j],
+                                 teacher_topk_ids, target, N, max(1, _CHUNK_ELEMS // max(1, K)), s)
+    return _loss(rows, target, N, s, reduction, student_logits.dtype, device, return_parts)
 
 
 def linear_distillation_loss(
@@ -268,6 +267,7 @@ def linear_distillation_loss(
     topk_mass: str = "renormalize",
     return_parts: bool = False,
     chunk_size: Optional[int] = None,
+    backend: str = "auto",
 ):
     """:func:`distillation_loss` of the LM heads' logits, ``student_hidden @ student_weight.T + student_bias``
     (and the live teacher's likewise), computed in chunks of ``chunk_size`` rows (default: as
@@ -298,7 +298,7 @@ def linear_distillation_loss(
             _float("teacher_bias", teacher_bias, (K,), device)
     s = _check_teacher_and_settings(N, K, device, target, dense, teacher_topk_ids, teacher_topk_logprobs,
                                     float(temperature), float(alpha), float(beta), topk_mass, weight, reduction,
-                                    label_smoothing, ignore_index)
+                                    label_smoothing, ignore_index, backend)
     checks.check_chunk_size(chunk_size)
     rows = chunk_size or default_chunk_size(N, H, K, student_hidden.dtype)
     if dense:
@@ -306,5 +306,6 @@ def linear_distillation_loss(
                                         None if teacher_bias is None else teacher_bias.detach())
     else:
         teacher = lambda i, j: teacher_topk_logprobs[i:j].detach()  # noqa: E731
-    return _loss(lambda i, j: F.linear(student_hidden[i:j], student_weight, student_bias), teacher,
-                 teacher_topk_ids, target, N, K, rows, s, reduction, student_hidden.dtype, device, return_parts)
+    student = lambda i, j: F.linear(student_hidden[i:j], student_weight, student_bias)  # noqa: E731
+    return _loss(functools.partial(_rows, student, teacher, teacher_topk_ids, target, N, max(1, rows), s), target, N,
+                 s, reduction, student_hidden.dtype, device, return_parts)

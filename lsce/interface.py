@@ -61,6 +61,33 @@ backward needs ``A`` before its one pass). There is no ignore_index and no
 out-of-slice target: every row counts. A row of only −inf logits has
 ``m = log_s = −inf`` and a NaN loss, as ``log_softmax`` gives.
 
+**Distillation** (``distill_forward`` / ``distill_backward``): row ``i`` has the
+student's logits ``z`` and a teacher's logits ``u`` (K,) of any float dtype, an
+optional class id ``y``, and :class:`DistillOptions` (T, β, ε, ignore_index, W).
+Relative to the row maxima ``m = max z`` and ``mt = max u``::
+
+    log_s1 = log Σ exp(z − m)         p  = exp((z − m) − log_s1)            (CE, T = 1)
+    log_sT = log Σ exp((z − m)/T)     ls = (z − m)/T − log_sT,  s = exp(ls)  (the tempered student)
+    log_st = log Σ exp((u − mt)/T)    lt = (u − mt)/T − log_st, t = exp(lt)  (the tempered teacher)
+    lm = log(β·t + (1 − β)·s)
+    D  = (1 − β)·Σ t·(lt − lm) + β·Σ s·(ls − lm)    (β = 0: KL(t‖s); β = 1: KL(s‖t); 0·log 0 = 0)
+    kd = T²·D
+    ce = (1 − ε)·w_y·((m − z_y) + log_s1) + (ε/K)·(W·log_s1 + Σ_k w_k·(m − z_k))
+
+and for the upstream ``g`` of kd and ``h`` of ce::
+
+    ∂kd/∂z_k = T·(s_k − t_k)                  (β = 0)
+             = T·s_k·(q_k − Q)                (β > 0; Q = Σ s·q)
+      q_k    = β·(ls_k − lm_k) − (1 − β)·((1 − β)·t_k + β·s_k) / (β·t_k + (1 − β)·s_k)
+    ∂ce/∂z_k = ((1 − ε)·w_y + (ε/K)·W)·p_k − (1 − ε)·w_y·[k = y] − (ε/K)·w_k
+
+The forward returns ``(kd, ce, stats)``, ``stats`` (6, N) = ``[m, log_s1, log_sT,
+mt, log_st, Q]`` (``Q`` is 0 for β = 0, D for β = 1), and the backward reads only
+those: one read of z and u, one write of the gradient. β ∈ {0, 1} needs one read
+of each row in the forward (the sums accumulate online), 0 < β < 1 two (lm
+needs both normalisers). A row whose target is ``ignore_index`` has kd = ce = 0
+and a zero gradient; without a target (None) every row counts and ce = 0.
+
 Without weight or prior the gradient is ``g·(p − y_ls)``, ``y_ls = (1 − ε)·onehot(y) + ε/K``.
 Everything is accumulated in fp32 (fp64 for fp64 logits); the gradient is
 stored in the logits' dtype, the true-class term subtracted before that
@@ -75,7 +102,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RowOptions", "Coefficients", "RowKernels", "coefficients", "check_rows", "grad_buffer", "acc_dtype",
-           "fixed_sum", "check_soft_rows", "soft_target_grad_buffer"]
+           "fixed_sum", "check_soft_rows", "soft_target_grad_buffer", "DistillOptions", "check_distill_rows"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,6 +117,16 @@ class RowOptions(NamedTuple):
     label_smoothing: float  # ε in [0, 1]
     z_loss: float  # λ >= 0
     softcap: float  # > 0, or 0 for none
+
+
+class DistillOptions(NamedTuple):
+    """The scalar options of one distillation call (the module docstring's formulas)."""
+
+    temperature: float  # T > 0
+    beta: float  # β in [0, 1]
+    label_smoothing: float  # ε in [0, 1]
+    ignore_index: int
+    weight_sum: float  # W = Σ_k w_k (K without weight), computed once by the caller
 
 
 class Coefficients(NamedTuple):
@@ -148,6 +185,18 @@ def check_soft_rows(logits: Tensor, target: Tensor) -> None:
     if target.shape != logits.shape or (target.shape[1] > 1 and target.stride(1) != 1):
         raise ValueError(f"lsce kernels: probability target {tuple(target.shape)} for logits "
                          f"{tuple(logits.shape)}: the same shape, with unit column stride")
+
+
+def check_distill_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor]) -> None:
+    """What every backend's distill_forward/distill_backward take: student rows as
+    check_rows takes logits, a float teacher of their shape with unit column stride,
+    and one int64 target per row or None."""
+    check_rows(student, student.new_empty(student.shape[:1], dtype=torch.int64) if target is None else target)
+    if teacher.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"lsce kernels: teacher dtype {teacher.dtype} is not one of fp32, bf16, fp16, fp64")
+    if teacher.shape != student.shape or (teacher.shape[1] > 1 and teacher.stride(1) != 1):
+        raise ValueError(f"lsce kernels: teacher logits {tuple(teacher.shape)} for student logits "
+                         f"{tuple(student.shape)}: the same shape, with unit column stride")
 
 
 def soft_target_grad_buffer(target: Tensor) -> Tensor:
@@ -217,3 +266,18 @@ class RowKernels(Protocol):
         target and one write of each gradient; the logits' gradient into ``out``
         when given (:func:`grad_buffer`), the target's (``target_grad``) into a
         new contiguous tensor."""
+
+    def distill_forward(self, student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
+                        opts: DistillOptions) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-row ``(kd, ce, stats)`` of distillation (the module docstring's
+        formulas): kd, ce (N,) and stats (6, N) in the accumulation dtype.
+        ``teacher`` (N, K) of any float dtype, unit column stride
+        (:func:`check_distill_rows`); ``target`` (N,) int64 or None; ``weight``
+        (K,) in the accumulation dtype or None."""
+
+    def distill_backward(self, grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
+                         target: Optional[Tensor], weight: Optional[Tensor], opts: DistillOptions, stats: Tensor,
+                         out: Optional[Tensor] = None) -> Tensor:
+        """The student's gradient of ``Σ g·kd + Σ h·ce``, in its dtype, from one
+        read of the student and the teacher and one write; into ``out`` when
+        given (:func:`grad_buffer`; it may be the student)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import cache, checks, cpu, reference
-from .interface import RowKernels, RowOptions, acc_dtype, coefficients
+from .interface import DistillOptions, RowKernels, RowOptions, acc_dtype, coefficients, fixed_sum
 
 
 def row_kernels(backend: str, device: torch.device) -> RowKernels:
@@ -286,3 +286,137 @@ class FusedSoftStep(torch.autograd.Function):
             grad_loss = torch.zeros_like(m) if grad_loss is None else grad_loss
             cpu.soft_backward(grad_loss, grad_lse, logits, target, ctx.weight, ctx.opts, m, log_s, mass, out=grad)
         return grad, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------
+# Distillation: a teacher's logits and optional class ids; the kernels'
+# distill_forward / distill_backward (lsce/interface.py). No gradient reaches the teacher.
+
+def _distill_prepare(student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index):
+    """The distillation kernels' arguments: rows with unit column stride (no copy
+    when they already are), a contiguous target, the weight in the accumulation
+    dtype, and the options (W = Σ w summed once, in fixed blocks)."""
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    K = student.shape[1]
+    w = None if weight is None else weight.to(acc_dtype(student.dtype)).contiguous()
+    # W on the host: a synchronisation where the weight is a CUDA tensor (once per call, O(K)).
+    W = float(K) if w is None else float(fixed_sum(w.double()))
+    opts = DistillOptions(temperature, beta, label_smoothing, ignore_index, W)
+    return student, teacher, None if target is None else target.contiguous(), w, opts
+
+
+@torch.library.custom_op("lsce::distillation_forward", mutates_args=())
+def distillation_forward(
+    student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor], temperature: float,
+    beta: float, label_smoothing: float, ignore_index: int, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(kd, ce, stats)`` of 2-D student and teacher logits (lsce/interface.py):
+    ``kd = T²·D_β`` and ``ce`` (N,) are differentiable with respect to the student;
+    ``stats`` (6, N) is what the backward reads."""
+    if target is not None:
+        checks.check_values(target, None, student.shape[1], ignore_index)
+    kernels = row_kernels(backend, student.device)
+    return kernels.distill_forward(*_distill_prepare(student, teacher, target, weight, temperature, beta,
+                                                     label_smoothing, ignore_index))
+
+
+@distillation_forward.register_fake
+def _(student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index, backend):
+    acc, N = acc_dtype(student.dtype), student.shape[0]
+    return student.new_empty((N,), dtype=acc), student.new_empty((N,), dtype=acc), student.new_empty((6, N), dtype=acc)
+
+
+@torch.library.custom_op("lsce::distillation_backward", mutates_args=())
+def distillation_backward(
+    grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor, target: Optional[Tensor],
+    weight: Optional[Tensor], stats: Tensor, temperature: float, beta: float, label_smoothing: float,
+    ignore_index: int, backend: str,
+) -> Tensor:
+    """The student's gradient of Σ grad_kd·kd + Σ grad_ce·ce, in one pass."""
+    kernels = row_kernels(backend, student.device)
+    prepared = _distill_prepare(student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index)
+    return kernels.distill_backward(grad_kd, grad_ce, *prepared, stats.contiguous())
+
+
+@distillation_backward.register_fake
+def _(grad_kd, grad_ce, student, teacher, target, weight, stats, temperature, beta, label_smoothing, ignore_index,
+      backend):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def differentiable_distillation_backward(grad_kd, grad_ce, student, teacher, target, weight, temperature, beta,
+                                         label_smoothing, ignore_index):
+    """The student's gradient as a graph of differentiable ops (autograd of
+    lsce.reference's statement), for a backward that records one (create_graph=True)."""
+    with torch.enable_grad():
+        kw = dict(teacher_logits=teacher, temperature=temperature, beta=beta, label_smoothing=label_smoothing,
+                  weight=weight, ignore_index=ignore_index, reduction="none")
+        z = student.to(acc_dtype(student.dtype))
+        objective = (grad_kd * reference.distillation_loss(z, target, alpha=1.0, **kw)).sum()
+        if target is not None:
+            objective = objective + (grad_ce * reference.distillation_loss(z, target, alpha=0.0, **kw)).sum()
+        return torch.autograd.grad(objective, student, create_graph=True)[0]
+
+
+def _distill_setup_context(ctx, inputs, output):
+    student, teacher, target, weight, *options = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(student, teacher, target, weight, output[2])
+    ctx.options = options
+
+
+def _distill_backward(ctx, grad_kd, grad_ce, _grad_stats):
+    student, teacher, target, weight, stats = ctx.saved_tensors
+    grad_kd = torch.zeros_like(stats[0]) if grad_kd is None else grad_kd
+    grad_ce = torch.zeros_like(stats[0]) if grad_ce is None else grad_ce
+    if torch.is_grad_enabled():  # create_graph=True
+        grad = differentiable_distillation_backward(grad_kd, grad_ce, student, teacher, target, weight,
+                                                    *ctx.options[:4])
+    else:
+        grad = torch.ops.lsce.distillation_backward(grad_kd, grad_ce, student, teacher, target, weight, stats,
+                                                    *ctx.options)
+    return grad, None, None, None, None, None, None, None, None
+
+
+distillation_forward.register_autograd(_distill_backward, setup_context=_distill_setup_context)
+
+
+class FusedDistillStep(torch.autograd.Function):
+    """FusedStep for distillation (same rules): the C++ forward kernel also writes
+    the student's gradient for the upstreams ``expected`` (2,): [g of every kd, h
+    of every ce], the ones the reduction's backward will send."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index, expected):
+        if target is not None:
+            checks.check_values(target, None, student.shape[1], ignore_index)
+        ctx.args = _distill_prepare(student, teacher, target, weight, temperature, beta, label_smoothing,
+                                    ignore_index)
+        ctx.grad = cache.empty(student.shape, student.dtype)
+        kd, ce, stats = cpu.distill_forward(*ctx.args, grad=ctx.grad, upstream=expected)
+        ctx.save_for_backward(stats, expected)
+        ctx.differentiable = (student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index)
+        ctx.set_materialize_grads(False)
+        return kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        stats, expected = ctx.saved_tensors
+        zeros = torch.zeros_like(stats[0])
+        grad_kd = zeros if grad_kd is None else grad_kd
+        grad_ce = zeros if grad_ce is None else grad_ce
+        if torch.is_grad_enabled():  # create_graph=True
+            s, t, y, w, *options = ctx.differentiable
+            return (differentiable_distillation_backward(grad_kd, grad_ce, s, t, y, w, *options),) + (None,) * 8
+        grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
+        fused = bool((grad_kd == expected[0]).all()) and bool((grad_ce == expected[1]).all())
+        if grad is None:
+            grad = cache.empty(stats.shape[1:] + ctx.args[0].shape[1:], ctx.args[0].dtype)
+            if fused:
+                cpu.distill_forward(*ctx.args, grad=grad, upstream=expected)
+        if not fused:
+            cpu.distill_backward(grad_kd, grad_ce, *ctx.args, stats, out=grad)
+        return (grad,) + (None,) * 8

@@ -24,12 +24,13 @@ non-ignored row gives NaN.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
 
-from .interface import (Coefficients, RowOptions, acc_dtype, check_rows, check_soft_rows, coefficients, grad_buffer,
-                        soft_target_grad_buffer)
+from .interface import (Coefficients, DistillOptions, RowOptions, acc_dtype, check_distill_rows, check_rows,
+                        check_soft_rows, coefficients, grad_buffer, soft_target_grad_buffer)
 
 # Rows per chunk in rows_forward/rows_backward: bounds the fp32 temporaries to
 # about 2 × _CHUNK_ELEMS elements whatever N is.
@@ -282,6 +283,181 @@ def rows_soft_backward(grad_loss, grad_lse, logits, target, weight, opts: RowOpt
     return grad, grad_t
 
 
+# ---------------------------------------------------------------- distillation
+
+def kl(log_p, log_q):
+    """Σ_k p_k·(log p_k − log q_k) over the last dimension, with 0·log 0 = 0 (a NaN p stays NaN)."""
+    p = log_p.exp()
+    return torch.where(p == 0, 0, p * (log_p - log_q)).sum(-1)
+
+
+def log_mixture(log_t, log_s, beta: float):
+    """log(β·t + (1 − β)·s) from log-probabilities, for 0 < β < 1."""
+    return torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+
+
+def divergence(log_t, log_s, beta: float):
+    """D_β(t, s) per row from log-probabilities (…, K): ``(1 − β)·KL(t ‖ m) + β·KL(s ‖ m)``
+    with ``m = β·t + (1 − β)·s``; forward KL(t ‖ s) at β = 0, reverse KL(s ‖ t) at β = 1."""
+    if beta == 0:
+        return kl(log_t, log_s)
+    if beta == 1:
+        return kl(log_s, log_t)
+    log_m = log_mixture(log_t, log_s, beta)
+    return (1 - beta) * kl(log_t, log_m) + beta * kl(log_s, log_m)
+
+
+def _log_remainder(log_p):
+    """log(1 − Σ exp(log_p)) over the last dimension, clamped at log 0 (the teacher's: no gradient)."""
+    mass = log_p.exp().sum(-1, keepdim=True).clamp(max=1)
+    return torch.log1p(-mass)
+
+
+def tempered_divergence(z, teacher, ids, temperature: float, beta: float, topk_mass: str = "renormalize"):
+    """D_β of the tempered teacher and student per row of student logits z (n, K), in the accumulation dtype.
+
+    ``ids`` None: ``teacher`` holds dense logits (n, K), ``t = softmax(teacher / T)``.
+    Else the teacher's top-k: ``ids`` (n, k) and log-probabilities ``teacher`` (n, k) at
+    T = 1. ``topk_mass="renormalize"`` compares both distributions restricted to the k ids
+    and renormalised there (``softmax(lp / T)`` against ``softmax(z[ids] / T)``);
+    ``"remainder"`` (T = 1) adds the mass outside the k as one more bucket,
+    ``1 − Σ exp(lp)`` for the teacher and the student's own remainder."""
+    z = z.to(acc_dtype(z.dtype)) / temperature
+    if ids is None:
+        return divergence(torch.log_softmax(teacher.to(z.dtype) / temperature, -1), torch.log_softmax(z, -1), beta)
+    lp = teacher.to(z.dtype)
+    if topk_mass == "renormalize":
+        return divergence(torch.log_softmax(lp / temperature, -1), torch.log_softmax(z.gather(1, ids), -1), beta)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    log_s = z.gather(1, ids) - lse
+    if ids.shape[1] < z.shape[1]:  # the student's remainder from its own logits, not 1 − Σ (cancellation)
+        rest = torch.logsumexp(z.scatter(1, ids, float("-inf")), -1, keepdim=True) - lse
+        lp, log_s = torch.cat([lp, _log_remainder(lp)], -1), torch.cat([log_s, rest], -1)
+    return divergence(lp, log_s, beta)
+
+
+def distillation_loss(student_logits, target=None, *, teacher_logits=None, teacher_topk_ids=None,
+                      teacher_topk_logprobs=None, temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.0,
+                      label_smoothing: float = 0.0, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                      topk_mass: str = "renormalize"):
+    """The statement of ``lsce.distillation_loss`` (its docstring has the definition), differentiable.
+
+    Per row ``alpha·T²·D_β + (1 − alpha)·CE_ε`` (0 on ignored rows); ``mean`` divides
+    the distillation term by the rows counted and CE by its own mean's denominator."""
+    teacher = (teacher_logits if teacher_logits is not None else teacher_topk_logprobs).detach()
+    kd = temperature ** 2 * tempered_divergence(student_logits, teacher, teacher_topk_ids, temperature, beta,
+                                                topk_mass)
+    if target is None:
+        rows = alpha * kd
+        return rows if reduction == "none" else rows.sum() / (kd.shape[0] if reduction == "mean" else 1)
+    valid = target != ignore_index
+    kd = torch.where(valid, kd, 0)
+    ce = cross_entropy(student_logits.to(kd.dtype), target, weight, ignore_index, "none", label_smoothing)
+    if reduction == "none":
+        return alpha * kd + (1 - alpha) * ce
+    if reduction == "sum":
+        return alpha * kd.sum() + (1 - alpha) * ce.sum()
+    w_y = torch.ones_like(kd) if weight is None else weight.to(kd.dtype)[torch.where(valid, target, 0)]
+    return alpha * kd.sum() / valid.sum() + (1 - alpha) * ce.sum() / torch.where(valid, w_y, 0).sum()
+
+
+def _distill_terms(student, teacher, target, weight, opts: DistillOptions):
+    """Per row of a chunk: the stats' tensors, log-probabilities and the masks of lsce/interface.py's formulas."""
+    acc = acc_dtype(student.dtype)
+    T, beta = opts.temperature, opts.beta
+    z, u = student.to(acc), teacher.to(acc)
+    m, log_s1 = row_max_and_log_s(z)
+    mt, _ = row_max_and_log_s(u)
+    shift = torch.where(m == float("-inf"), 0, m)[:, None]
+    tshift = torch.where(mt == float("-inf"), 0, mt)[:, None]
+    zs, us = (z - shift) / T, (u - tshift) / T
+    log_sT, log_st = torch.logsumexp(zs, 1), torch.logsumexp(us, 1)
+    ls, lt = zs - log_sT[:, None], us - log_st[:, None]
+    s, t = ls.exp(), lt.exp()
+    valid = torch.ones_like(m, dtype=torch.bool) if target is None else target != opts.ignore_index
+    if beta == 0:
+        D, q = kl(lt, ls), None
+        Q = torch.zeros_like(D)
+    elif beta == 1:
+        D, q = kl(ls, lt), ls - lt
+        Q = D
+    else:
+        lm = log_mixture(lt, ls, beta)
+        D = (1 - beta) * kl(lt, lm) + beta * kl(ls, lm)
+        mix = lm.exp()
+        q = beta * (ls - lm) - (1 - beta) * torch.where(mix > 0, ((1 - beta) * t + beta * s) / mix, 0)
+        Q = torch.where(s == 0, 0, s * q).sum(1)
+    stats = torch.stack((m, log_s1, log_sT, mt, log_st, Q))
+    return z, s, t, q, D, valid, stats
+
+
+def _ce_terms(z, target, weight, opts: DistillOptions, m, log_s1, valid):
+    """``((1 − ε)·w_y, safe y)`` of the rows (0 without a target or on ignored rows)."""
+    if target is None:
+        return torch.zeros_like(m), torch.zeros_like(m, dtype=torch.int64)
+    y = torch.where(valid, target, 0)
+    w_y = torch.ones_like(m) if weight is None else weight[y]
+    return torch.where(valid, (1 - opts.label_smoothing) * w_y, 0), y
+
+
+def rows_distill_forward(student, teacher, target, weight, opts: DistillOptions):
+    """Per-row ``(kd, ce, stats)`` of distillation (lsce.interface.RowKernels.distill_forward)."""
+    check_distill_rows(student, teacher, target)
+    N, K = student.shape
+    acc = acc_dtype(student.dtype)
+    eps = opts.label_smoothing
+    kd, ce = (torch.zeros(N, dtype=acc, device=student.device) for _ in range(2))
+    stats = torch.empty(6, N, dtype=acc, device=student.device)
+    step = max(1, _CHUNK_ELEMS // max(K, 1))
+    for a in range(0, N, step):
+        b = a + step
+        y = None if target is None else target[a:b]
+        z, _, _, _, D, valid, st = _distill_terms(student[a:b], teacher[a:b], y, weight, opts)
+        m, log_s1 = st[0], st[1]
+        kd[a:b] = torch.where(valid, opts.temperature ** 2 * D, 0)
+        if target is not None:
+            keep_wy, ys = _ce_terms(z, y, weight, opts, m, log_s1, valid)
+            below = m[:, None] - z
+            row = keep_wy * (below.gather(1, ys[:, None]).squeeze(1) + log_s1)
+            if eps:
+                wsum = below.sum(1) if weight is None else below @ weight
+                row = row + eps / K * (opts.weight_sum * log_s1 + wsum)
+            ce[a:b] = torch.where(valid, row, 0)
+        stats[:, a:b] = st
+    return kd, ce, stats
+
+
+def rows_distill_backward(grad_kd, grad_ce, student, teacher, target, weight, opts: DistillOptions, stats, out=None):
+    """The student's gradient of ``Σ g·kd + Σ h·ce`` (lsce.interface.RowKernels.distill_backward).
+    Recomputes the stats (the reference's own, equal to the forward's) rather than reading them."""
+    check_distill_rows(student, teacher, target)
+    N, K = student.shape
+    acc = acc_dtype(student.dtype)
+    eps, T = opts.label_smoothing, opts.temperature
+    grad = grad_buffer(student, out)
+    step = max(1, _CHUNK_ELEMS // max(K, 1))
+    for a in range(0, N, step):
+        b = a + step
+        y = None if target is None else target[a:b]
+        z, s, t, q, _, valid, st = _distill_terms(student[a:b], teacher[a:b], y, weight, opts)
+        g = torch.where(valid, grad_kd[a:b].to(acc), 0)[:, None]
+        if q is None:
+            d = g * T * (s - t)
+        else:
+            d = g * T * torch.where(s == 0, 0, s * (q - st[5][:, None]))
+        if target is not None:
+            h = torch.where(valid, grad_ce[a:b].to(acc), 0)
+            keep_wy, ys = _ce_terms(z, y, weight, opts, st[0], st[1], valid)
+            p = torch.exp((z - st[0][:, None]) - st[1][:, None])
+            d = d + (h * (keep_wy + eps / K * opts.weight_sum))[:, None] * p
+            if eps:
+                d = d - (h * eps / K)[:, None] * (1 if weight is None else weight)
+            d.scatter_add_(1, ys[:, None], (-h * keep_wy)[:, None])  # before rounding (Liger-Kernel issue 1329)
+        grad[a:b] = d  # complete before this store: grad may be the student
+    return grad
+
+
 # The reference backend of the per-row kernel interface.
 ROWS = SimpleNamespace(forward=rows_forward, backward=rows_backward, soft_forward=rows_soft_forward,
-                       soft_backward=rows_soft_backward)
+                       soft_backward=rows_soft_backward, distill_forward=rows_distill_forward,
+                       distill_backward=rows_distill_backward)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import lsce
 import lsce.distillation as distillation
+from lsce import reference
+from _util import assert_compiled_matches_eager
 
 
 def logits(N=6, K=11, seed=0, dtype=torch.float64, scale=2.0):
@@ -159,12 +161,15 @@ def test_gradcheck_and_no_gradient_to_the_teacher(teacher, beta):
 
 
 def test_row_chunks_give_the_same_loss_and_gradient(monkeypatch):
+    """A top-k teacher runs in checkpointed row chunks (a dense one is one call of the op)."""
     s, t = logits(N=37, K=19), logits(N=37, K=19, seed=1).detach()
     y = torch.randint(0, 19, (37,), generator=torch.Generator().manual_seed(2))
-    one = lsce.distillation_loss(s, y, teacher_logits=t, beta=0.5, temperature=2.0)
+    lp, ids = F.log_softmax(t, -1).topk(5, -1)
+    kw = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp, beta=0.5, temperature=2.0)
+    one = lsce.distillation_loss(s, y, **kw)
     g_one, = torch.autograd.grad(one, s)
     monkeypatch.setattr(distillation, "_CHUNK_ELEMS", 19 * 5)  # 8 chunks, the last of 2 rows
-    chunked = lsce.distillation_loss(s, y, teacher_logits=t, beta=0.5, temperature=2.0)
+    chunked = lsce.distillation_loss(s, y, **kw)
     g_chunked, = torch.autograd.grad(chunked, s)
     torch.testing.assert_close(chunked, one, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_chunked, g_one, rtol=1e-12, atol=1e-15)
@@ -301,3 +306,89 @@ def test_linear_variant_keeps_no_logits_for_the_backward():
     assert saved and max(saved) < 8 * K
     out.backward()
     assert h.grad is not None and W.grad is not None
+
+
+# ------------------------------------------------------------------ the kernels behind the dense teacher
+
+BACKENDS = ["auto", "cpu", "torch"]
+
+
+def dense_case(N=23, K=517, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(N, K, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(N, K, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, K, (N,), generator=g)
+    y[::5] = -100
+    w = torch.rand(K, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return s, t, y, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta,temperature", [(0.0, 2.0), (0.5, 1.0), (1.0, 3.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_backend_is_the_reference_statement(backend, reduction, beta, temperature, dtype):
+    """The public call (the fused CPU step where it applies: 'auto'/'cpu' with a
+    reduction) against lsce.reference.distillation_loss on the same inputs in fp64:
+    loss, gradient, and the parts."""
+    s, t, y, w = dense_case(dtype=dtype)
+    kw = dict(teacher_logits=t, temperature=temperature, alpha=0.3, beta=beta, label_smoothing=0.1, weight=w,
+              reduction=reduction)
+    leaf = s.clone().requires_grad_()
+    loss, kd, ce = lsce.distillation_loss(leaf, y, backend=backend, return_parts=True, **kw)
+    up = torch.randn(loss.shape, dtype=dtype)
+    grad, = torch.autograd.grad((loss * up).sum(), leaf)
+    kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+    ref_leaf = s.double().requires_grad_()
+    ref = reference.distillation_loss(ref_leaf, y, **kw64)
+    ref_grad, = torch.autograd.grad((ref * up.double()).sum(), ref_leaf)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+    ref_kd = reference.distillation_loss(s.double(), y, **{**kw64, "alpha": 1.0, "reduction": "none"})
+    torch.testing.assert_close(kd.double(), ref_kd, **tol)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_other_upstreams_and_a_second_backward(backend):
+    """An upstream other than the one the fused step predicted (the loss scaled,
+    as a GradScaler does) and a second backward (retain_graph) give the op's gradient."""
+    s, t, y, w = dense_case()
+    kw = dict(teacher_logits=t, temperature=2.0, beta=0.5, label_smoothing=0.1, weight=w)
+    want_leaf = s.clone().requires_grad_()
+    want, = torch.autograd.grad(3.0 * lsce.distillation_loss(want_leaf, y, backend="torch", **kw), want_leaf)
+    leaf = s.clone().requires_grad_()
+    loss = lsce.distillation_loss(leaf, y, backend=backend, **kw)
+    first, = torch.autograd.grad(loss, leaf, retain_graph=True)
+    scaled, = torch.autograd.grad(3.0 * loss, leaf, retain_graph=True)
+    again, = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(scaled, want, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(3 * first, want, rtol=2e-5, atol=2e-6)
+
+
+def test_double_backward_goes_through_the_statement():
+    """create_graph=True: a Hessian-vector product equal to the reference's."""
+    s, t, y, w = dense_case(N=5, K=13, dtype=torch.float64)
+    v = torch.randn_like(s)
+    hvps = []
+    for fn in (lsce.distillation_loss, reference.distillation_loss):
+        leaf = s.clone().requires_grad_()
+        loss = fn(leaf, y, teacher_logits=t, temperature=2.0, beta=0.5, label_smoothing=0.1, weight=w)
+        g, = torch.autograd.grad(loss, leaf, create_graph=True)
+        hvps.append(torch.autograd.grad((g * v).sum(), leaf)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_target", [True, False])
+def test_compiles_fullgraph_as_one_op(with_target):
+    s, t, y, w = dense_case()
+    y = y if with_target else None
+    alpha = 0.5 if with_target else 1.0
+
+    def step(student, teacher):
+        return lsce.distillation_loss(student, y, teacher_logits=teacher, alpha=alpha, temperature=2.0, beta=0.3,
+                                      label_smoothing=0.1, weight=w)
+
+    assert_compiled_matches_eager(step, torch.compile(step, fullgraph=True, backend="aot_eager"), [s, t], [0])
