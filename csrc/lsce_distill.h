@@ -166,8 +166,9 @@ static DistillStats<typename Io<T>::acc> distill_stats(const DistillArgs& a, con
 
 // The skew Jensen–Shannon terms of one element: adds its D term and returns
 // s·q (0 where s = 0), with lm = logaddexp(log β + lt, log(1 − β) + ls).
+// always_inline (as distill_grad_elem): a call inside the gradient loop keeps it scalar.
 template <typename A>
-static inline A distill_mix_terms(A ls, A lt, const DistillCall<A>& c, A& D) {
+__attribute__((always_inline)) static inline A distill_mix_terms(A ls, A lt, const DistillCall<A>& c, A& D) {
   const A s = exp_acc<true>(ls), t = exp_acc<true>(lt);
   const A ea = c.log_b + lt, eb = c.log_keep_b + ls;
   const A hi = ea > eb ? ea : eb, lo = ea > eb ? eb : ea;
@@ -221,7 +222,7 @@ static inline DistillGrad<A> distill_grad_coefs(const DistillArgs& a, int64_t i,
 
 // The gradient of one element but for the true-class term.
 template <int MODE, typename A>
-static inline A distill_grad_elem(A zv, A uv, A wk, const DistillCall<A>& c, const DistillStats<A>& st,
+__attribute__((always_inline)) static inline A distill_grad_elem(A zv, A uv, A wk, const DistillCall<A>& c, const DistillStats<A>& st,
                                   const DistillGrad<A>& gr) {
   const A d = zv - st.m;
   const A ls = d * c.inv_T - st.log_sT;
