@@ -26,6 +26,11 @@ constexpr int64_t kDistillBlock = 2048;
 
 enum DistillMode { kForwardKL = 0, kReverseKL = 1, kMixture = 2 };
 
+// A compile-time flag for the generic lambdas that write a loop twice (T = 1 or not).
+template <bool B> struct DistillFlag {
+  static constexpr bool value = B;
+};
+
 static inline float log1p_acc(float x) { return __builtin_log1pf(x); }
 static inline double log1p_acc(double x) { return __builtin_log1p(x); }
 
@@ -107,10 +112,17 @@ static inline DistillStats<A> distill_combine(const DistillBlock<A>* bl, int64_t
 }
 
 // The stats pass of row i: one read of z and u, block by block.
+// With `keep` (the fused step at β = 0) it also stores each element's three
+// exps (relative to its block's maxima) for distill_kept_grad_row.
+template <typename A> struct DistillKept {
+  A *e1, *eT, *et;
+};
+
 template <typename T, typename U, bool W, int MODE>
 static DistillStats<typename Io<T>::acc> distill_stats(const DistillArgs& a, const T* z, const U* u,
                                                        const DistillCall<typename Io<T>::acc>& c,
-                                                       DistillBlock<typename Io<T>::acc>* bl) {
+                                                       DistillBlock<typename Io<T>::acc>* bl,
+                                                       const DistillKept<typename Io<T>::acc>* keep = nullptr) {
   using A = typename Io<T>::acc;
   using B = typename Io<U>::acc;
   const A* w = static_cast<const A*>(a.weight);
@@ -137,22 +149,30 @@ static DistillStats<typename Io<T>::acc> distill_stats(const DistillArgs& a, con
     k.us = soft_shift(mu);
     const A zs = k.zs, us = k.us;
     A s1 = 0, sT = 0, st = 0, x = 0, dev = 0, wsum = 0;
+    A* k1 = keep ? keep->e1 + b : nullptr;
+    A* kT = keep ? keep->eT + b : nullptr;
+    A* kt = keep ? keep->et + b : nullptr;
+    auto sums = [&](auto one) {
 #pragma omp simd reduction(+ : s1, sT, st, x, dev, wsum)
-    for (int64_t j = 0; j < n; ++j) {
-      const A d = Io<T>::load(zb[j]) - zs;
-      const A du = A(B(Io<U>::load(ub[j]))) - us;
-      const A e1 = exp_acc<true>(d);
-      const A eT = one_t ? e1 : exp_acc<true>(d * inv_T);
-      const A et = exp_acc<true>(du * inv_T);
-      s1 += e1;
-      sT += eT;
-      st += et;
-      if (MODE == kForwardKL) x += et != A(0) ? et * (du - d) : A(0);  // 0·log 0 = 0; a NaN stays
-      if (MODE == kReverseKL) x += eT != A(0) ? eT * (d - du) : A(0);
-      const A wk = W ? w[b + j] : A(1);
-      dev -= wk * d;
-      wsum += wk;
-    }
+      for (int64_t j = 0; j < n; ++j) {
+        const A d = Io<T>::load(zb[j]) - zs;
+        const A du = A(B(Io<U>::load(ub[j]))) - us;
+        const A e1 = exp_acc<true>(d);
+        const A eT = decltype(one)::value ? e1 : exp_acc<true>(d * inv_T);
+        const A et = exp_acc<true>(du * inv_T);
+        if (keep) k1[j] = e1, kT[j] = eT, kt[j] = et;
+        s1 += e1;
+        sT += eT;
+        st += et;
+        if (MODE == kForwardKL) x += et != A(0) ? et * (du - d) : A(0);  // 0·log 0 = 0; a NaN stays
+        if (MODE == kReverseKL) x += eT != A(0) ? eT * (d - du) : A(0);
+        const A wk = W ? w[b + j] : A(1);
+        dev -= wk * d;
+        wsum += wk;
+      }
+    };
+    if (one_t) sums(DistillFlag<true>{});
+    else sums(DistillFlag<false>{});
     // A NaN is dropped by the max but not by the exps: the sums carry it.
     k.s1 = s1;
     k.sT = sT;
@@ -228,7 +248,7 @@ __attribute__((always_inline)) static inline A distill_grad_elem(A zv, A uv, A w
   const A ls = d * c.inv_T - st.log_sT;
   const A lt = (uv - st.mt) * c.inv_T - st.log_st;
   const A s = exp_acc<true>(ls);
-  const A p = c.one_t ? s : exp_acc<true>(d - st.log_s1);
+  const A p = exp_acc<true>(d - st.log_s1);
   A kd;
   if (MODE == kForwardKL) {
     kd = s - exp_acc<true>(lt);
@@ -264,12 +284,82 @@ static void distill_grad_row(const DistillArgs& a, int64_t i, const DistillCall<
   const int64_t y = gr.y;
   const A zy = y >= 0 ? Io<T>::load(z[y]) : A(0);
   const A uy = y >= 0 ? A(B(Io<U>::load(u[y]))) : A(0);
+  // Local copies: the stores to out could alias the caller's structs, which
+  // would keep their fields loaded in the loop and the loop scalar.
+  const DistillCall<A> cl = c;
+  const DistillStats<A> sl = st;
+  const DistillGrad<A> gl = gr;
+  if (MODE == kForwardKL) {
+    // Written out with scalars (gcc leaves the loop scalar through distill_grad_elem here).
+    const A m = sl.m, mt = sl.mt, inv_T = cl.inv_T, log_sT = sl.log_sT, log_st = sl.log_st, log_s1 = sl.log_s1;
+    const A gT = gl.gT, hc = gl.hc, hu = gl.hu;
+    // T = 1 (p = s) as its own loop: a select on a loop-invariant flag keeps gcc from vectorising.
+    auto loop = [&](auto one) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    const A wk = W ? w[k] : A(1);
-    out[k] = Io<T>::store(distill_grad_elem<MODE>(Io<T>::load(z[k]), A(B(Io<U>::load(u[k]))), wk, c, st, gr));
+      for (int64_t k = 0; k < K; ++k) {
+        const A d = Io<T>::load(z[k]) - m;
+        const A s = exp_acc<true>(d * inv_T - log_sT);
+        const A t = exp_acc<true>((A(B(Io<U>::load(u[k]))) - mt) * inv_T - log_st);
+        const A p = decltype(one)::value ? s : exp_acc<true>(d - log_s1);
+        out[k] = Io<T>::store(gT * (s - t) + hc * p - hu * (W ? w[k] : A(1)));
+      }
+    };
+    if (cl.one_t) loop(DistillFlag<true>{});
+    else loop(DistillFlag<false>{});
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const A wk = W ? w[k] : A(1);
+      out[k] = Io<T>::store(distill_grad_elem<MODE>(Io<T>::load(z[k]), A(B(Io<U>::load(u[k]))), wk, cl, sl, gl));
+    }
   }
-  if (y >= 0) out[y] = Io<T>::store(distill_grad_elem<MODE>(zy, uy, W ? w[y] : A(1), c, st, gr) - gr.tcls);
+  if (y >= 0) out[y] = Io<T>::store(distill_grad_elem<MODE>(zy, uy, W ? w[y] : A(1), cl, sl, gl) - gl.tcls);
+}
+
+// The fused step's gradient of row i at β = 0 from what distill_stats kept:
+// s_k = eT_k·fs_b, t_k = et_k·ft_b, p_k = e1_k·fp_b with per-block factors
+// that move the block's exps to the row's maxima and normalise them; no read
+// of z or u and no exp per element (the stats pass's three are the row's only ones).
+template <typename T, bool W>
+static void distill_kept_grad_row(const DistillArgs& a, int64_t i, const DistillCall<typename Io<T>::acc>& c,
+                                  const DistillStats<typename Io<T>::acc>& st,
+                                  const DistillBlock<typename Io<T>::acc>* bl,
+                                  const DistillKept<typename Io<T>::acc>& keep, typename Io<T>::acc g,
+                                  typename Io<T>::acc h) {
+  using A = typename Io<T>::acc;
+  const int64_t K = a.K;
+  T* out = static_cast<T*>(a.grad) + i * K;
+  const A* w = static_cast<const A*>(a.weight);
+  const DistillGrad<A> gr = distill_grad_coefs(a, i, c, g, h);
+  if (gr.zeros) {
+    const T zero = Io<T>::store(A(0));
+    for (int64_t k = 0; k < K; ++k) out[k] = zero;
+    return;
+  }
+  const A m0 = soft_shift(st.m), mt0 = soft_shift(st.mt);
+  // A student of only −inf: NaN, as the backward's (z − m) gives (and log_softmax).
+  const A nan_if_empty = st.m == neg_inf<A>() ? __builtin_nan("") : A(1);
+  int64_t nb = 0;
+  for (int64_t b = 0; b < K; b += kDistillBlock, ++nb) {
+    const int64_t n = (K - b < kDistillBlock) ? K - b : kDistillBlock;
+    const DistillBlock<A>& k = bl[nb];
+    // A block without mass has exps of 0 only; its factor could overflow (0·inf).
+    const A fs = k.sT != A(0) ? gr.gT * exp_acc<true>((k.zs - m0) * c.inv_T - st.log_sT) : A(0) * nan_if_empty;
+    const A ft = k.st != A(0) ? gr.gT * exp_acc<true>((k.us - mt0) * c.inv_T - st.log_st) : A(0);
+    const A fp = k.s1 != A(0) ? gr.hc * exp_acc<true>((k.zs - m0) - st.log_s1) : A(0) * nan_if_empty;
+    const A* e1 = keep.e1 + b;
+    const A* eT = keep.eT + b;
+    const A* et = keep.et + b;
+    const A* wb = W ? w + b : nullptr;
+    const A hu = gr.hu;
+    T* ob = out + b;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) ob[j] = Io<T>::store(fs * eT[j] - ft * et[j] + fp * e1[j] - hu * (W ? wb[j] : A(1)));
+    if (gr.y >= b && gr.y < b + n) {
+      const int64_t j = gr.y - b;
+      ob[j] = Io<T>::store(fs * eT[j] - ft * et[j] + fp * e1[j] - hu * (W ? wb[j] : A(1)) - gr.tcls);
+    }
+  }
 }
 
 static inline bool distill_parallel_worth(const DistillArgs& a) { return a.N * a.K >= (int64_t(1) << 15); }
@@ -290,11 +380,15 @@ static void distill_forward_impl(const DistillArgs& a) {
 #pragma omp parallel num_threads(a.nthreads) if (distill_parallel_worth(a))
   {
     DistillBlock<A>* blocks = new DistillBlock<A>[nblocks];
+    // The fused step at β = 0 keeps the row's exps (3·K acc, in L2) for its gradient.
+    const bool kept = a.grad && MODE == kForwardKL;
+    A* scratch = kept ? new A[3 * K] : nullptr;
+    const DistillKept<A> keep{scratch, scratch + K, scratch + 2 * K};
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < N; ++i) {
       const T* z = static_cast<const T*>(a.student) + i * a.row_stride;
       const U* u = static_cast<const U*>(a.teacher) + i * a.teacher_row_stride;
-      DistillStats<A> r = distill_stats<T, U, W, MODE>(a, z, u, c, blocks);
+      DistillStats<A> r = distill_stats<T, U, W, MODE>(a, z, u, c, blocks, kept ? &keep : nullptr);
       if (MODE == kMixture) distill_mixture_pass(a, z, u, c, r);
       const int64_t y = a.target ? a.target[i] : -1;
       const bool ignored = a.target && y == a.ignore_index;
@@ -308,10 +402,14 @@ static void distill_forward_impl(const DistillArgs& a) {
       ce[i] = loss;
       const A row[kDistillStats] = {r.m, r.log_s1, r.log_sT, r.mt, r.log_st, r.Q};
       for (int j = 0; j < kDistillStats; ++j) stats[j * N + i] = row[j];
-      if (a.grad)
+      if (kept)
+        distill_kept_grad_row<T, W>(a, i, c, r, blocks, keep, distill_upstream<A>(a.grad_kd, a.grad_kd_stride, i),
+                                    distill_upstream<A>(a.grad_ce, a.grad_ce_stride, i));
+      else if (a.grad)
         distill_grad_row<T, U, W, MODE>(a, i, c, r, distill_upstream<A>(a.grad_kd, a.grad_kd_stride, i),
                                         distill_upstream<A>(a.grad_ce, a.grad_ce_stride, i));
     }
+    delete[] scratch;
     delete[] blocks;
   }
 }
