@@ -240,6 +240,12 @@ static inline DistillGrad<A> distill_grad_coefs(const DistillArgs& a, int64_t i,
   return r;
 }
 
+// An ignored row's gradient: exact zeros, whatever its values.
+template <typename T> static inline void distill_zero_row(T* out, int64_t K) {
+  const T zero = Io<T>::store(typename Io<T>::acc(0));
+  for (int64_t k = 0; k < K; ++k) out[k] = zero;
+}
+
 // The gradient of one element but for the true-class term.
 template <int MODE, typename A>
 __attribute__((always_inline)) static inline A distill_grad_elem(A zv, A uv, A wk, const DistillCall<A>& c, const DistillStats<A>& st,
@@ -276,11 +282,7 @@ static void distill_grad_row(const DistillArgs& a, int64_t i, const DistillCall<
   T* out = static_cast<T*>(a.grad) + i * K;
   const A* w = static_cast<const A*>(a.weight);
   const DistillGrad<A> gr = distill_grad_coefs(a, i, c, g, h);
-  if (gr.zeros) {
-    const T zero = Io<T>::store(A(0));
-    for (int64_t k = 0; k < K; ++k) out[k] = zero;
-    return;
-  }
+  if (gr.zeros) return distill_zero_row(out, K);
   const int64_t y = gr.y;
   const A zy = y >= 0 ? Io<T>::load(z[y]) : A(0);
   const A uy = y >= 0 ? A(B(Io<U>::load(u[y]))) : A(0);
@@ -331,11 +333,7 @@ static void distill_kept_grad_row(const DistillArgs& a, int64_t i, const Distill
   T* out = static_cast<T*>(a.grad) + i * K;
   const A* w = static_cast<const A*>(a.weight);
   const DistillGrad<A> gr = distill_grad_coefs(a, i, c, g, h);
-  if (gr.zeros) {
-    const T zero = Io<T>::store(A(0));
-    for (int64_t k = 0; k < K; ++k) out[k] = zero;
-    return;
-  }
+  if (gr.zeros) return distill_zero_row(out, K);
   const A m0 = soft_shift(st.m), mt0 = soft_shift(st.mt);
   // A student of only −inf: NaN, as the backward's (z − m) gives (and log_softmax).
   const A nan_if_empty = st.m == neg_inf<A>() ? __builtin_nan("") : A(1);
