@@ -12,7 +12,8 @@
 
 namespace py = pybind11;
 
-void bind_soft(py::module_& m);  // soft_binding.cpp: the probability-target kernels
+void bind_soft(py::module_& m);     // soft_binding.cpp: the probability-target kernels
+void bind_distill(py::module_& m);  // distill_binding.cpp: the distillation kernels
 
 namespace {
 
@@ -127,6 +128,7 @@ PYBIND11_MODULE(_C, m) {
   static const std::string backward_doc = "gradient of the logits; returns the instruction set used." + keywords;
   m.def("forward", &forward, forward_doc.c_str());
   bind_soft(m);
+  bind_distill(m);
   m.def("backward", &backward, backward_doc.c_str());
   py::class_<lsce::Buffer>(m, "Buffer", py::buffer_protocol(),
                            "writable bytes from lsce's gradient cache; back to the cache when the last user is gone")

@@ -118,3 +118,43 @@ const char* soft_backward(const SoftArgs& a) {
 }
 
 }  // namespace lsce
+
+// The distillation kernels (lsce_distill_api.h), of the same instruction set.
+#include "lsce_distill_api.h"
+
+namespace lsce {
+
+namespace {
+struct DistillIsa {
+  const char* name;
+  void (*forward)(const DistillArgs&);
+  void (*backward)(const DistillArgs&);
+};
+const DistillIsa kDistillIsas[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512", avx512::distill_forward, avx512::distill_backward},
+    {"avx2", avx2::distill_forward, avx2::distill_backward},
+#endif
+    {"generic", generic::distill_forward, generic::distill_backward},
+};
+const DistillIsa& distill_current() {
+  const char* name = active_isa();
+  for (const DistillIsa& isa : kDistillIsas)
+    if (std::strcmp(isa.name, name) == 0) return isa;
+  return kDistillIsas[sizeof(kDistillIsas) / sizeof(kDistillIsas[0]) - 1];
+}
+}  // namespace
+
+const char* distill_forward(const DistillArgs& a) {
+  const DistillIsa& isa = distill_current();
+  isa.forward(a);
+  return isa.name;
+}
+
+const char* distill_backward(const DistillArgs& a) {
+  const DistillIsa& isa = distill_current();
+  isa.backward(a);
+  return isa.name;
+}
+
+}  // namespace lsce

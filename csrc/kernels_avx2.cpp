@@ -4,6 +4,7 @@
 
 #include "lsce_api.h"
 #include "lsce_soft_api.h"
+#include "lsce_distill_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
@@ -12,6 +13,7 @@ namespace lsce {
 namespace avx2 {
 #include "lsce_kernels.h"
 #include "lsce_soft.h"
+#include "lsce_distill.h"
 }  // namespace avx2
 }  // namespace lsce
 #pragma GCC pop_options

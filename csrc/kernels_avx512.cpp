@@ -4,6 +4,7 @@
 
 #include "lsce_api.h"
 #include "lsce_soft_api.h"
+#include "lsce_distill_api.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -17,6 +18,7 @@ namespace lsce {
 namespace avx512 {
 #include "lsce_kernels.h"
 #include "lsce_soft.h"
+#include "lsce_distill.h"
 }  // namespace avx512
 }  // namespace lsce
 #pragma GCC pop_options

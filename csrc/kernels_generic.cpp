@@ -4,10 +4,12 @@
 
 #include "lsce_api.h"
 #include "lsce_soft_api.h"
+#include "lsce_distill_api.h"
 
 namespace lsce {
 namespace generic {
 #include "lsce_kernels.h"
 #include "lsce_soft.h"
+#include "lsce_distill.h"
 }  // namespace generic
 }  // namespace lsce

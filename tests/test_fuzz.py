@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 HARNESS = CSRC / "fuzz" / "fuzz_kernels.cpp"
 SOFT_HARNESS = CSRC / "fuzz" / "fuzz_soft.cpp"  # the probability-target kernels
+DISTILL_HARNESS = CSRC / "fuzz" / "fuzz_distill.cpp"  # the distillation kernels
 SEED = 20240611
 SECONDS = float(os.environ.get("LSCE_FUZZ_SECONDS", "40"))
 
@@ -101,18 +102,31 @@ def test_kernels_under_asan_and_ubsan(tmp_path):
     assert "no failure" in r.stdout, out[-3000:]
 
 
-@pytest.mark.slow
-def test_soft_kernels_under_asan_and_ubsan(tmp_path):
-    """The probability-target kernels (lsce::soft_forward / soft_backward) under the
-    same sanitizers, with their own driver (see csrc/fuzz/fuzz_soft.cpp's header)."""
-    exe = _build(tmp_path, SOFT_HARNESS)
+def _run_driver(tmp_path, harness: Path, seconds: float):
+    """Builds one driver and runs it for ``seconds``; asserts a clean, non-empty run."""
+    exe = _build(tmp_path, harness)
     env = {**os.environ, **SANITIZER_ENV}
-    r = _run([str(exe), "--seed", str(SEED), "--seconds", str(SECONDS / 2)], env=env, timeout=SECONDS + 300)
+    r = _run([str(exe), "--seed", str(SEED), "--seconds", str(seconds)], env=env, timeout=SECONDS + 300)
     out = r.stdout + r.stderr
     sys.stdout.write(r.stdout)
     report = [m for m in REPORT_MARKERS if m in out]
     assert r.returncode == 0 and not report, (
-        f"fuzz_soft failed (rc {r.returncode}{', sanitizer report' if report else ''}); "
+        f"{harness.stem} failed (rc {r.returncode}{', sanitizer report' if report else ''}); "
         f"replay with: {exe.name} --seed {SEED} --case I\n{out[-8000:]}"
     )
     assert "no failure" in r.stdout and " 0 cases" not in r.stdout, out[-3000:]
+
+
+@pytest.mark.slow
+def test_soft_kernels_under_asan_and_ubsan(tmp_path):
+    """The probability-target kernels (lsce::soft_forward / soft_backward) under the
+    same sanitizers, with their own driver (see csrc/fuzz/fuzz_soft.cpp's header)."""
+    _run_driver(tmp_path, SOFT_HARNESS, SECONDS / 2)
+
+
+@pytest.mark.slow
+def test_distill_kernels_under_asan_and_ubsan(tmp_path):
+    """The distillation kernels (lsce::distill_forward / distill_backward: every β
+    form, T, ε, weight, ignored rows, no target, strides, mixed dtypes, the fused
+    step, special values) under the same sanitizers (csrc/fuzz/fuzz_distill.cpp's header)."""
+    _run_driver(tmp_path, DISTILL_HARNESS, SECONDS / 2)

@@ -1,7 +1,8 @@
-// Storage, canaries, exact-size blocks and the seeded generator shared by the
-// sanitizer fuzz drivers (fuzz_kernels.cpp, fuzz_soft.cpp). Each driver
-// includes it inside its own anonymous namespace, after <cstring>, <cstdio>,
-// <cstdlib>, <cmath>, <random> and lsce_api.h.
+// Storage, canaries, exact-size blocks, the seeded generator and the driver
+// loop shared by the sanitizer fuzz drivers (fuzz_kernels.cpp, fuzz_soft.cpp,
+// fuzz_distill.cpp). Each driver includes it inside its own anonymous
+// namespace, after <chrono>, <cstring>, <cstdio>, <cstdlib>, <cmath>, <random>,
+// <string>, <vector> and lsce_api.h.
 #pragma once
 
 // ---------------------------------------------------------------- storage
@@ -125,3 +126,58 @@ struct Rng {
   }
   template <typename T, size_t n> T pick(const T (&a)[n]) { return a[size_t(u64() % n)]; }
 };
+
+// ---------------------------------------------------------------- the driver loop
+
+// The main of a driver (fuzz_soft.cpp, fuzz_distill.cpp): --seed S --seconds T
+// --case I --verbose; the instruction sets this CPU has; cases drawn and run
+// until the time is up (or the one case asked for). draw(Rng&, isas) -> Case,
+// run(case, case_seed) -> bool, describe(case, seed, index) on a failure (and
+// with --verbose), tally(case) after each passed case, summary() the counts it
+// keeps for the last line, which ends in "no failure". Needs <chrono>, <string>,
+// <vector> and the kernels' lsce::set_isa.
+const char* const kFuzzIsaNames[] = {"generic", "avx2", "avx512"};
+
+template <typename Draw, typename Run, typename Describe, typename Tally, typename Summary>
+int fuzz_main(int argc, char** argv, const char* name, Draw draw, Run run, Describe describe, Tally tally,
+              Summary summary) {
+  uint64_t seed = 1;
+  int64_t only = -1;
+  double seconds = 30;
+  bool verbose = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (i + 1 >= argc && a != "--verbose") { std::fprintf(stderr, "%s: %s needs a value\n", name, a.c_str()); return 2; }
+    if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--seconds") seconds = std::strtod(argv[++i], nullptr);
+    else if (a == "--case") only = std::strtoll(argv[++i], nullptr, 10);
+    else if (a == "--verbose") verbose = true;
+    else { std::fprintf(stderr, "usage: %s [--seed S] [--seconds T] [--case I] [--verbose]\n", name); return 2; }
+  }
+  std::vector<int> isas;
+  for (int k = 0; k < 3; ++k)
+    if (lsce::set_isa(kFuzzIsaNames[k])) isas.push_back(k);
+  lsce::set_isa("auto");
+  std::printf("%s: seed %llu, instruction sets:", name, (unsigned long long)seed);
+  for (int k : isas) std::printf(" %s", kFuzzIsaNames[k]);
+  std::printf("\n");
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t done = 0;
+  for (int64_t index = (only >= 0 ? only : 0); only < 0 || index == only; ++index) {
+    if (only < 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > seconds) break;
+    const uint64_t case_seed = seed * 0x100000001B3ull + uint64_t(index) * 0x9E3779B97F4A7C15ull;
+    Rng r(case_seed);
+    const auto cs = draw(r, isas);
+    if (verbose) describe(cs, seed, index);
+    if (!run(cs, case_seed)) {
+      describe(cs, seed, index);
+      return 1;
+    }
+    ++done;
+    tally(cs);
+    if (only >= 0) break;
+  }
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("%s: %lld cases (%s), %.1f s, no failure\n", name, (long long)done, summary().c_str(), dt);
+  return 0;
+}

@@ -47,7 +47,7 @@ namespace {
 
 const int64_t kEdgeK[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257,
                           4095, 4096, 4097, 8191, 8192, 8193, 12289, 20000};
-const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+const char* const* const kIsaNames = kFuzzIsaNames;
 const char* const kDtypeNames[] = {"f32", "f64", "bf16", "f16"};
 const char* const kFillNames[] = {"normal", "offset", "masked", "nonfinite"};
 const char* const kTargetNames[] = {"prob", "any", "zeros", "onehot"};
@@ -326,46 +326,18 @@ bool run_case(const Case& cs, uint64_t case_seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  uint64_t seed = 1;
-  int64_t only = -1;
-  double seconds = 30;
-  bool verbose = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (i + 1 >= argc && a != "--verbose") { std::fprintf(stderr, "fuzz_soft: %s needs a value\n", a.c_str()); return 2; }
-    if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
-    else if (a == "--seconds") seconds = std::strtod(argv[++i], nullptr);
-    else if (a == "--case") only = std::strtoll(argv[++i], nullptr, 10);
-    else if (a == "--verbose") verbose = true;
-    else { std::fprintf(stderr, "usage: fuzz_soft [--seed S] [--seconds T] [--case I] [--verbose]\n"); return 2; }
-  }
-  std::vector<int> isas;
-  for (int k = 0; k < 3; ++k)
-    if (lsce::set_isa(kIsaNames[k])) isas.push_back(k);
-  lsce::set_isa("auto");
-  std::printf("fuzz_soft: seed %llu, instruction sets:", (unsigned long long)seed);
-  for (int k : isas) std::printf(" %s", kIsaNames[k]);
-  std::printf("\n");
-  const auto t0 = std::chrono::steady_clock::now();
-  int64_t done = 0, fused = 0, mixed = 0, gt = 0;
-  for (int64_t index = (only >= 0 ? only : 0); only < 0 || index == only; ++index) {
-    if (only < 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > seconds) break;
-    const uint64_t case_seed = seed * 0x100000001B3ull + uint64_t(index) * 0x9E3779B97F4A7C15ull;
-    Rng r(case_seed);
-    const Case cs = draw_case(r, isas);
-    if (verbose) describe(cs, seed, index);
-    if (!run_case(cs, case_seed)) {
-      describe(cs, seed, index);
-      return 1;
-    }
-    ++done;
-    fused += cs.fused;
-    mixed += cs.dtype != cs.target_dtype;
-    gt += cs.grad_target;
-    if (only >= 0) break;
-  }
-  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("fuzz_soft: %lld cases (fused %lld, mixed dtypes %lld, target gradient %lld), %.1f s, no failure\n",
-              (long long)done, (long long)fused, (long long)mixed, (long long)gt, dt);
-  return 0;
+  int64_t fused = 0, mixed = 0, gt = 0;
+  return fuzz_main(
+      argc, argv, "fuzz_soft", draw_case, run_case, describe,
+      [&](const Case& cs) {
+        fused += cs.fused;
+        mixed += cs.dtype != cs.target_dtype;
+        gt += cs.grad_target;
+      },
+      [&] {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "fused %lld, mixed dtypes %lld, target gradient %lld", (long long)fused,
+                      (long long)mixed, (long long)gt);
+        return std::string(buf);
+      });
 }
