@@ -335,16 +335,17 @@ static void distill_kept_grad_row(const DistillArgs& a, int64_t i, const Distill
   const DistillGrad<A> gr = distill_grad_coefs(a, i, c, g, h);
   if (gr.zeros) return distill_zero_row(out, K);
   const A m0 = soft_shift(st.m), mt0 = soft_shift(st.mt);
-  // A student of only −inf: NaN, as the backward's (z − m) gives (and log_softmax).
-  const A nan_if_empty = st.m == neg_inf<A>() ? __builtin_nan("") : A(1);
+  // A block without mass has exps of 0 only; its factor could overflow (0·inf),
+  // so it is 0·log-sum instead: 0, or NaN where the row's sum is NaN (a NaN
+  // anywhere in the row) or −inf (a row of only −inf), as the backward gives.
+  const A none_s = A(0) * st.log_sT, none_t = A(0) * st.log_st, none_p = A(0) * st.log_s1;
   int64_t nb = 0;
   for (int64_t b = 0; b < K; b += kDistillBlock, ++nb) {
     const int64_t n = (K - b < kDistillBlock) ? K - b : kDistillBlock;
     const DistillBlock<A>& k = bl[nb];
-    // A block without mass has exps of 0 only; its factor could overflow (0·inf).
-    const A fs = k.sT != A(0) ? gr.gT * exp_acc<true>((k.zs - m0) * c.inv_T - st.log_sT) : A(0) * nan_if_empty;
-    const A ft = k.st != A(0) ? gr.gT * exp_acc<true>((k.us - mt0) * c.inv_T - st.log_st) : A(0);
-    const A fp = k.s1 != A(0) ? gr.hc * exp_acc<true>((k.zs - m0) - st.log_s1) : A(0) * nan_if_empty;
+    const A fs = k.sT != A(0) ? gr.gT * exp_acc<true>((k.zs - m0) * c.inv_T - st.log_sT) : none_s;
+    const A ft = k.st != A(0) ? gr.gT * exp_acc<true>((k.us - mt0) * c.inv_T - st.log_st) : none_t;
+    const A fp = k.s1 != A(0) ? gr.hc * exp_acc<true>((k.zs - m0) - st.log_s1) : none_p;
     const A* e1 = keep.e1 + b;
     const A* eT = keep.eT + b;
     const A* et = keep.et + b;
