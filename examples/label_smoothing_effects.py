@@ -86,36 +86,53 @@ def load_splits(split_seed: int = 0):
 
 
 class MLP(nn.Module):
-    """64 → 128 → 64 (the penultimate layer, after ReLU) → 10 logits."""
+    """64 → widths[0] → … → widths[-1] (the penultimate layer, after ReLU) → 10 logits;
+    by default 64 → 128 → 64 → 10."""
 
-    def __init__(self, hidden: int = 128, penultimate: int = 64):
+    def __init__(self, widths=(128, 64)):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, penultimate), nn.ReLU())
-        self.head = nn.Linear(penultimate, NUM_CLASSES)
+        layers, fan_in = [], 64
+        for w in widths:
+            layers += [nn.Linear(fan_in, w), nn.ReLU()]
+            fan_in = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(fan_in, NUM_CLASSES)
 
     def forward(self, x):
         return self.head(self.body(x))
 
 
+def fit(model: MLP, X, loss, *, seed: int, epochs: int, batch_size: int, lr: float, after_epoch=None) -> MLP:
+    """Adam on ``loss(model(X[idx]), idx)`` over mini-batches of row indices `idx`,
+    their order drawn from `seed` (the same for every model of a seed, so that
+    models of one seed differ by their loss alone); ``after_epoch(model, epoch)``,
+    if given, is called after each epoch (epochs counted from 1)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(10_000 + seed)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(X), generator=order)
+        for i in range(0, len(X), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss(model(X[idx]), idx).backward()
+            opt.step()
+        if after_epoch is not None:
+            model.eval()
+            after_epoch(model, epoch)
+            model.train()
+    model.eval()
+    return model
+
+
 def train(init_state, data, eps: float, *, seed: int, epochs: int, batch_size: int, lr: float) -> MLP:
-    """Adam on lsce.CrossEntropyLoss(label_smoothing=eps), from `init_state`, with the
-    mini-batch order drawn from `seed` (identical for every eps)."""
+    """The default MLP from `init_state`, trained by :func:`fit` on
+    lsce.CrossEntropyLoss(label_smoothing=eps)."""
     model = MLP()
     model.load_state_dict(init_state)
     crit = lsce.CrossEntropyLoss(label_smoothing=eps)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     X, y = data["train"]
-    order = torch.Generator().manual_seed(10_000 + seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            crit(model(X[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
+    return fit(model, X, lambda out, idx: crit(out, y[idx]), seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
 
 
 @torch.no_grad()
