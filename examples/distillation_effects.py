@@ -1,4 +1,4 @@
-"""Is a label-smoothed teacher a worse teacher? Müller, Kornblith & Hinton's (2019) distillation claim, measured with lsce.
+"""Is a label-smoothed teacher a worse teacher? Müller et al.'s (2019) distillation claim, measured with lsce.
 
 Two regimes on scikit-learn's bundled handwritten digits (the data, split, MLP,
 metrics and helpers of ``label_smoothing_effects.py``, imported from it):
@@ -72,7 +72,6 @@ Everything runs offline.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -87,8 +86,8 @@ import torch.nn.functional as F
 import lsce
 # The sibling example: its data, network, training loop, metrics and helpers (it also
 # checks that scikit-learn, torchmetrics and matplotlib are installed, and picks Agg).
-from label_smoothing_effects import (MLP, N_BINS, NUM_CLASSES, fit, fit_temperature, fmt, forward_all,
-                                     load_splits, metrics, reliability)
+from label_smoothing_effects import (MLP, N_BINS, NUM_CLASSES, experiment_parser, fit, fit_temperature, fmt,
+                                     forward_all, load_splits, metrics, reliability)
 import matplotlib.pyplot as plt  # noqa: E402  (after the sibling chose the Agg backend)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the shared benchmarks/measure.py
@@ -386,13 +385,8 @@ FIGURES = ["distillation_students.png", "distillation_information.png", "distill
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="one seed, few epochs (a smoke test)")
-    p.add_argument("--out", type=Path, default=Path("distillation_effects_out"),
-                   help="folder for the pictures, distillation_results.md and distillation_results.json")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (initial weights and data order)")
-    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p = experiment_parser(__doc__, fast="one seed, few epochs", out="distillation_effects_out",
+                          files="distillation_results.md and distillation_results.json", seeds=5)
     p.add_argument("--alpha", type=float, default=0.5,
                    help="weight of the distillation term (1 − alpha on the hard labels' cross-entropy)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
@@ -412,7 +406,6 @@ def main(argv=None):
     p.add_argument("--copies", type=int, default=16, help="augmented copies per example (--augment noise)")
     p.add_argument("--pixel-noise", type=float, default=0.05, help="pixel noise std (--augment noise)")
     p.add_argument("--mi-every", type=int, default=10, help="epochs between two Î of the teachers' training")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
     if args.fast:
         args.seeds, args.teacher_epochs, args.noisy_epochs, args.student_epochs, args.mi_every = 1, 8, 8, 8, 2
@@ -445,7 +438,8 @@ def main(argv=None):
               + "; ".join(describe(k, r) for k, r in rs.items())
               + f"; teachers Adam lr={args.lr:g}, batch {args.batch_size}; students MLP {student_net}, "
               f"Adam lr={args.student_lr:g}, batch {args.student_batch_size}, {args.student_epochs} epochs, "
-              f"lsce.distillation_loss alpha={args.alpha:g} (forward KL); seeds {args.seed0}..{args.seed0 + args.seeds - 1}; "
+              f"lsce.distillation_loss alpha={args.alpha:g} (forward KL); "
+              f"seeds {args.seed0}..{args.seed0 + args.seeds - 1}; "
               f"TS = temperature scaling fitted on val; Î over {args.copies} copies per example "
               + (f"with pixel noise std {args.pixel_noise:g}" if args.augment == "noise" else "shifted by ≤ 1 pixel")
               + f"; {elapsed:.0f} s")

@@ -242,7 +242,7 @@ def tables(cols, per_seed, n_seeds: int) -> str:
     out = "\n".join(lines)
     # Paired by seed: each column minus ε = 0 of the same seed (same init, same data order).
     dcols = cols[1:]
-    lines = [f"| difference to ε=0, same seed | " + " | ".join(dcols) + " |", "|" + "---|" * (len(dcols) + 1)]
+    lines = ["| difference to ε=0, same seed | " + " | ".join(dcols) + " |", "|" + "---|" * (len(dcols) + 1)]
     base = per_seed[cols[0]]
     for key, label in ROWS:
         if key in ("temperature",):
@@ -374,14 +374,20 @@ def projection_name(classes) -> str:
 DEFAULT_TRIPLES = [(0, 1, 2), (1, 8, 9)]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="one seed, few epochs, ε ∈ {0, 0.1} (a smoke test)")
-    p.add_argument("--out", type=Path, default=Path("label_smoothing_effects_out"),
-                   help="folder for the pictures, results.md and results.json")
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds (initial weights and data order)")
+def experiment_parser(doc: str, *, fast: str, out: str, files: str, seeds: int) -> argparse.ArgumentParser:
+    """The options the digits examples share: --fast, --out, --seeds, --seed0, --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help=f"{fast} (a smoke test)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"folder for the pictures, {files}")
+    p.add_argument("--seeds", type=int, default=seeds, help="number of seeds (initial weights and data order)")
     p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fast for this size)")
+    return p
+
+
+def main(argv=None):
+    p = experiment_parser(__doc__, fast="one seed, few epochs, ε ∈ {0, 0.1}", out="label_smoothing_effects_out",
+                          files="results.md and results.json", seeds=10)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
                    help="label-smoothing values; must include 0 and 0.1")
@@ -389,7 +395,6 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--triples", type=str, nargs="+", default=[",".join(map(str, t)) for t in DEFAULT_TRIPLES],
                    help="digit triples for the penultimate-layer projections, e.g. 0,1,2 1,8,9")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fast for this size)")
     args = p.parse_args(argv)
     if args.fast:
         args.seeds, args.epochs, args.eps = 1, 8, [0.0, 0.1]
