@@ -191,7 +191,6 @@ def run_regime(r, data, args, seed, copies, curves):
     torch.manual_seed(seed)
     teacher_init = copy.deepcopy(MLP(r["widths"]).state_dict())
     student_init = copy.deepcopy(MLP(tuple(args.student_widths)).state_dict())
-    common = dict(seed=seed, batch_size=args.batch_size, lr=args.lr)
 
     teachers, tm = {}, {}
     for eps in EPS:
@@ -204,7 +203,8 @@ def run_regime(r, data, args, seed, copies, curves):
             if epoch % args.mi_every == 0 or epoch == r["epochs"]:
                 curve.append((epoch, information(m, copies, y_clean)[0]))
 
-        fit(model, X, lambda out, idx, crit=crit: crit(out, y[idx]), epochs=r["epochs"], after_epoch=record, **common)
+        fit(model, X, lambda out, idx, crit=crit: crit(out, y[idx]), seed=seed, epochs=r["epochs"],
+            batch_size=args.batch_size, lr=args.lr, after_epoch=record)
         curves[teacher_col(eps)].append(curve)
         teachers[eps] = model
         feats, logits = forward_all(model, Xte)
@@ -232,8 +232,8 @@ def run_regime(r, data, args, seed, copies, curves):
                 t_logits = teachers[eps](X)
             loss = (lambda out, idx, t_logits=t_logits, T=T: lsce.distillation_loss(
                 out, y[idx], teacher_logits=t_logits[idx], temperature=T, alpha=args.alpha))
-        fit(student, X, loss, epochs=args.student_epochs, **dict(common, batch_size=args.student_batch_size,
-                                                                   lr=args.student_lr))
+        fit(student, X, loss, seed=seed, epochs=args.student_epochs, batch_size=args.student_batch_size,
+            lr=args.student_lr)
         feats, logits = forward_all(student, Xte)
         sm[student_col(eps, T)] = metrics(logits, yte, feats)
     return tm, sm
