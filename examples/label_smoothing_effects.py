@@ -86,36 +86,53 @@ def load_splits(split_seed: int = 0):
 
 
 class MLP(nn.Module):
-    """64 → 128 → 64 (the penultimate layer, after ReLU) → 10 logits."""
+    """64 → widths[0] → … → widths[-1] (the penultimate layer, after ReLU) → 10 logits;
+    by default 64 → 128 → 64 → 10."""
 
-    def __init__(self, hidden: int = 128, penultimate: int = 64):
+    def __init__(self, widths=(128, 64)):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, penultimate), nn.ReLU())
-        self.head = nn.Linear(penultimate, NUM_CLASSES)
+        layers, fan_in = [], 64
+        for w in widths:
+            layers += [nn.Linear(fan_in, w), nn.ReLU()]
+            fan_in = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(fan_in, NUM_CLASSES)
 
     def forward(self, x):
         return self.head(self.body(x))
 
 
+def fit(model: MLP, X, loss, *, seed: int, epochs: int, batch_size: int, lr: float, after_epoch=None) -> MLP:
+    """Adam on ``loss(model(X[idx]), idx)`` over mini-batches of row indices `idx`,
+    their order drawn from `seed` (the same for every model of a seed, so that
+    models of one seed differ by their loss alone); ``after_epoch(model, epoch)``,
+    if given, is called after each epoch (epochs counted from 1)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(10_000 + seed)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(X), generator=order)
+        for i in range(0, len(X), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss(model(X[idx]), idx).backward()
+            opt.step()
+        if after_epoch is not None:
+            model.eval()
+            after_epoch(model, epoch)
+            model.train()
+    model.eval()
+    return model
+
+
 def train(init_state, data, eps: float, *, seed: int, epochs: int, batch_size: int, lr: float) -> MLP:
-    """Adam on lsce.CrossEntropyLoss(label_smoothing=eps), from `init_state`, with the
-    mini-batch order drawn from `seed` (identical for every eps)."""
+    """The default MLP from `init_state`, trained by :func:`fit` on
+    lsce.CrossEntropyLoss(label_smoothing=eps)."""
     model = MLP()
     model.load_state_dict(init_state)
     crit = lsce.CrossEntropyLoss(label_smoothing=eps)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     X, y = data["train"]
-    order = torch.Generator().manual_seed(10_000 + seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=order)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            crit(model(X[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    return model
+    return fit(model, X, lambda out, idx: crit(out, y[idx]), seed=seed, epochs=epochs, batch_size=batch_size, lr=lr)
 
 
 @torch.no_grad()
@@ -225,7 +242,7 @@ def tables(cols, per_seed, n_seeds: int) -> str:
     out = "\n".join(lines)
     # Paired by seed: each column minus ε = 0 of the same seed (same init, same data order).
     dcols = cols[1:]
-    lines = [f"| difference to ε=0, same seed | " + " | ".join(dcols) + " |", "|" + "---|" * (len(dcols) + 1)]
+    lines = ["| difference to ε=0, same seed | " + " | ".join(dcols) + " |", "|" + "---|" * (len(dcols) + 1)]
     base = per_seed[cols[0]]
     for key, label in ROWS:
         if key in ("temperature",):
@@ -357,14 +374,20 @@ def projection_name(classes) -> str:
 DEFAULT_TRIPLES = [(0, 1, 2), (1, 8, 9)]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="one seed, few epochs, ε ∈ {0, 0.1} (a smoke test)")
-    p.add_argument("--out", type=Path, default=Path("label_smoothing_effects_out"),
-                   help="folder for the pictures, results.md and results.json")
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds (initial weights and data order)")
+def experiment_parser(doc: str, *, fast: str, out: str, files: str, seeds: int) -> argparse.ArgumentParser:
+    """The options the digits examples share: --fast, --out, --seeds, --seed0, --threads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help=f"{fast} (a smoke test)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"folder for the pictures, {files}")
+    p.add_argument("--seeds", type=int, default=seeds, help="number of seeds (initial weights and data order)")
     p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fast for this size)")
+    return p
+
+
+def main(argv=None):
+    p = experiment_parser(__doc__, fast="one seed, few epochs, ε ∈ {0, 0.1}", out="label_smoothing_effects_out",
+                          files="results.md and results.json", seeds=10)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
                    help="label-smoothing values; must include 0 and 0.1")
@@ -372,7 +395,6 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--triples", type=str, nargs="+", default=[",".join(map(str, t)) for t in DEFAULT_TRIPLES],
                    help="digit triples for the penultimate-layer projections, e.g. 0,1,2 1,8,9")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fast for this size)")
     args = p.parse_args(argv)
     if args.fast:
         args.seeds, args.epochs, args.eps = 1, 8, [0.0, 0.1]
