@@ -272,12 +272,19 @@ def main() -> None:
              for N, H, K in cases for dtype in args.dtypes.split(",")]
     memory = {}
     if args.memory_only and args.jobs > 1:  # every worker now; the table once they are done
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         with ThreadPoolExecutor(args.jobs) as pool:
-            work = {(i, name): pool.submit(in_subprocess, "memory", dict(case, provider=name))
+            work = {pool.submit(in_subprocess, "memory", dict(case, provider=name)): (i, name)
                     for i, case in enumerate(specs) for name in names}
-            memory = {key: future.result() for key, future in work.items()}
+            for future in as_completed(work):  # each as it ends: a run cut short keeps what finished
+                (i, name), r = work[future], future.result()
+                memory[i, name] = r
+                case = specs[i]
+                print(f"      done: {case['N']}x{case['H']}x{case['K']} {case['dtype']} {name}: " +
+                      (f"peak {r['peak_mb']:.1f} MB, without gradients {r['peak_mb'] - r['grads_mb']:.1f} MB, "
+                       f"calibration {r['calibration_seen_mb']:.1f} MB" if "error" not in r else r["error"]),
+                      flush=True)
     for i, case in enumerate(specs):
         N, H, K, dtype = case["N"], case["H"], case["K"], case["dtype"]
         if args.time_only:
