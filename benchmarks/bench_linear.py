@@ -7,6 +7,7 @@ same loss on materialised logits.
     .venv/bin/python benchmarks/bench_linear.py --cases 4096x1024x32000 --dtypes bf16 --reps 5
     .venv/bin/python benchmarks/bench_linear.py --chunk-sizes 384,1024   # also lsce_linear_c384, lsce_linear_c1024
     .venv/bin/python benchmarks/bench_linear.py --designs --memory-only  # both designs' peaks, no timing
+    .venv/bin/python benchmarks/bench_linear.py --accuracy --cases 1024x1024x32000 --dtypes bf16  # gradients vs fp64
 
 Providers (reduction="mean"; label_smoothing=0.1 except where noted):
     lsce_linear         lsce.linear_cross_entropy (chunked, no N×K logits), the default call
@@ -32,7 +33,10 @@ the bytes it should. Time: one more subprocess per (case, dtype) runs the
 providers' steps interleaved, round by round, after one untimed step each;
 the table shows the median and the fastest of ``--reps`` rounds, and the
 ratios use the fastest, the least disturbed on a shared machine.
-``--memory-only`` skips the timing.
+``--jobs J`` runs up to J memory workers at once (their peaks are
+per process, so they do not see one another; only with ``--memory-only``,
+whose table then comes once every worker is done). ``--memory-only`` skips the timing; ``--time-only`` the peaks (where one
+step takes minutes, as bf16 does on a CPU without bf16 matmul units).
 
 The issue's targets, checked per case on the default call (``lsce_linear``):
 T, the peak without the parameter gradients every provider returns, at most
@@ -40,6 +44,11 @@ T, the peak without the parameter gradients every provider returns, at most
 peak at most PyTorch's; time at most 1.1× ``lsce_materialised`` with row
 chunks, 1.4× with vocabulary blocks (one matmul more). The design the rule
 (lsce.linear.vocabulary_blocks) chose is printed with them.
+
+``--accuracy`` (the issue's third target) measures no time nor memory: in
+this process, per case and dtype, the relative error (Frobenius norm) of each
+gradient of the default call and of ``torch`` (and ``--designs``' two) against
+the fp64 truth (``F.linear`` + ``F.cross_entropy`` on the same inputs upcast).
 
 Writes a table to the terminal and one CSV row per measurement to
 benchmarks/out/linear.csv.
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -172,6 +182,21 @@ def time_worker(spec: dict) -> dict:
             for name, t in zip(names, times.T)}
 
 
+def accuracy(N: int, H: int, K: int, dtype: torch.dtype, device: torch.device, names) -> dict:
+    """Relative error (Frobenius norm) of each provider's input and weight
+    gradients of one default step against the fp64 truth of the same inputs."""
+    x, W, y = make_inputs(N, H, K, dtype, device)
+    x64, W64 = (t.detach().double().requires_grad_(True) for t in (x, W))
+    loss_step(loss_fn("torch"), x64, W64, y)
+    truth = (x64.grad, W64.grad)
+    del x64, W64
+    out = {}
+    for name in names:
+        loss_step(loss_fn(name), x, W, y)
+        out[name] = [float((g.double() - t).norm() / t.norm()) for g, t in zip((x.grad, W.grad), truth)]
+    return out
+
+
 # ---------------------------------------------------------------- driver side
 
 
@@ -196,6 +221,10 @@ def main() -> None:
     ap.add_argument("--designs", action="store_true",
                     help="also lsce_linear_rows and lsce_linear_blocks: the default call forced to each design")
     ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
+    ap.add_argument("--jobs", type=int, default=1, help="memory workers at once (with --memory-only)")
+    ap.add_argument("--time-only", action="store_true", help="time only, no peak memory (no worker per provider)")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="only the gradients' relative errors against an fp64 truth (no time, no memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "linear.csv"))
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
@@ -214,55 +243,97 @@ def main() -> None:
     if args.designs:
         names += ["lsce_linear_rows", "lsce_linear_blocks"]
     rows = []
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps}")
+    if args.accuracy:
+        names = [n for n in names if n not in ("torch_chunked_eps0", "lsce_materialised")]  # another loss; lsce's own kernels
+        print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}: relative error "
+              "(Frobenius) of the gradients against fp64")
+        print(f"{'N':>5} {'H':>5} {'K':>6} {'dtype':>5} {'provider':>18} {'grad input':>11} {'grad weight':>11}")
+        for N, H, K in cases:
+            for dtype in args.dtypes.split(","):
+                errors = accuracy(N, H, K, DTYPES[dtype], torch.device(args.device), names)
+                for name, (gi, gw) in errors.items():
+                    print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {name:>18} {gi:>11.3e} {gw:>11.3e}")
+                print(f"      design of lsce_linear: "
+                      f"{'vocabulary blocks' if lsce.linear.vocabulary_blocks(N, H, K, DTYPES[dtype]) else 'row chunks'}")
+        return
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps} "
+          f"load average {os.getloadavg()[0]:.1f}")
     header = (f"{'N':>5} {'H':>5} {'K':>6} {'dtype':>5} {'provider':>18} {'median ms':>9} {'min ms':>8} {'×mat':>6} "
               f"{'peak MB':>8} {'×torch':>7} {'peak-grads':>10} {'×torch':>7} {'loss':>9}")
     print(header)
-    for N, H, K in cases:
-        for dtype in args.dtypes.split(","):
-            case = dict(device=args.device, dtype=dtype, N=N, H=H, K=K, reps=reps,
-                        threads=torch.get_num_threads())
-            group = [dict(case, provider=name, **in_subprocess("memory", dict(case, provider=name)))
+    specs = [dict(device=args.device, dtype=dtype, N=N, H=H, K=K, reps=reps, threads=torch.get_num_threads())
+             for N, H, K in cases for dtype in args.dtypes.split(",")]
+    memory = {}
+    if args.memory_only and args.jobs > 1:  # every worker now; the table once they are done
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            work = {pool.submit(in_subprocess, "memory", dict(case, provider=name)): (i, name)
+                    for i, case in enumerate(specs) for name in names}
+            for future in as_completed(work):  # each as it ends: a run cut short keeps what finished
+                (i, name), r = work[future], future.result()
+                memory[i, name] = r
+                case = specs[i]
+                print(f"      done: {case['N']}x{case['H']}x{case['K']} {case['dtype']} {name}: " +
+                      (f"peak {r['peak_mb']:.1f} MB, without gradients {r['peak_mb'] - r['grads_mb']:.1f} MB, "
+                       f"calibration {r['calibration_seen_mb']:.1f} MB" if "error" not in r else r["error"]),
+                      flush=True)
+    for i, case in enumerate(specs):
+        N, H, K, dtype = case["N"], case["H"], case["K"], case["dtype"]
+        if args.time_only:
+            nan = float("nan")
+            group = [dict(case, provider=name, peak_mb=nan, grads_mb=nan, loss=nan) for name in names]
+        else:
+            group = [dict(case, provider=name, **(memory.get((i, name)) or
+                                                  in_subprocess("memory", dict(case, provider=name))))
                      for name in names]
-            if args.memory_only:
-                timed = {r["provider"]: dict(time_ms=float("nan"), time_min_ms=float("nan")) for r in group}
-            else:
-                timed = in_subprocess("time", dict(case, providers=[r["provider"] for r in group if "error" not in r]))
-            for r in group:
-                r.update(timed.get(r["provider"], {}) if "error" not in timed else {"error": timed["error"]})
-            ok = {r["provider"]: r for r in group if "error" not in r}
-            mat, ref = ok.get("lsce_materialised"), ok.get("torch")
-            for r in group:
-                if "error" in r:
-                    print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18}  failed: {r['error']}")
-                    rows.append(r)
-                    continue
-                r["time_vs_materialised"] = r["time_min_ms"] / mat["time_min_ms"] if mat else float("nan")
-                r["peak_vs_torch"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
-                r["transient_vs_torch"] = ((r["peak_mb"] - r["grads_mb"]) / (ref["peak_mb"] - ref["grads_mb"])
-                                           if ref else float("nan"))
+        if args.memory_only:
+            timed = {r["provider"]: dict(time_ms=float("nan"), time_min_ms=float("nan")) for r in group}
+        else:
+            timed = in_subprocess("time", dict(case, providers=[r["provider"] for r in group if "error" not in r]))
+        for r in group:
+            r.update(timed.get(r["provider"], {}) if "error" not in timed else {"error": timed["error"]})
+        ok = {r["provider"]: r for r in group if "error" not in r}
+        mat, ref = ok.get("lsce_materialised"), ok.get("torch")
+        for r in group:
+            if "error" in r:
+                print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18}  failed: {r['error']}")
                 rows.append(r)
-                print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18} {r['time_ms']:>9.1f} {r['time_min_ms']:>8.1f} "
-                      f"{r['time_vs_materialised']:>6.2f} {r['peak_mb']:>8.1f} {r['peak_vs_torch']:>7.3f} "
-                      f"{r['peak_mb'] - r['grads_mb']:>10.1f} {r['transient_vs_torch']:>7.3f} {r['loss']:>9.5f}")
-            seen = [r["calibration_seen_mb"] for r in ok.values()]
-            if seen:
-                print(f"      calibration: a {CALIBRATION_BYTES >> 20} MB buffer measured as "
-                      f"{min(seen):.1f}-{max(seen):.1f} MB")
-            for r in ok.values():
-                if r.get("note"):
-                    print(f"      note ({r['provider']}): {r['note']}")
-            lin = ok.get("lsce_linear")
-            pytorch = [ok[p] for p in ("torch", "torch_linear") if p in ok]
-            if lin and pytorch:
-                by_class = lsce.linear.vocabulary_blocks(N, H, K, DTYPES[dtype])
-                least = min(pytorch, key=lambda r: r["peak_mb"])
-                t_ratio = (lin["peak_mb"] - lin["grads_mb"]) / (least["peak_mb"] - least["grads_mb"])
-                p_ratio = lin["peak_mb"] / least["peak_mb"]
-                time = f"{lin['time_vs_materialised']:.2f}× materialised" if mat else "no materialised time"
-                print(f"      targets ({'vocabulary blocks' if by_class else 'row chunks'}, vs {least['provider']}): "
-                      f"T {t_ratio:.3f} (≤ {TRANSIENT_TARGET}), peak {p_ratio:.3f} (≤ {PEAK_TARGET}), "
-                      f"time {time} (≤ {TIME_TARGET[by_class]})")
+                continue
+            r["time_vs_materialised"] = r["time_min_ms"] / mat["time_min_ms"] if mat else float("nan")
+            r["peak_vs_torch"] = r["peak_mb"] / ref["peak_mb"] if ref else float("nan")
+            r["transient_vs_torch"] = ((r["peak_mb"] - r["grads_mb"]) / (ref["peak_mb"] - ref["grads_mb"])
+                                       if ref else float("nan"))
+            rows.append(r)
+            print(f"{N:>5} {H:>5} {K:>6} {dtype:>5} {r['provider']:>18} {r['time_ms']:>9.1f} {r['time_min_ms']:>8.1f} "
+                  f"{r['time_vs_materialised']:>6.2f} {r['peak_mb']:>8.1f} {r['peak_vs_torch']:>7.3f} "
+                  f"{r['peak_mb'] - r['grads_mb']:>10.1f} {r['transient_vs_torch']:>7.3f} {r['loss']:>9.5f}")
+        seen = [r["calibration_seen_mb"] for r in ok.values() if "calibration_seen_mb" in r]
+        if seen:
+            print(f"      calibration: a {CALIBRATION_BYTES >> 20} MB buffer measured as "
+                  f"{min(seen):.1f}-{max(seen):.1f} MB")
+        for r in ok.values():
+            if r.get("note"):
+                print(f"      note ({r['provider']}): {r['note']}")
+        lin = ok.get("lsce_linear")
+        pytorch = [ok[p] for p in ("torch", "torch_linear") if p in ok]
+        if lin and pytorch:
+            by_class = lsce.linear.vocabulary_blocks(N, H, K, DTYPES[dtype])
+            least = min(pytorch, key=lambda r: r["peak_mb"])
+            t_ratio = (lin["peak_mb"] - lin["grads_mb"]) / (least["peak_mb"] - least["grads_mb"])
+            p_ratio = lin["peak_mb"] / least["peak_mb"]
+            time = f"{lin['time_vs_materialised']:.2f}× materialised" if mat else "no materialised time"
+            print(f"      targets ({'vocabulary blocks' if by_class else 'row chunks'}, vs {least['provider']}): "
+                  f"T {t_ratio:.3f} (≤ {TRANSIENT_TARGET}), peak {p_ratio:.3f} (≤ {PEAK_TARGET}), "
+                  f"time {time} (≤ {TIME_TARGET[by_class]})")
+        forced = [(ok[p], by_class) for p, by_class in (("lsce_linear_rows", False), ("lsce_linear_blocks", True))
+                  if p in ok]
+        if mat and forced:
+            print("      designs vs materialised: " + ", ".join(
+                f"{r['provider']} {r['time_vs_materialised']:.2f}× (≤ {TIME_TARGET[by_class]})" for r, by_class in forced))
+        if not args.memory_only:
+            # Time on a shared machine: the load says how much the numbers are worth.
+            print("      load average (1, 5, 15 min) after the case: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     out = write_csv(args.out, rows, [
         "device", "dtype", "N", "H", "K", "provider", "reps", "threads", "time_ms", "time_min_ms",
         "time_vs_materialised", "peak_mb", "grads_mb", "peak_vs_torch", "transient_vs_torch", "loss",

@@ -450,7 +450,8 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: Optional[int] = None,
     reduce_input_grad: bool = True,
     out_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
+    return_lse: bool = False,
+):
     """``lsce.linear_cross_entropy`` with the LM head's rows (the vocabulary) split over the ranks.
 
     Each rank holds the same ``input`` (N, H) (or any ``(..., H)``) and its rows
@@ -466,7 +467,7 @@ def vocab_parallel_linear_cross_entropy(
     all-reduces its gradient (Megatron-LM's column-parallel LM head does):
     each rank then gets only its own share.
 
-    Other arguments (``out_dtype`` included): as in :func:`vocab_parallel_cross_entropy`.
+    Other arguments (``out_dtype`` and ``return_lse`` included): as in :func:`vocab_parallel_cross_entropy`.
     """
     ignore_index = -100 if ignore_index is None else ignore_index  # as lsce.linear_cross_entropy
 
@@ -478,12 +479,13 @@ def vocab_parallel_linear_cross_entropy(
     grad_input = torch.is_grad_enabled() and isinstance(input, Tensor) and input.requires_grad
     sl, y, w = _prepare(local_checks, target, group, vocab_start_index, weight, smoothing_prior, ignore_index,
                         reduction, label_smoothing, z_loss, softcap, "auto",
-                        options=(bool(reduce_input_grad) and grad_input,))
+                        options=(bool(reduce_input_grad) and grad_input, bool(return_lse)))
     x = input.reshape(-1, input.shape[-1])
     chunk = default_chunk_size(x.shape[0], x.shape[1], sl.width, x.dtype) if chunk_size is None else chunk_size
     ce, lse = _VocabParallelLinearRows.apply(x, local_linear_weight, local_linear_bias, y.contiguous(), sl, chunk,
                                              bool(reduce_input_grad))
-    return _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(out_dtype or input.dtype)
+    out = _reduce(ce, lse, y, w, sl, float(z_loss), reduction, target.shape).to(out_dtype or input.dtype)
+    return (out, lse.reshape(target.shape)) if return_lse else out
 
 
 def check_agreement(groups, own_error: Optional[Exception], options, device: Optional[torch.device] = None) -> None:

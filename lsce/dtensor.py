@@ -274,17 +274,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
         checks.check_out_dtype(out_dtype)
         checks.check_chunk_size(chunk_size)
-        if layout.row_split and reduction == "mean" and weight is not None and z_loss:
-            raise NotImplementedError(
-                "lsce: the mean with class weights and z_loss over row-sharded hidden states is not computed "
-                "(it needs each rank's z-loss sum apart); use reduction='sum' or 'none' and divide")
         if isinstance(y, Tensor) and isinstance(x, Tensor) and tuple(y.shape) == tuple(x.shape[:-1]):
             prior = None if smoothing_prior is None else smoothing_prior.to(acc_dtype(x.dtype))
             checks.check_values(y.reshape(-1), prior, K, ignore_index)
     except (TypeError, ValueError, IndexError) as e:
         own_error = e
-    except NotImplementedError as e:
-        own_error = TypeError(str(e))
     options = ("linear_cross_entropy", tuple(layout.rows) if layout else None, ignore_index, reduction,
                float(label_smoothing), float(z_loss), float(softcap or 0.0), weight is None,
                smoothing_prior is None, chunk_size, out_dtype, linear_bias is None)
@@ -292,10 +286,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                     getattr(x, "device", None))
 
     acc = acc_dtype(x.dtype)
-    local_reduction = "none" if reduction == "none" else ("sum" if layout.row_split else reduction)
+    # Over row-sharded input, the mean with class weights and z_loss divides the
+    # z-loss by the global row count and the rest by the global Σw: each rank's
+    # two sums apart, which only its rows (loss and lse) give (reduce_rows).
+    by_rows = layout.row_split and reduction == "mean" and weight is not None and bool(z_loss)
+    local_reduction = "none" if reduction == "none" or by_rows else ("sum" if layout.row_split else reduction)
     kwargs = dict(weight=weight, reduction=local_reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                   z_loss=z_loss, softcap=softcap, smoothing_prior=smoothing_prior, chunk_size=chunk_size,
-                  out_dtype=acc if layout.row_split else out_dtype)
+                  out_dtype=acc if layout.row_split else out_dtype, return_lse=by_rows)
     if layout.split_dim is None:
         from .linear import linear_cross_entropy as local_loss
 
@@ -309,6 +307,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     total = layout.total(reduction == "mean")
     if reduction == "sum":
         return total(loss).to(out_dtype or x.dtype)
-    _, _, total_weight = mean_denominators(y.reshape(-1).to(torch.int64), None if weight is None else weight.to(acc),
-                                           ignore_index, acc)
+    y_rows, w = y.reshape(-1).to(torch.int64), None if weight is None else weight.to(acc)
+    if by_rows:
+        loss, lse = loss
+        return reduce_rows(loss.reshape(-1), lse.reshape(-1), y_rows, w, ignore_index, float(z_loss), "mean", (),
+                           total=total).to(out_dtype or x.dtype)
+    _, _, total_weight = mean_denominators(y_rows, w, ignore_index, acc)
     return (total(loss) / total(total_weight)).to(out_dtype or x.dtype)

@@ -100,15 +100,17 @@ def _run_case(mesh, spec, fn=None):
 
 
 def _linear_cases(world):
-    cases = [("1d colwise", dict(mesh="1d", w="S0", x="R")), ("1d replicated head", dict(mesh="1d", w="R", x="plain"))]
+    cases = [("1d colwise", dict(mesh="1d", w="S0", x="R")), ("1d replicated head", dict(mesh="1d", w="R", x="plain")),
+             ("1d rows, replicated head", dict(mesh="1d", w="R", x="S0"))]
     if world == 4:
         cases += [("2d rows x colwise", dict(mesh="2d", w="R,S0", x="S0,R")),
                   ("2d rows, replicated head", dict(mesh="2d", w="R,R", x="S0,R"))]
     out = []
     for name, spec in cases:
-        for eps in (0.0, 0.1):
-            for reduction in ("mean", "sum", "none"):
-                for opts in ("plain", "weight"):
+        # Every option where the rows are sharded (the mean with weight and z_loss sums two terms over ranks).
+        for opts in ("plain", "weight") + (("all",) if "S0" in spec["x"] else ()):
+            for eps in (0.0, 0.1) if opts != "all" else (0.1,):
+                for reduction in ("mean", "sum", "none"):
                     out.append((f"linear {name} {opts} eps={eps} {reduction}",
                                 dict(spec, eps=eps, reduction=reduction, opts=opts)))
     return out
@@ -305,7 +307,11 @@ def test_fused_head_matches_single_process(run):
     for name, spec in _linear_cases(world):
         x, W, b, target, kwargs, upstream = _linear_problem(spec)
         leaves = [t.clone().requires_grad_(True) for t in (x, W, b)]
-        loss = F.cross_entropy(F.linear(*leaves), target, **{k: v for k, v in kwargs.items() if k != "chunk_size"})
+        kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
+        if spec["opts"] == "all":  # z_loss, softcap, smoothing_prior: options F.cross_entropy lacks
+            loss = reference.cross_entropy(F.linear(*leaves), target, **fp64(kwargs))
+        else:
+            loss = F.cross_entropy(F.linear(*leaves), target, **kwargs)
         (loss * upstream).sum().backward()
         for r, res in enumerate(results):
             got = res["linear"][name]
