@@ -126,7 +126,9 @@ class DistillOptions(NamedTuple):
     beta: float  # β in [0, 1]
     label_smoothing: float  # ε in [0, 1]
     ignore_index: int
-    weight_sum: float  # W = Σ_k w_k (K without weight), computed once by the caller
+    # W = Σ_k w_k, computed once by the caller: with a weight, a 0-dim fp64 tensor on
+    # the weight's device (a float would synchronise a CUDA call); without, K as a float.
+    weight_sum: Union[float, Tensor]
 
 
 class Coefficients(NamedTuple):

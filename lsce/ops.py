@@ -295,15 +295,15 @@ class FusedSoftStep(torch.autograd.Function):
 def _distill_prepare(student, teacher, target, weight, temperature, beta, label_smoothing, ignore_index):
     """The distillation kernels' arguments: rows with unit column stride (no copy
     when they already are), a contiguous target, the weight in the accumulation
-    dtype, and the options (W = Σ w summed once, in fixed blocks)."""
+    dtype, and the options (W = Σ w summed once, in fixed blocks, and left on the
+    weight's device: no host synchronisation)."""
     if student.stride(1) != 1:
         student = student.contiguous()
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
     K = student.shape[1]
     w = None if weight is None else weight.to(acc_dtype(student.dtype)).contiguous()
-    # W on the host: a synchronisation where the weight is a CUDA tensor (once per call, O(K)).
-    W = float(K) if w is None else float(fixed_sum(w.double()))
+    W = float(K) if w is None else fixed_sum(w.double())
     opts = DistillOptions(temperature, beta, label_smoothing, ignore_index, W)
     return student, teacher, None if target is None else target.contiguous(), w, opts
 

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from test_conformance import BACKENDS, DTYPES, _id, over_backends, over_dtypes  # noqa: F401 (sets TRITON_INTERPRET)
+from test_conformance import _id, over_backends, over_dtypes  # importing it sets TRITON_INTERPRET
 from lsce import interface, reference
 from lsce.interface import DistillOptions
 from _util import assert_grad_close, assert_same_nonfinite

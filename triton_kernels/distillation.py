@@ -91,6 +91,17 @@ def _mixture_sq(s, ls_minus_lm, sig_x, sig_neg, beta, q_sig_x):
 
 
 @triton.jit
+def _weight_sum(weight_sum_ptr, weight_sum_arg, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """W = Σ w: read from the device with a weight (the caller left it there rather
+    than synchronise to pass a float); the float argument (K) without."""
+    if HAS_WEIGHT:
+        w_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        w_sum = tl.full((), weight_sum_arg, ACC)
+    return w_sum
+
+
+@triton.jit
 def _row_target(row, target_ptr, weight_ptr, ignore_index, ACC: tl.constexpr, HAS_TARGET: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr):
     """(y, valid, w_y) of a row: y = 0 and w_y = 0 on ignored rows and without a target
@@ -122,6 +133,7 @@ def _distill_forward_kernel(
     teacher_ptr,  # (N, K) teacher logits, unit column stride
     target_ptr,  # (N,) int64, or None (HAS_TARGET false)
     weight_ptr,  # (K,) ACC, or None (HAS_WEIGHT false)
+    weight_sum_ptr,  # () fp64: Σ w, or None (HAS_WEIGHT false: weight_sum_arg, K)
     kd_ptr,  # (N,) ACC
     ce_ptr,  # (N,) ACC
     stats_ptr,  # (6, N) ACC contiguous: m, log_s1, log_sT, mt, log_st, Q
@@ -233,7 +245,7 @@ def _distill_forward_kernel(
         ce = (1.0 - eps) * w_y * ((m - z_y) + log_s1)
         if HAS_SMOOTHING:
             # Σ w·(m − z) = −dot (m standing for its finite shift).
-            ce += eps / K * (tl.full((), weight_sum_arg, ACC) * log_s1 - dot)
+            ce += eps / K * (_weight_sum(weight_sum_ptr, weight_sum_arg, ACC, HAS_WEIGHT) * log_s1 - dot)
     tl.store(kd_ptr + row, tl.where(valid, kd, 0.0))
     tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     tl.store(stats_ptr + row, m)
@@ -257,6 +269,7 @@ def _distill_backward_kernel(
     teacher_ptr,  # (N, K) teacher logits, unit column stride
     target_ptr,  # (N,) int64, or None (HAS_TARGET false)
     weight_ptr,  # (K,) ACC, or None (HAS_WEIGHT false)
+    weight_sum_ptr,  # () fp64: Σ w, or None (HAS_WEIGHT false: weight_sum_arg, K)
     stats_ptr,  # (6, N) ACC contiguous, from the forward
     N, K, student_row_stride, teacher_row_stride, ignore_index,
     temperature_arg: tl.float64, inv_t_arg: tl.float64, eps_arg: tl.float64, weight_sum_arg: tl.float64,
@@ -285,7 +298,7 @@ def _distill_backward_kernel(
     if HAS_TARGET:
         eps = tl.full((), eps_arg, ACC)
         h = tl.load(grad_ce_ptr + row * grad_ce_stride).to(ACC)
-        p_coef = h * ((1.0 - eps) * w_y + eps / K * tl.full((), weight_sum_arg, ACC))
+        p_coef = h * ((1.0 - eps) * w_y + eps / K * _weight_sum(weight_sum_ptr, weight_sum_arg, ACC, HAS_WEIGHT))
         true_coef = h * (1.0 - eps) * w_y  # subtracted at k = y, before the rounding
         smooth_coef = h * eps / K
     if KL_MODE == 2:
@@ -333,7 +346,8 @@ def _check(student: Tensor, teacher: Tensor, target: Optional[Tensor]) -> Tuple[
 
 
 def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor], opts: DistillOptions, acc, tl_acc):
-    """(scalars, meta) of a call: the float options after ``ignore_index`` (as fp64,
+    """(weight_sum, scalars, meta) of a call: W on the device (None without a weight),
+    the float options after ``ignore_index`` (as fp64,
     so that fp64 rows get them unrounded), the compile-time switches, the block and warps."""
     T, beta, eps = float(opts.temperature), float(opts.beta), float(opts.label_smoothing)
     mode = _kl_mode(beta)
@@ -342,7 +356,13 @@ def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
         mixture = (beta, log_beta, log1m_beta, log_beta - log1m_beta, (1.0 - beta) ** 2 / beta)
     else:
         mixture = (beta, 0.0, 0.0, 0.0, 0.0)
-    scalars = (T, 1.0 / T, eps, float(opts.weight_sum), *mixture)
+    W = opts.weight_sum
+    if weight is None:  # W = K: a float argument
+        weight_sum = None
+    else:  # W on the device, as a 0-dim fp64 tensor (a float is placed there: test calls)
+        weight_sum = torch.as_tensor(W, dtype=torch.float64, device=student.device).reshape(1)
+        W = 0.0
+    scalars = (T, 1.0 / T, eps, float(W), *mixture)
     # The block sized by the accumulation dtype, whatever the logits' dtypes: two
     # rows' values are live per element (four at the mixture), so 16 KiB of ACC
     # values per stream (16 per thread; 8 for fp64) rather than 16 KiB of input
@@ -355,7 +375,7 @@ def _config(student: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
     has_target = target is not None
     meta = dict(ACC=tl_acc, KL_MODE=mode, HAS_TARGET=has_target, HAS_WEIGHT=has_target and weight is not None,
                 HAS_SMOOTHING=has_target and eps != 0.0, BLOCK=block, num_warps=num_warps)
-    return scalars, meta
+    return weight_sum, scalars, meta
 
 
 def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], weight: Optional[Tensor],
@@ -363,7 +383,8 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     """Per-row ``(kd, ce, stats)``: kd and ce (N,) and stats (6, N), in fp32 (fp64 for fp64 students).
 
     ``opts`` is a DistillOptions (temperature, beta, label_smoothing, ignore_index,
-    weight_sum). No host synchronisation: every option is a Python number.
+    weight_sum). No host synchronisation: every option is a Python number but the
+    weight sum, which stays a tensor on the device.
     """
     acc, tl_acc = _check(student, teacher, target)
     N, K = student.shape
@@ -372,10 +393,10 @@ def distill_forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], 
     stats = torch.empty((6, N), dtype=acc, device=student.device)
     if N == 0:
         return kd, ce, stats
-    scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
+    weight_sum, scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
     with _device_guard(student):
         _distill_forward_kernel[(N,)](
-            student, teacher, target, weight, kd, ce, stats,
+            student, teacher, target, weight, weight_sum, kd, ce, stats,
             N, K, student.stride(0), teacher.stride(0), int(opts.ignore_index), *scalars, **meta,
         )
     return kd, ce, stats
@@ -397,10 +418,11 @@ def distill_backward(grad_kd: Tensor, grad_ce: Tensor, student: Tensor, teacher:
     if N == 0:
         return grad
     stats = stats.contiguous()
-    scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
+    weight_sum, scalars, meta = _config(student, target, weight, opts, acc, tl_acc)
     with _device_guard(student):
         _distill_backward_kernel[(N,)](
-            grad, grad_kd, grad_kd.stride(0), grad_ce, grad_ce.stride(0), student, teacher, target, weight, stats,
+            grad, grad_kd, grad_kd.stride(0), grad_ce, grad_ce.stride(0), student, teacher, target, weight, weight_sum,
+            stats,
             N, K, student.stride(0), teacher.stride(0), int(opts.ignore_index), *scalars, **meta,
         )
     return grad
