@@ -33,10 +33,15 @@ them; ``mean`` is ``alpha·T²·(Σ_i D_i) / (rows counted) + (1 − alpha)·CE_
 with CE's own mean (``F.cross_entropy``'s: divided by ``Σ w_y``).
 
 :func:`linear_distillation_loss` takes the student's last hidden states and
-LM head (and a live teacher's) instead of logits, in row chunks under
-activation checkpointing: a chunk's logits (the student's, the teacher's)
-exist only while that chunk is computed, in the forward and again in the
-backward, so memory holds a few chunk-sized temporaries, never N×K.
+LM head (and a live teacher's) instead of logits, in row chunks: the chunk
+loop of lsce.linear (its LogitChunks and GradSums), a chunk's logits (the
+student's, the teacher's) existing only while that chunk is computed, and
+the weight gradient summed in place over chunks. With ``mean`` or ``sum`` on
+CPU the gradients are computed in the forward's chunks (4 matmuls in all: no
+logits recomputed); otherwise the backward recomputes each chunk's logits
+(6). Memory holds a few chunk-sized temporaries, never N×K. A second
+derivative (``create_graph=True``), torch.compile and torch.func go through
+the same chunks as differentiable PyTorch ops under activation checkpointing.
 
 **Kernels**: a dense teacher goes to the registered op
 ``lsce::distillation_forward`` / ``_backward`` (the per-row interface of
@@ -63,7 +68,8 @@ from . import checks, ops
 from .reference import divergence, tempered_divergence
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
-from .linear import default_chunk_size
+from .functional import needs_differentiable_statement
+from .linear import GradSums, LogitChunks, default_chunk_size
 
 __all__ = ["distillation_loss", "linear_distillation_loss", "divergence"]
 
@@ -117,6 +123,99 @@ def _rows(student, teacher, ids, target, N: int, chunk_rows: int, s: _Settings):
     run = functools.partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
     parts = [run(i, min(i + chunk_rows, N)) for i in range(0, N, chunk_rows)]
     return torch.cat([kd for kd, _ in parts]), torch.cat([ce for _, ce in parts])
+
+
+def _row_chunks(x: Tensor, rows: int):
+    """``(i, j) -> x[i:j]`` for the chunks of ``rows`` rows that _rows asks for, cut by one
+    split: a slice per chunk would give each chunk's backward a zero gradient of x's whole
+    size to add into (time quadratic in the number of chunks); the split's backward
+    concatenates the chunks' gradients once."""
+    pieces = x.split(rows)
+    return lambda i, j: pieces[i // rows]
+
+
+def _chunk_grad(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor], s: _Settings, g: Tensor,
+                h: Tensor):
+    """(d, kd, ce) of a chunk of student logits z (n, K): the per-row terms and their
+    gradient d (n, K) for upstreams g, h (n,) (autograd of _chunk_terms on the chunk alone)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        kd, ce = _chunk_terms(z, t, ids, y, s)
+        pairs = [(out, up) for out, up in ((kd, g), (ce, h)) if out.requires_grad]
+        d, = torch.autograd.grad([o for o, _ in pairs], z, [u for _, u in pairs])
+    return d, kd.detach(), ce.detach()
+
+
+class _LinearDistill(torch.autograd.Function):
+    """Per-row (kd, ce) of the student's head ``F.linear(x, W, b)`` against a live
+    teacher's head (tx, tW, tb) or a top-k teacher (ids, tlp), row chunk by row chunk
+    (lsce.linear's LogitChunks for both heads, GradSums for the student's gradients).
+
+    ``expected`` (2,) or None: the upstreams [g, h] the reduction's backward will send
+    (_fused_upstream). Given, the forward computes the gradients for them in its chunks,
+    and the backward hands them out when the upstreams are those (else recomputes)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, tx, tW, tb, ids, tlp, target, s, rows, expected):
+        N, acc = x.shape[0], acc_dtype(x.dtype)
+        ctx.save_for_backward(x, W, b, tx, tW, tb, ids, tlp, target)
+        ctx.s, ctx.rows, ctx.expected = s, rows, expected
+        ctx.mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]]
+        ctx.set_materialize_grads(False)
+        kd, ce = (torch.empty(N, dtype=acc, device=x.device) for _ in range(2))
+        ctx.grads = None if expected is None else GradSums(x, W, b, ctx.mask)
+        g, h = (None, None) if expected is None else (expected[0].expand(rows), expected[1].expand(rows))
+        for i, j, z, t, c_ids, c_y in _LinearDistill._chunks(x, W, b, tx, tW, tb, ids, tlp, target, rows):
+            if ctx.grads is None:
+                kd[i:j], ce[i:j] = _chunk_terms(z, t, c_ids, c_y, s)
+                continue
+            d, kd[i:j], ce[i:j] = _chunk_grad(z, t, c_ids, c_y, s, g[: j - i], h[: j - i])
+            ctx.grads.add(d, x[i:j], W, i, j)
+        return kd, ce
+
+    @staticmethod
+    def _chunks(x, W, b, tx, tW, tb, ids, tlp, target, rows):
+        """(i, j, student logits, teacher logits or top-k log-probabilities, ids, target) of each chunk."""
+        teacher = LogitChunks(tx, tW, tb, rows) if tx is not None else (
+            (i, min(i + rows, x.shape[0]), None) for i in range(0, x.shape[0], rows))
+        for (i, j, z), (_, _, t) in zip(LogitChunks(x, W, b, rows), teacher):
+            yield (i, j, z, tlp[i:j] if t is None else t, None if ids is None else ids[i:j],
+                   None if target is None else target[i:j])
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        x, W, b, tx, tW, tb, ids, tlp, target = ctx.saved_tensors
+        s, rows, expected, mask = ctx.s, ctx.rows, ctx.expected, ctx.mask
+        zeros = x.new_zeros(x.shape[0], dtype=acc_dtype(x.dtype))
+        grad_kd = zeros if grad_kd is None else grad_kd
+        grad_ce = zeros if grad_ce is None else grad_ce
+        none = (None,) * 9
+        if torch.is_grad_enabled():  # create_graph=True: the chunks as differentiable ops
+            kd, ce = _linear_rows_checkpointed(x, W, b, tx, tW, tb, ids, tlp, target, s, rows)
+            wrt = [v for v, m in zip((x, W, b), mask) if m]
+            got = iter(torch.autograd.grad((kd, ce), wrt, (grad_kd, grad_ce), create_graph=True, allow_unused=True))
+            return (*(next(got) if m else None for m in mask), *none)
+        grads, ctx.grads = ctx.grads, None  # handed out once
+        # On CPU only (ops.fusable): the comparison reads the upstreams on the host.
+        if grads is None or not (bool((grad_kd == expected[0]).all()) and bool((grad_ce == expected[1]).all())):
+            grads = GradSums(x, W, b, mask)
+            for i, j, z, t, c_ids, c_y in _LinearDistill._chunks(x, W, b, tx, tW, tb, ids, tlp, target, rows):
+                d, _, _ = _chunk_grad(z, t, c_ids, c_y, s, grad_kd[i:j], grad_ce[i:j])
+                grads.add(d, x[i:j], W, i, j)
+        gi, gw, gb = grads.tensors(x, W, b, final=True)
+        return (*(g if m else None for g, m in zip((gi, gw, gb), mask)), *none)
+
+
+def _linear_rows_checkpointed(x, W, b, tx, tW, tb, ids, tlp, target, s, rows):
+    """_LinearDistill's (kd, ce) as differentiable PyTorch ops: each chunk under
+    activation checkpointing (its logits recomputed in the backward)."""
+    if tx is not None:
+        teacher = lambda i, j: F.linear(tx[i:j].detach(), tW.detach(), None if tb is None else tb.detach())  # noqa: E731
+    else:
+        teacher = lambda i, j: tlp[i:j].detach()  # noqa: E731
+    hidden = _row_chunks(x, rows)
+    student = lambda i, j: F.linear(hidden(i, j), W, b)  # noqa: E731
+    return _rows(student, teacher, ids, target, x.shape[0], rows, s)
 
 
 def _reduce(kd: Tensor, ce: Tensor, target: Optional[Tensor], reduction: str, s: _Settings) -> Tensor:
@@ -242,8 +341,9 @@ def distillation_loss(
             rows = functools.partial(ops.FusedDistillStep.apply, student_logits, teacher, target, weight,
                                      s.temperature, s.beta, s.label_smoothing, s.ignore_index, expected)
     else:
-        rows = functools.partial(_rows, lambda i, j: student_logits[i:j], lambda i, j: teacher[i:j],
-                                 teacher_topk_ids, target, N, max(1, _CHUNK_ELEMS // max(1, K)), s)
+        chunk_rows = max(1, _CHUNK_ELEMS // max(1, K))
+        rows = functools.partial(_rows, _row_chunks(student_logits, chunk_rows), lambda i, j: teacher[i:j],
+                                 teacher_topk_ids, target, N, chunk_rows, s)
     return _loss(rows, target, N, s, reduction, student_logits.dtype, device, return_parts)
 
 
@@ -301,12 +401,16 @@ def linear_distillation_loss(
                                     float(temperature), float(alpha), float(beta), topk_mass, weight, reduction,
                                     label_smoothing, ignore_index, backend)
     checks.check_chunk_size(chunk_size)
-    rows = chunk_size or default_chunk_size(N, H, K, student_hidden.dtype)
-    if dense:
-        teacher = lambda i, j: F.linear(teacher_hidden[i:j].detach(), teacher_weight.detach(),  # noqa: E731
-                                        None if teacher_bias is None else teacher_bias.detach())
+    rows = max(1, chunk_size or default_chunk_size(N, H, K, student_hidden.dtype))
+    args = (student_hidden, student_weight, student_bias, *(
+        (v.detach() if v is not None else None) for v in (teacher_hidden, teacher_weight, teacher_bias,
+                                                          teacher_topk_ids, teacher_topk_logprobs)), target, s, rows)
+    if torch.compiler.is_compiling() or needs_differentiable_statement(student_hidden, student_weight, student_bias):
+        run = functools.partial(_linear_rows_checkpointed, *args)
     else:
-        teacher = lambda i, j: teacher_topk_logprobs[i:j].detach()  # noqa: E731
-    student = lambda i, j: F.linear(student_hidden[i:j], student_weight, student_bias)  # noqa: E731
-    return _loss(functools.partial(_rows, student, teacher, teacher_topk_ids, target, N, max(1, rows), s), target, N,
-                 s, reduction, student_hidden.dtype, device, return_parts)
+        # Gradients in the forward where the reduction's upstream is known and may be compared on the host.
+        fused = reduction != "none" and any(v is not None and ops.fusable(v, backend)
+                                            for v in (student_hidden, student_weight, student_bias))
+        expected = _fused_upstream(N, target, reduction, s, acc_dtype(student_hidden.dtype)) if fused else None
+        run = functools.partial(_LinearDistill.apply, *args, expected)
+    return _loss(run, target, N, s, reduction, student_hidden.dtype, device, return_parts)

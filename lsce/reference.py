@@ -322,12 +322,14 @@ def tempered_divergence(z, teacher, ids, temperature: float, beta: float, topk_m
     and renormalised there (``softmax(lp / T)`` against ``softmax(z[ids] / T)``);
     ``"remainder"`` (T = 1) adds the mass outside the k as one more bucket,
     ``1 − Σ exp(lp)`` for the teacher and the student's own remainder."""
-    z = z.to(acc_dtype(z.dtype)) / temperature
+    acc = acc_dtype(z.dtype)
+    if ids is not None and topk_mass == "renormalize":  # only the k columns: no (n, K) temporary
+        zk = z.gather(1, ids).to(acc) / temperature
+        return divergence(torch.log_softmax(teacher.to(acc) / temperature, -1), torch.log_softmax(zk, -1), beta)
+    z = z.to(acc) / temperature
     if ids is None:
         return divergence(torch.log_softmax(teacher.to(z.dtype) / temperature, -1), torch.log_softmax(z, -1), beta)
     lp = teacher.to(z.dtype)
-    if topk_mass == "renormalize":
-        return divergence(torch.log_softmax(lp / temperature, -1), torch.log_softmax(z.gather(1, ids), -1), beta)
     lse = torch.logsumexp(z, -1, keepdim=True)
     log_s = z.gather(1, ids) - lse
     if ids.shape[1] < z.shape[1]:  # the student's remainder from its own logits, not 1 − Σ (cancellation)
