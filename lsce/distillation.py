@@ -65,7 +65,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, ops
-from .reference import divergence, tempered_divergence
+from .reference import divergence, tempered_divergence, topk_divergence
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
 from .functional import needs_differentiable_statement
@@ -88,14 +88,20 @@ class _Settings(NamedTuple):
     backend: str
 
 
-def _chunk_terms(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor], s: _Settings):
+def _chunk_terms(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor], s: _Settings,
+                 zk: Optional[Tensor] = None):
     """Per-row ``T²·D_i`` and ``CE_i`` of student logits z (n, K) (0 on ignored rows): the
-    registered op for a dense teacher t (n, K), PyTorch ops for a top-k one (ids, t: (n, k))."""
+    registered op for a dense teacher t (n, K), PyTorch ops for a top-k one (ids, t: (n, k)).
+    ``zk``: z's k gathered columns as a tensor of their own, for the renormalised top-k's D."""
     if ids is None:
         kd, ce, _ = torch.ops.lsce.distillation_forward(z, t, y, s.weight, s.temperature, s.beta, s.label_smoothing,
                                                         s.ignore_index, s.backend)
         return kd, ce
-    kd = tempered_divergence(z, t, ids, s.temperature, s.beta, s.topk_mass) * s.temperature ** 2
+    if zk is None:
+        kd = tempered_divergence(z, t, ids, s.temperature, s.beta, s.topk_mass)
+    else:
+        kd = topk_divergence(zk, t, s.temperature, s.beta)
+    kd = kd * s.temperature ** 2
     if y is None:
         return kd, torch.zeros_like(kd)
     ce = cross_entropy(z, y, s.weight, ignore_index=s.ignore_index, reduction="none",
@@ -137,12 +143,22 @@ def _row_chunks(x: Tensor, rows: int):
 def _chunk_grad(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor], s: _Settings, g: Tensor,
                 h: Tensor):
     """(d, kd, ce) of a chunk of student logits z (n, K): the per-row terms and their
-    gradient d (n, K) for upstreams g, h (n,) (autograd of _chunk_terms on the chunk alone)."""
+    gradient d (n, K) for upstreams g, h (n,) (autograd of _chunk_terms on the chunk alone).
+
+    The renormalised top-k's D reads only k columns: its gradient, taken with respect to
+    those columns, is added into the CE's at them, rather than scattered into an (n, K)
+    tensor of its own and summed with it (two chunk-sized buffers fewer)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_()
-        kd, ce = _chunk_terms(z, t, ids, y, s)
+        zk = z.detach().gather(1, ids).requires_grad_() if ids is not None and s.topk_mass == "renormalize" else None
+        kd, ce = _chunk_terms(z, t, ids, y, s, zk)
         pairs = [(out, up) for out, up in ((kd, g), (ce, h)) if out.requires_grad]
-        d, = torch.autograd.grad([o for o, _ in pairs], z, [u for _, u in pairs])
+        wrt = (z,) if zk is None else (z, zk)
+        d, dk = (*torch.autograd.grad([o for o, _ in pairs], wrt, [u for _, u in pairs], allow_unused=True), None)[:2]
+    if d is None:  # only D, through zk
+        d = torch.zeros_like(z)
+    if dk is not None:
+        d.scatter_add_(1, ids, dk.to(d.dtype))
     return d, kd.detach(), ce.detach()
 
 

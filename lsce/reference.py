@@ -313,6 +313,14 @@ def _log_remainder(log_p):
     return torch.log1p(-mass)
 
 
+def topk_divergence(zk, lp, temperature: float, beta: float):
+    """tempered_divergence's ``topk_mass="renormalize"`` from the student's k gathered
+    logits zk (n, k) and the teacher's log-probabilities lp (n, k)."""
+    acc = acc_dtype(zk.dtype)
+    return divergence(torch.log_softmax(lp.to(acc) / temperature, -1), torch.log_softmax(zk.to(acc) / temperature, -1),
+                      beta)
+
+
 def tempered_divergence(z, teacher, ids, temperature: float, beta: float, topk_mass: str = "renormalize"):
     """D_β of the tempered teacher and student per row of student logits z (n, K), in the accumulation dtype.
 
@@ -322,11 +330,9 @@ def tempered_divergence(z, teacher, ids, temperature: float, beta: float, topk_m
     and renormalised there (``softmax(lp / T)`` against ``softmax(z[ids] / T)``);
     ``"remainder"`` (T = 1) adds the mass outside the k as one more bucket,
     ``1 − Σ exp(lp)`` for the teacher and the student's own remainder."""
-    acc = acc_dtype(z.dtype)
     if ids is not None and topk_mass == "renormalize":  # only the k columns: no (n, K) temporary
-        zk = z.gather(1, ids).to(acc) / temperature
-        return divergence(torch.log_softmax(teacher.to(acc) / temperature, -1), torch.log_softmax(zk, -1), beta)
-    z = z.to(acc) / temperature
+        return topk_divergence(z.gather(1, ids), teacher, temperature, beta)
+    z = z.to(acc_dtype(z.dtype)) / temperature
     if ids is None:
         return divergence(torch.log_softmax(teacher.to(z.dtype) / temperature, -1), torch.log_softmax(z, -1), beta)
     lp = teacher.to(z.dtype)
