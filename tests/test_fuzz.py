@@ -52,7 +52,26 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def _build(tmp: Path, harness: Path = HARNESS) -> Path:
+def _compile(cxx: str, tmp: Path, sources) -> list:
+    """Object files of ``sources`` in ``tmp``, compiled in parallel; fails the test with the compiler's message."""
+
+    def compile_one(src: Path):
+        obj = tmp / (src.stem + ".o")
+        return obj, _run([cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)])
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, sources))
+    for (obj, r), src in zip(results, sources):
+        if r.returncode != 0:
+            pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
+    return [obj for obj, _ in results]
+
+
+@pytest.fixture(scope="module")
+def core_objects(tmp_path_factory) -> list:
+    """The core sources (csrc/kernels_*.cpp, csrc/dispatch.cpp) compiled once with the
+    sanitizers, for every driver to link (each compile of them takes minutes here)."""
+    tmp = tmp_path_factory.mktemp("fuzz_core")
     cxx = _compiler()
     # The sanitizer runtimes first, on a trivial program, for a clear message.
     probe = tmp / "probe.cpp"
@@ -68,28 +87,25 @@ def _build(tmp: Path, harness: Path = HARNESS) -> Path:
     if r.returncode != 0:
         pytest.fail(f"a sanitized program does not run on this machine (rc {r.returncode}):\n{r.stderr[-3000:]}")
 
-    sources = [harness, *sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
+    sources = [*sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
     assert not any(s.name == "binding.cpp" for s in sources)
+    return _compile(cxx, tmp, sources)
 
-    def compile_one(src: Path):
-        obj = tmp / (src.stem + ".o")
-        return obj, _run([cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)])
 
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(compile_one, sources))
-    for (obj, r), src in zip(results, sources):
-        if r.returncode != 0:
-            pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
+def _build(tmp: Path, core_objects: list, harness: Path = HARNESS) -> Path:
+    """One driver, compiled and linked with the core's objects."""
+    cxx = _compiler()
     exe = tmp / harness.stem
-    r = _run([cxx, *FLAGS, *(str(o) for o, _ in results), "-o", str(exe)])
+    objects = [*_compile(cxx, tmp, [harness]), *core_objects]
+    r = _run([cxx, *FLAGS, *(str(o) for o in objects), "-o", str(exe)])
     if r.returncode != 0:
         pytest.fail(f"linking the fuzz harness failed:\n{r.stderr[-5000:]}")
     return exe
 
 
 @pytest.mark.slow
-def test_kernels_under_asan_and_ubsan(tmp_path):
-    exe = _build(tmp_path)
+def test_kernels_under_asan_and_ubsan(tmp_path, core_objects):
+    exe = _build(tmp_path, core_objects)
     env = {**os.environ, **SANITIZER_ENV}
     r = _run([str(exe), "--seed", str(SEED), "--seconds", str(SECONDS)], env=env, timeout=SECONDS + 300)
     out = r.stdout + r.stderr
@@ -102,9 +118,9 @@ def test_kernels_under_asan_and_ubsan(tmp_path):
     assert "no failure" in r.stdout, out[-3000:]
 
 
-def _run_driver(tmp_path, harness: Path, seconds: float):
+def _run_driver(tmp_path, core_objects, harness: Path, seconds: float):
     """Builds one driver and runs it for ``seconds``; asserts a clean, non-empty run."""
-    exe = _build(tmp_path, harness)
+    exe = _build(tmp_path, core_objects, harness)
     env = {**os.environ, **SANITIZER_ENV}
     r = _run([str(exe), "--seed", str(SEED), "--seconds", str(seconds)], env=env, timeout=SECONDS + 300)
     out = r.stdout + r.stderr
@@ -118,15 +134,15 @@ def _run_driver(tmp_path, harness: Path, seconds: float):
 
 
 @pytest.mark.slow
-def test_soft_kernels_under_asan_and_ubsan(tmp_path):
+def test_soft_kernels_under_asan_and_ubsan(tmp_path, core_objects):
     """The probability-target kernels (lsce::soft_forward / soft_backward) under the
     same sanitizers, with their own driver (see csrc/fuzz/fuzz_soft.cpp's header)."""
-    _run_driver(tmp_path, SOFT_HARNESS, SECONDS / 2)
+    _run_driver(tmp_path, core_objects, SOFT_HARNESS, SECONDS / 2)
 
 
 @pytest.mark.slow
-def test_distill_kernels_under_asan_and_ubsan(tmp_path):
+def test_distill_kernels_under_asan_and_ubsan(tmp_path, core_objects):
     """The distillation kernels (lsce::distill_forward / distill_backward: every β
     form, T, ε, weight, ignored rows, no target, strides, mixed dtypes, the fused
     step, special values) under the same sanitizers (csrc/fuzz/fuzz_distill.cpp's header)."""
-    _run_driver(tmp_path, DISTILL_HARNESS, SECONDS / 2)
+    _run_driver(tmp_path, core_objects, DISTILL_HARNESS, SECONDS / 2)
