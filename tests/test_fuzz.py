@@ -12,11 +12,12 @@ A machine whose compiler cannot link the sanitizer runtimes fails this test
 with a message saying so: the check is part of the suite, not optional.
 """
 
+import atexit
 import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,25 +53,51 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
-def _compile(cxx: str, tmp: Path, sources) -> list:
-    """Object files of ``sources`` in ``tmp``, compiled in parallel; fails the test with the compiler's message."""
+CORE_SOURCES = [*sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
+assert not any(s.name == "binding.cpp" for s in CORE_SOURCES)
 
-    def compile_one(src: Path):
-        obj = tmp / (src.stem + ".o")
-        return obj, _run([cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)])
 
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(compile_one, sources))
-    for (obj, r), src in zip(results, sources):
-        if r.returncode != 0:
-            pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
-    return [obj for obj, _ in results]
+def _start_core_compiles() -> list:
+    """The core's sanitizer builds, started when this module is collected, niced, so
+    that their minutes of compiling run beside the rest of the suite (which leaves a
+    core idle much of the time) rather than before these tests. (src, obj, process)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return []  # core_objects fails with _compiler()'s message
+    out = Path(tempfile.mkdtemp(prefix="lsce_fuzz_core_"))
+    jobs = []
+
+    def clean_up():  # a run that deselected these tests leaves no compiler behind
+        for _, _, process in jobs:
+            process.kill()
+            process.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+    atexit.register(clean_up)
+    for src in CORE_SOURCES:
+        obj = out / (src.stem + ".o")
+        cmd = [cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)]
+        jobs.append((src, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                preexec_fn=lambda: os.nice(10))))
+    return jobs
+
+
+CORE_JOBS = _start_core_compiles()
+
+
+def _compile(cxx: str, tmp: Path, src: Path) -> Path:
+    """The object file of ``src`` in ``tmp``; fails the test with the compiler's message."""
+    obj = tmp / (src.stem + ".o")
+    r = _run([cxx, *FLAGS, f"-I{CSRC}", "-c", str(src), "-o", str(obj)])
+    if r.returncode != 0:
+        pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{r.stderr[-5000:]}")
+    return obj
 
 
 @pytest.fixture(scope="module")
 def core_objects(tmp_path_factory) -> list:
     """The core sources (csrc/kernels_*.cpp, csrc/dispatch.cpp) compiled once with the
-    sanitizers, for every driver to link (each compile of them takes minutes here)."""
+    sanitizers (CORE_JOBS, started at collection), for every driver to link."""
     tmp = tmp_path_factory.mktemp("fuzz_core")
     cxx = _compiler()
     # The sanitizer runtimes first, on a trivial program, for a clear message.
@@ -87,16 +114,20 @@ def core_objects(tmp_path_factory) -> list:
     if r.returncode != 0:
         pytest.fail(f"a sanitized program does not run on this machine (rc {r.returncode}):\n{r.stderr[-3000:]}")
 
-    sources = [*sorted(CSRC.glob("kernels_*.cpp")), CSRC / "dispatch.cpp"]
-    assert not any(s.name == "binding.cpp" for s in sources)
-    return _compile(cxx, tmp, sources)
+    objects = []
+    for src, obj, process in CORE_JOBS:
+        _, err = process.communicate()
+        if process.returncode != 0:
+            pytest.fail(f"compiling {src.relative_to(ROOT)} failed:\n{err[-5000:]}")
+        objects.append(obj)
+    return objects
 
 
 def _build(tmp: Path, core_objects: list, harness: Path = HARNESS) -> Path:
     """One driver, compiled and linked with the core's objects."""
     cxx = _compiler()
     exe = tmp / harness.stem
-    objects = [*_compile(cxx, tmp, [harness]), *core_objects]
+    objects = [_compile(cxx, tmp, harness), *core_objects]
     r = _run([cxx, *FLAGS, *(str(o) for o in objects), "-o", str(exe)])
     if r.returncode != 0:
         pytest.fail(f"linking the fuzz harness failed:\n{r.stderr[-5000:]}")
