@@ -154,7 +154,8 @@ def _chunk_grad(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor]
         kd, ce = _chunk_terms(z, t, ids, y, s, zk)
         pairs = [(out, up) for out, up in ((kd, g), (ce, h)) if out.requires_grad]
         wrt = (z,) if zk is None else (z, zk)
-        d, dk = (*torch.autograd.grad([o for o, _ in pairs], wrt, [u for _, u in pairs], allow_unused=True), None)[:2]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [u for _, u in pairs], allow_unused=True)
+    d, dk = grads[0], (None if zk is None else grads[1])
     if d is None:  # only D, through zk
         d = torch.zeros_like(z)
     if dk is not None:
@@ -212,8 +213,7 @@ class _LinearDistill(torch.autograd.Function):
             got = iter(torch.autograd.grad((kd, ce), wrt, (grad_kd, grad_ce), create_graph=True, allow_unused=True))
             return (*(next(got) if m else None for m in mask), *none)
         grads, ctx.grads = ctx.grads, None  # handed out once
-        # On CPU only (ops.fusable): the comparison reads the upstreams on the host.
-        if grads is None or not (bool((grad_kd == expected[0]).all()) and bool((grad_ce == expected[1]).all())):
+        if grads is None or not ops.upstreams_match(expected, grad_kd, grad_ce):  # expected: CPU only (ops.fusable)
             grads = GradSums(x, W, b, mask)
             for i, j, z, t, c_ids, c_y in _LinearDistill._chunks(x, W, b, tx, tW, tb, ids, tlp, target, rows):
                 d, _, _ = _chunk_grad(z, t, c_ids, c_y, s, grad_kd[i:j], grad_ce[i:j])

@@ -384,6 +384,13 @@ def _distill_backward(ctx, grad_kd, grad_ce, _grad_stats):
 distillation_forward.register_autograd(_distill_backward, setup_context=_distill_setup_context)
 
 
+def upstreams_match(expected: Tensor, grad_kd: Tensor, grad_ce: Tensor) -> bool:
+    """Whether a distillation step's backward got the upstreams ``expected`` (2,), [g of
+    every kd, h of every ce], the ones its forward computed the gradient for. Read on the
+    host: for the CPU's fused steps only."""
+    return bool((grad_kd == expected[0]).all()) and bool((grad_ce == expected[1]).all())
+
+
 class FusedDistillStep(torch.autograd.Function):
     """FusedStep for distillation (same rules): the C++ forward kernel also writes
     the student's gradient for the upstreams ``expected`` (2,): [g of every kd, h
@@ -412,7 +419,7 @@ class FusedDistillStep(torch.autograd.Function):
             s, t, y, w, *options = ctx.differentiable
             return (differentiable_distillation_backward(grad_kd, grad_ce, s, t, y, w, *options),) + (None,) * 8
         grad, ctx.grad = ctx.grad, None  # handed out once: the caller owns it from here
-        fused = bool((grad_kd == expected[0]).all()) and bool((grad_ce == expected[1]).all())
+        fused = upstreams_match(expected, grad_kd, grad_ce)
         if grad is None:
             grad = cache.empty(stats.shape[1:] + ctx.args[0].shape[1:], ctx.args[0].dtype)
             if fused:
