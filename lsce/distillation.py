@@ -65,7 +65,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, ops
-from .reference import divergence, tempered_divergence, topk_divergence
+from .reference import divergence, softmax_divergence, tempered_divergence
 from .functional import cross_entropy, mean_denominators
 from .interface import acc_dtype
 from .functional import needs_differentiable_statement
@@ -100,7 +100,7 @@ def _chunk_terms(z: Tensor, t: Tensor, ids: Optional[Tensor], y: Optional[Tensor
     if zk is None:
         kd = tempered_divergence(z, t, ids, s.temperature, s.beta, s.topk_mass)
     else:
-        kd = topk_divergence(zk, t, s.temperature, s.beta)
+        kd = softmax_divergence(zk, t, s.temperature, s.beta)
     kd = kd * s.temperature ** 2
     if y is None:
         return kd, torch.zeros_like(kd)

@@ -313,11 +313,12 @@ def _log_remainder(log_p):
     return torch.log1p(-mass)
 
 
-def topk_divergence(zk, lp, temperature: float, beta: float):
-    """tempered_divergence's ``topk_mass="renormalize"`` from the student's k gathered
-    logits zk (n, k) and the teacher's log-probabilities lp (n, k)."""
-    acc = acc_dtype(zk.dtype)
-    return divergence(torch.log_softmax(lp.to(acc) / temperature, -1), torch.log_softmax(zk.to(acc) / temperature, -1),
+def softmax_divergence(z, u, temperature: float, beta: float):
+    """D_β of ``softmax(u / T)`` (the teacher) and ``softmax(z / T)`` (the student) per row,
+    in z's accumulation dtype: tempered_divergence of dense logits, and of the renormalised
+    top-k from the student's k gathered logits and the teacher's log-probabilities."""
+    acc = acc_dtype(z.dtype)
+    return divergence(torch.log_softmax(u.to(acc) / temperature, -1), torch.log_softmax(z.to(acc) / temperature, -1),
                       beta)
 
 
@@ -330,11 +331,11 @@ def tempered_divergence(z, teacher, ids, temperature: float, beta: float, topk_m
     and renormalised there (``softmax(lp / T)`` against ``softmax(z[ids] / T)``);
     ``"remainder"`` (T = 1) adds the mass outside the k as one more bucket,
     ``1 − Σ exp(lp)`` for the teacher and the student's own remainder."""
-    if ids is not None and topk_mass == "renormalize":  # only the k columns: no (n, K) temporary
-        return topk_divergence(z.gather(1, ids), teacher, temperature, beta)
-    z = z.to(acc_dtype(z.dtype)) / temperature
     if ids is None:
-        return divergence(torch.log_softmax(teacher.to(z.dtype) / temperature, -1), torch.log_softmax(z, -1), beta)
+        return softmax_divergence(z, teacher, temperature, beta)
+    if topk_mass == "renormalize":  # only the k columns: no (n, K) temporary
+        return softmax_divergence(z.gather(1, ids), teacher, temperature, beta)
+    z = z.to(acc_dtype(z.dtype)) / temperature
     lp = teacher.to(z.dtype)
     lse = torch.logsumexp(z, -1, keepdim=True)
     log_s = z.gather(1, ids) - lse
